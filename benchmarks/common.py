@@ -1,0 +1,102 @@
+"""Shared pieces of the benchmark suite: machine tags, the peak matmul, timing, memory and result rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip() or "unknown"  # fmt: skip
+    except OSError:
+        commit = "unknown"
+    commit = os.environ.get("VIBEPERF_COMMIT", commit)
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def do_bench_ms(fn, *, rep_ms: float = 400.0, warmup_ms: float = 100.0) -> float:
+    """Median time of fn() in ms on the GPU (events; triton's do_bench clears L2 between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def peak_matmul_tflops(size: int = 8192) -> float:
+    """A plain size^3 bf16 matmul through torch (cuBLAS): the 'peak' all fractions are measured against."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench_ms(lambda: a @ b, rep_ms=1000)
+    return 2 * size**3 / ms / 1e9
+
+
+def extra_memory_gib(fn) -> tuple[object, float]:
+    """Runs fn() once; returns its result and the peak memory it allocated above what was already held."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+@dataclasses.dataclass
+class Row:
+    id: str
+    impl: str
+    n_tokens: int
+    ms: float | None
+    frac_of_peak: float | None
+    extra_mem_gib: float | None
+    correct: bool
+    note: str = ""
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64 (inf when out has a NaN)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def write_results(rows: list[Row], peak: float, tag: str | None = None, path: Path | None = None) -> Path:
+    info = machine_info()
+    if path is None:
+        gpu = info["gpu"].replace(" ", "-").replace("/", "-")
+        path = RESULTS_DIR / f"{gpu}_{info['date']}{'_' + tag if tag else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": info, "peak_tflops": peak, "results": [dataclasses.asdict(r) for r in rows]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'id':<4} {'impl':<16} {'N':>7} {'ms':>9} {'of peak':>8} {'extra GiB':>10} {'ok':>3}  note"]
+    for r in rows:
+        ms = f"{r.ms:9.2f}" if r.ms is not None else f"{'-':>9}"
+        frac = f"{r.frac_of_peak:8.3f}" if r.frac_of_peak is not None else f"{'-':>8}"
+        mem = f"{r.extra_mem_gib:10.3f}" if r.extra_mem_gib is not None else f"{'-':>10}"
+        lines.append(f"{r.id:<4} {r.impl:<16} {r.n_tokens:>7} {ms} {frac} {mem} {'y' if r.correct else 'n':>3}  {r.note}")
+    return "\n".join(lines)

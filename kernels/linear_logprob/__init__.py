@@ -1,0 +1,133 @@
+"""Token log-prob / NLL / entropy of an LM head, fused: `linear_logprob` and `linear_cross_entropy`.
+
+backend="auto" picks "triton" for CUDA tensors (and on the CPU when TRITON_INTERPRET=1, the test set-up), else
+"torch" (chunked plain PyTorch). "cuda" (the vibeperf._C path) is not built yet and raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ops
+from .reference import linear_cross_entropy_reference, linear_logprob_reference
+
+__all__ = ["linear_logprob", "linear_cross_entropy", "linear_logprob_reference", "linear_cross_entropy_reference"]
+
+BACKENDS = ("auto", "triton", "torch", "cuda")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda":
+        raise NotImplementedError("backend='cuda' (the vibeperf._C LM-head path) is not built yet; use 'triton'")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    return backend
+
+
+def check_head_inputs(hidden, weight, targets, bias, temperature):
+    """Shapes, dtypes and devices of an LM-head op; raises ValueError naming the argument."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got shape {tuple(weight.shape)}")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must be [N={hidden.shape[0]}], got shape {tuple(targets.shape)}")
+    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden and weight must share a float dtype (bf16/fp16/fp32), got {hidden.dtype}, "
+                         f"{weight.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [V={weight.shape[0]}], got shape {tuple(bias.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    devices = {t.device for t in (hidden, weight, targets, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _prepare(hidden, weight, targets, bias):
+    return (hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous(),
+            None if bias is None else bias.contiguous())  # fmt: skip
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets], never materialising the logits.
+
+    hidden: [N, H], weight: [V, H] (bf16, fp16 or fp32, same dtype), targets: [N] (ignore_index rows give 0 and
+    no gradient), bias: [V] or None. Returns logp [N] fp32, and entropy [N] fp32 when return_entropy; both are
+    differentiable w.r.t. hidden, weight and bias.
+    """
+    check_head_inputs(hidden, weight, targets, bias, temperature)
+    backend = resolve_backend(backend, hidden.device)
+    hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
+    logp, _, ent = ops.linear_logprob_op(
+        hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy), backend
+    )
+    return (logp, ent) if return_entropy else logp
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    token_weight: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Cross-entropy of an LM head without logits in memory.
+
+    reduction "mean" (over non-ignored rows; 0 when there are none) or "sum": the gradients are computed in the
+    forward pass (three GEMM-sized passes) and scaled by the incoming gradient in backward. "none": per-token NLL
+    [N] through `linear_logprob` (recompute backward). token_weight: optional [N] per-token loss weights
+    (e.g. distillation weights); "mean" then divides the weighted sum by the number of non-ignored rows.
+    """
+    if reduction == "none":
+        nll = -linear_logprob(hidden, weight, targets, temperature=temperature, bias=bias,
+                              ignore_index=ignore_index, backend=backend)  # fmt: skip
+        return nll if token_weight is None else nll * token_weight
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    check_head_inputs(hidden, weight, targets, bias, temperature)
+    backend = resolve_backend(backend, hidden.device)
+    hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
+    n = hidden.shape[0]
+    w = torch.ones(n, device=hidden.device, dtype=torch.float32)
+    if token_weight is not None:
+        if token_weight.shape != (n,):
+            raise ValueError(f"token_weight must be [N={n}], got shape {tuple(token_weight.shape)}")
+        w = token_weight.to(torch.float32).contiguous()
+    if reduction == "mean":
+        w = w / (targets != ignore_index).sum().clamp_min(1)  # stays on the device: no host sync
+    grad_on = torch.is_grad_enabled()
+    need_dh = grad_on and hidden.requires_grad
+    need_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not (need_dh or need_dw):
+        logp, _, _ = ops.linear_logprob_op(
+            hidden, weight, targets, bias, float(temperature), int(ignore_index), False, backend
+        )
+        return -(w * logp).sum()
+    loss, *_ = ops.linear_nll_fused_op(
+        hidden, weight, targets, bias, w, float(temperature), int(ignore_index), need_dh, need_dw, backend
+    )
+    return loss

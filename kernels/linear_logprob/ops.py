@@ -1,0 +1,170 @@
+"""torch custom ops (fake + autograd registered) for the LM-head scoring and NLL ops.
+
+- vibeperf::linear_logprob: forward of logp (and entropy) without logits in memory; its backward is the
+  recompute op vibeperf::linear_logprob_bwd (arbitrary upstream gradients of logp and entropy).
+- vibeperf::linear_nll_fused: sum_t w_t * nll_t whose gradients are computed in the forward (three GEMM-sized
+  passes); the backward only scales them by the incoming scalar gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import chunked, triton_fwd, triton_rows
+
+
+def _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
+    """Chunked plain-torch forward (the CPU path and the twin of the Triton kernel)."""
+    n = hidden.shape[0]
+    c = chunked.chunk_rows(n, weight.shape[0], 4)
+    logp = hidden.new_empty(n, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if want_entropy else logp.new_empty(0)
+    valid = targets != ignore_index
+    for i0 in range(0, n, c):
+        sl = slice(i0, min(n, i0 + c))
+        z = (hidden[sl] @ weight.T).float()  # [C, V]
+        if bias is not None:
+            z += bias.float()
+        z /= temperature
+        lse[sl] = torch.logsumexp(z, dim=-1)
+        safe = torch.where(valid[sl], targets[sl], 0)
+        logp[sl] = torch.where(valid[sl], z.gather(1, safe[:, None]).squeeze(1) - lse[sl], 0.0)
+        if want_entropy:
+            ent[sl] = torch.where(valid[sl], lse[sl] - (torch.softmax(z, -1) * z).sum(-1), 0.0)
+    return logp, lse, ent
+
+
+@torch.library.custom_op("vibeperf::linear_logprob", mutates_args=())
+def linear_logprob_op(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    want_entropy: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32."""
+    if backend == "triton":
+        logp, lse, ent = triton_fwd.linear_logprob_fwd(
+            hidden, weight, targets, bias, temperature, ignore_index, want_entropy
+        )
+        return logp, lse, ent if want_entropy else logp.new_empty(0)
+    return _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+
+
+@linear_logprob_op.register_fake
+def _(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend):
+    n = hidden.shape[0]
+    out = hidden.new_empty(n, dtype=torch.float32)
+    return out, torch.empty_like(out), hidden.new_empty(n if want_entropy else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("vibeperf::linear_logprob_bwd", mutates_args=())
+def linear_logprob_bwd_op(
+    grad_logp: Tensor,
+    grad_entropy: Tensor | None,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    need_dh: bool,
+    need_dw: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Recompute backward. Returns (dh [N, H], dW [V, H], db [V]); an unneeded one is an empty [0] tensor."""
+    _, _, _, dh, dw, db = chunked.lmhead_chunked(
+        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+        loss=triton_rows.LOSS_GIVEN, g_logp=grad_logp.float().contiguous(),
+        g_ent=None if grad_entropy is None else grad_entropy.float().contiguous(),
+        need_dh=need_dh, need_dw=need_dw, backend=backend,
+    )  # fmt: skip
+    empty = hidden.new_empty(0)
+    return (dh if dh is not None else empty, dw if dw is not None else empty, db if db is not None else empty)
+
+
+@linear_logprob_bwd_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, targets, bias, temperature, ignore_index, need_dh, need_dw, backend):
+    return (
+        torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
+        torch.empty_like(weight) if need_dw else hidden.new_empty(0),
+        torch.empty_like(bias) if (need_dw and bias is not None) else hidden.new_empty(0),
+    )
+
+
+def _logprob_setup_context(ctx, inputs, output):
+    hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend = inputs
+    ctx.save_for_backward(hidden, weight, targets, bias)
+    ctx.args = (temperature, ignore_index, backend)
+    ctx.want_entropy = want_entropy
+
+
+def _logprob_backward(ctx, grad_logp, _grad_lse, grad_entropy):  # lse is internal, never differentiated
+    hidden, weight, targets, bias = ctx.saved_tensors
+    temperature, ignore_index, backend = ctx.args
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+    if grad_logp is None:
+        grad_logp = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+    dh, dw, db = linear_logprob_bwd_op(
+        grad_logp, grad_entropy if ctx.want_entropy else None, hidden, weight, targets, bias,
+        temperature, ignore_index, need_dh, need_dw, backend,
+    )  # fmt: skip
+    return (dh if need_dh else None, dw if need_dw else None, None,
+            db if (need_dw and bias is not None) else None, None, None, None, None)  # fmt: skip
+
+
+linear_logprob_op.register_autograd(_logprob_backward, setup_context=_logprob_setup_context)
+
+
+@torch.library.custom_op("vibeperf::linear_nll_fused", mutates_args=())
+def linear_nll_fused_op(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    token_weight: Tensor,
+    temperature: float,
+    ignore_index: int,
+    need_dh: bool,
+    need_dw: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """loss = sum_t token_weight_t * nll_t and its gradients, in one sweep. Returns (loss [], dh, dW, db)."""
+    logp, _, _, dh, dw, db = chunked.lmhead_chunked(
+        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+        loss=triton_rows.LOSS_NLL, g_logp=token_weight, need_dh=need_dh, need_dw=need_dw, backend=backend,
+    )  # fmt: skip
+    loss = -(token_weight * logp).sum()
+    empty = hidden.new_empty(0)
+    return loss, (dh if dh is not None else empty), (dw if dw is not None else empty), (db if db is not None else empty)
+
+
+@linear_nll_fused_op.register_fake
+def _(hidden, weight, targets, bias, token_weight, temperature, ignore_index, need_dh, need_dw, backend):
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
+        torch.empty_like(weight) if need_dw else hidden.new_empty(0),
+        torch.empty_like(bias) if (need_dw and bias is not None) else hidden.new_empty(0),
+    )
+
+
+def _nll_setup_context(ctx, inputs, output):
+    ctx.has_bias = inputs[3] is not None
+    _, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+
+
+def _nll_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
+    dh, dw, db = ctx.saved_tensors
+    g = grad_loss.to(torch.float32)
+    scale = lambda t: (t * g).to(t.dtype) if t.numel() else None
+    return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None, None, None, None, None, None, None)
+
+
+linear_nll_fused_op.register_autograd(_nll_backward, setup_context=_nll_setup_context)
