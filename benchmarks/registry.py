@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
 
 from .common import relative_error

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2_F = 0.6931471805599453
+LN2 = tl.constexpr(LN2_F)  # for kernels; host code uses LN2_F
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -155,9 +156,9 @@ def combine_partials(m, s, t, tz, targets, ignore_index, want_entropy):
     s_all = (s * w).sum(0)
     lse2 = m_all + torch.log2(s_all)
     valid = targets != ignore_index
-    logp = torch.where(valid, (tz.sum(0) - lse2) * LN2, 0.0)
+    logp = torch.where(valid, (tz.sum(0) - lse2) * LN2_F, 0.0)
     entropy = None
     if want_entropy:
-        entropy = torch.where(valid, (lse2 - (t * w).sum(0) / s_all) * LN2, 0.0)
-    return logp, lse2 * LN2, entropy
+        entropy = torch.where(valid, (lse2 - (t * w).sum(0) / s_all) * LN2_F, 0.0)
+    return logp, lse2 * LN2_F, entropy
 

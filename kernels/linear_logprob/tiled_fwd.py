@@ -1,0 +1,98 @@
+"""L2-tiled LM-head scoring forward: cuBLAS GEMM tiles + a Triton online-softmax update, logits never in HBM.
+
+The [N, V] logits are produced tile by tile, [TILE_N, TILE_V] at a time, into one small workspace sized to stay in
+the GPU's L2 cache (32 MiB by default: 8192 x 2048 bf16). After each tile's GEMM (cuBLAS, near peak) a Triton
+kernel folds the tile into a per-token online-softmax state (running max from -inf, sum of exp, target logit,
+sum p*z) that lives in four [N] fp32 vectors. The extra memory is the workspace plus 16 bytes per token.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_fwd import INTERPRET, LOG2E, combine_partials
+
+TILE_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_TILE_MB", "32")) * 2**20
+
+
+@triton.jit(do_not_specialize=["n_rows", "v0", "vc", "ignore_index"])
+def lmhead_tile_update_kernel(
+    z_ptr,  # [n_rows, vc] raw logits of one tile (row stride stride_z)
+    b_ptr,  # [V] or dummy
+    tgt_ptr,  # [n_rows] int64
+    m_ptr,  # [n_rows] fp32 running max (base 2)
+    s_ptr,  # [n_rows] fp32 sum of 2^(z - m)
+    t_ptr,  # [n_rows] fp32 sum of 2^(z - m) * z
+    tz_ptr,  # [n_rows] fp32 target logit (base 2)
+    n_rows,
+    v0,
+    vc,
+    stride_z,
+    scale_log2,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    r_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK_V)
+    c_mask = cols < vc
+    mask = r_mask[:, None] & c_mask[None, :]
+    z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + v0 + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    z = tl.where(c_mask[None, :], z * scale_log2, float("-inf"))  # [BLOCK_R, BLOCK_V]
+    tgt = tl.load(tgt_ptr + rows, mask=r_mask, other=ignore_index)
+    m = tl.load(m_ptr + rows, mask=r_mask, other=0.0)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(z - m_new[:, None])
+    s = tl.load(s_ptr + rows, mask=r_mask, other=0.0) * alpha + tl.sum(p, axis=1)
+    tl.store(s_ptr + rows, s, mask=r_mask)
+    tl.store(m_ptr + rows, m_new, mask=r_mask)
+    if WANT_ENTROPY:
+        t = tl.load(t_ptr + rows, mask=r_mask, other=0.0) * alpha + tl.sum(p * tl.where(c_mask[None, :], z, 0.0), 1)
+        tl.store(t_ptr + rows, t, mask=r_mask)
+    hit = (v0 + cols)[None, :] == tgt[:, None]
+    tz = tl.load(tz_ptr + rows, mask=r_mask, other=0.0) + tl.sum(tl.where(hit, z, 0.0), axis=1)
+    tl.store(tz_ptr + rows, tz, mask=r_mask)
+
+
+def tile_shape(n: int, v: int, elem_bytes: int, tile_bytes: int = TILE_BYTES) -> tuple[int, int]:
+    """(TILE_N, TILE_V): TILE_V a power of two <= 2048 (one tile row per program), TILE_N fills the workspace."""
+    tile_v = min(2048, triton.next_power_of_2(v))
+    tile_n = max(128, tile_bytes // (tile_v * elem_bytes) // 128 * 128)
+    return min(tile_n, n), tile_v
+
+
+def linear_logprob_tiled_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
+                             tile: tuple[int, int] | None = None):  # fmt: skip
+    """Host launcher. Returns (logp [N], lse [N], entropy [N] or None), fp32, natural log."""
+    n, _ = hidden.shape
+    v = weight.shape[0]
+    tile_n, tile_v = tile or tile_shape(n, v, weight.element_size())
+    state = torch.zeros((4, 1, n), device=hidden.device, dtype=torch.float32)
+    m, s, t, tz = state.unbind(0)
+    m.fill_(float("-inf"))
+    workspace = torch.empty(tile_n * tile_v, device=hidden.device, dtype=weight.dtype)
+    block_r = 4 if INTERPRET else max(1, 8192 // tile_v)
+    for n0 in range(0, n, tile_n):
+        rows = min(tile_n, n - n0)
+        h_c = hidden[n0 : n0 + rows]
+        for v0 in range(0, v, tile_v):
+            cols = min(tile_v, v - v0)
+            z = workspace[: rows * cols].view(rows, cols)
+            torch.mm(h_c, weight[v0 : v0 + cols].T, out=z)  # [rows, cols]
+            lmhead_tile_update_kernel[(triton.cdiv(rows, block_r),)](
+                z, bias if bias is not None else z, targets[n0:], m[0, n0:], s[0, n0:], t[0, n0:], tz[0, n0:],
+                rows, v0, cols, z.stride(0), LOG2E / temperature, ignore_index,
+                HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_R=block_r, BLOCK_V=tile_v,
+                num_warps=1 if INTERPRET else 8,
+            )  # fmt: skip
+    return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
