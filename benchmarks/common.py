@@ -98,5 +98,6 @@ def format_table(rows: list[Row]) -> str:
         ms = f"{r.ms:9.2f}" if r.ms is not None else f"{'-':>9}"
         frac = f"{r.frac_of_peak:8.3f}" if r.frac_of_peak is not None else f"{'-':>8}"
         mem = f"{r.extra_mem_gib:10.3f}" if r.extra_mem_gib is not None else f"{'-':>10}"
-        lines.append(f"{r.id:<4} {r.impl:<16} {r.n_tokens:>7} {ms} {frac} {mem} {'y' if r.correct else 'n':>3}  {r.note}")
+        ok = "y" if r.correct else "n"
+        lines.append(f"{r.id:<4} {r.impl:<16} {r.n_tokens:>7} {ms} {frac} {mem} {ok:>3}  {r.note}")
     return "\n".join(lines)

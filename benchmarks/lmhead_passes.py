@@ -72,7 +72,6 @@ def main(argv=None) -> None:
                                          [xg["hidden"], xg["weight"]])  # fmt: skip
         ms = do_bench_ms(fn, rep_ms=600)
         print(f"N={n:6d} {'CE fwd+bwd total':<34} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak", flush=True)
-        del x, xg, z, dw32, ref
 
 
 if __name__ == "__main__":

@@ -48,9 +48,6 @@ def run_case(bench: registry.Benchmark, n: int, peak: float, quick: bool) -> lis
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
         gc.collect()
         torch.cuda.empty_cache()
-    del inputs, ref
-    gc.collect()
-    torch.cuda.empty_cache()
     return rows
 
 
