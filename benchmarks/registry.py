@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
+from vibeperf.kernels.linear_logprob import triton_fwd
 
 from .common import relative_error
 
@@ -85,6 +86,8 @@ def _b1_impls() -> dict[str, Impl]:
     cce, cce_err = _optional("cut_cross_entropy")
     impls = {
         "vibeperf-triton": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="triton")),
+        "vibeperf-fused": Impl(lambda x: triton_fwd.linear_logprob_fwd(x["hidden"], x["weight"], x["targets"], None,
+                                                                       1.0, -100, False)[0]),  # fmt: skip
         "eager": Impl(
             lambda x: -F.cross_entropy((x["hidden"] @ x["weight"].T).float(), x["targets"], reduction="none"),
             skip=_eager_skip,

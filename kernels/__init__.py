@@ -1,9 +1,11 @@
-"""Triton kernels of vibeperf, imported as `vibeperf.kernels` (setup.py maps this folder there)."""
+"""Triton kernels of vibeperf, imported as `vibeperf.kernels` (setup.py maps this folder there).
 
-if __name__ != "vibeperf.kernels":
-    # A top-level `kernels` belongs to Hugging Face's package, which transformers probes; never shadow it.
-    raise ImportError(f"this folder is `vibeperf.kernels`, not `{__name__}`: install vibeperf and import it so")
+A top-level `kernels` is Hugging Face's package, which transformers probes at import time. Run from the checkout
+root, Python can find this folder under that name too; it then loads as an empty placeholder (no `__version__`,
+nothing of vibeperf's), which transformers reads as "hub kernels not installed", instead of our code.
+"""
 
-from .linear_logprob import linear_cross_entropy, linear_logprob  # noqa: E402
+if __name__ == "vibeperf.kernels":
+    from .linear_logprob import linear_cross_entropy, linear_logprob
 
-__all__ = ["linear_logprob", "linear_cross_entropy"]
+    __all__ = ["linear_logprob", "linear_cross_entropy"]

@@ -8,10 +8,18 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from . import chunked, triton_fwd, triton_rows
+from . import chunked, tiled_fwd, triton_fwd, triton_rows
+
+# Forward (no grad) of backend "triton": "tiled" (cuBLAS tiles in an L2-sized workspace + Triton online-softmax
+# update; the faster one measured on an H100, see benchmarks/lmhead_passes.py) or "fused" (one Triton kernel).
+FORWARD_VARIANT = os.environ.get("VIBEPERF_LMHEAD_FWD", "tiled")
+if FORWARD_VARIANT not in ("tiled", "fused"):
+    raise ValueError(f"VIBEPERF_LMHEAD_FWD must be 'tiled' or 'fused', got {FORWARD_VARIANT!r}")
 
 
 def _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
@@ -49,9 +57,8 @@ def linear_logprob_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32."""
     if backend == "triton":
-        logp, lse, ent = triton_fwd.linear_logprob_fwd(
-            hidden, weight, targets, bias, temperature, ignore_index, want_entropy
-        )
+        fwd = tiled_fwd.linear_logprob_tiled_fwd if FORWARD_VARIANT == "tiled" else triton_fwd.linear_logprob_fwd
+        logp, lse, ent = fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
         return logp, lse, ent if want_entropy else logp.new_empty(0)
     return _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
 
@@ -161,9 +168,13 @@ def _nll_setup_context(ctx, inputs, output):
 
 
 def _nll_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("linear_cross_entropy's backward ran twice (retain_graph=True): its gradients were "
+                           "computed in the forward and are scaled in place, so they can be used once")
+    ctx.consumed = True
     dh, dw, db = ctx.saved_tensors
-    g = grad_loss.to(torch.float32)
-    scale = lambda t: (t * g).to(t.dtype) if t.numel() else None
+    # The saved gradients belong to this node alone: scale them in place rather than holding a second copy.
+    scale = lambda t: t.mul_(grad_loss.to(t.dtype)) if t.numel() else None
     return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None, None, None, None, None, None, None)
 
 

@@ -1,0 +1,223 @@
+"""Readers and a writer for local JSONL data files (one JSON object per line).
+
+SFT lines: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` with at least one assistant
+message, or `{"prompt": str, "response": str}` (read as a user and an assistant message); optional `"weight"` (a loss
+weight, finite and >= 0, default 1.0).
+RL lines: `{"prompt": str, "domain": str, "answer": str|int|float}` or `{"prompt", "domain", "tests": [{"input": str,
+"output": str}, ...]}` (exactly one of answer and tests); optional `"id"` (string or integer). Numeric answers and ids
+are kept as strings (`str(value)`).
+
+Blank lines are skipped and keys not named here are ignored. Every line is checked before anything is returned; the
+first bad one raises `DataError` naming `file:line` and the field, e.g.
+`data/train.jsonl:17: field 'messages[2].content': expected a string, got int`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+ROLES = ("system", "user", "assistant")
+_MISSING = object()
+_EXPECTED = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
+_GOT = {str: "string", int: "int", float: "float", bool: "bool", list: "list", dict: "object", type(None): "null"}
+
+
+class DataError(ValueError):
+    """A malformed data file; the message names `file:line` and, for a bad record, the field."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    """A supervised example: the conversation and its loss weight."""
+
+    messages: tuple[Message, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class CodeTest:
+    """One test of a code problem: stdin and the expected stdout."""
+
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class RLRecord:
+    """An RL prompt with a verifiable target: exactly one of `answer` (math/stem) and `tests` (code)."""
+
+    prompt: str
+    domain: str
+    answer: str | None = None
+    tests: tuple[CodeTest, ...] | None = None
+    id: str | None = None
+
+
+class _FieldError(Exception):
+    def __init__(self, field: str, problem: str):
+        super().__init__(field, problem)
+        self.field, self.problem = field, problem
+
+
+def _type_name(value: Any) -> str:
+    return _GOT.get(type(value), type(value).__name__)
+
+
+def _field(
+    obj: Mapping[str, Any],
+    key: str,
+    kinds: tuple[type, ...],
+    where: str = "",
+    *,
+    default: Any = _MISSING,
+    nonempty: bool = False,
+    choices: tuple[str, ...] = (),
+) -> Any:
+    """`obj[key]` checked to be one of `kinds` (bool is not a number, floats are finite); `default` if absent.
+
+    `nonempty`: a string must hold a non-space character, a list at least one item. `choices`: the allowed values.
+    """
+    name = f"{where}.{key}" if where else key
+    if key not in obj:
+        if default is _MISSING:
+            raise _FieldError(name, "missing")
+        return default
+    value = obj[key]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(_EXPECTED[k] for k in kinds if not (k is int and float in kinds))
+        raise _FieldError(name, f"expected {expected}, got {_type_name(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _FieldError(name, f"expected a finite number, got {value}")
+    if nonempty and isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value):
+        raise _FieldError(name, f"expected a non-empty {'string' if isinstance(value, str) else 'list'}")
+    if choices and value not in choices:
+        raise _FieldError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _items(obj: Mapping[str, Any], key: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The objects of the non-empty list `obj[key]`, each with its field name (`key[i]`)."""
+    out = []
+    for i, item in enumerate(_field(obj, key, (list,), nonempty=True)):
+        if not isinstance(item, dict):
+            raise _FieldError(f"{key}[{i}]", f"expected an object, got {_type_name(item)}")
+        out.append((f"{key}[{i}]", item))
+    return out
+
+
+def _exactly_one(obj: Mapping[str, Any], first: str, second: str) -> str:
+    """The one of the keys `first`, `second` that `obj` has."""
+    if (first in obj) == (second in obj):
+        problem = "give only one of" if first in obj else "missing: give one of"
+        raise _FieldError(first, f"{problem} '{first}' and '{second}'")
+    return first if first in obj else second
+
+
+def _parse_sft(obj: Mapping[str, Any]) -> SFTRecord:
+    if _exactly_one(obj, "messages", "prompt") == "prompt":
+        messages = (
+            Message("user", _field(obj, "prompt", (str,), nonempty=True)),
+            Message("assistant", _field(obj, "response", (str,))),
+        )
+    else:
+        messages = tuple(
+            Message(_field(m, "role", (str,), w, choices=ROLES), _field(m, "content", (str,), w))
+            for w, m in _items(obj, "messages")
+        )
+        if not any(m.role == "assistant" for m in messages):
+            raise _FieldError("messages", "no assistant message")
+    weight = _field(obj, "weight", (int, float), default=1.0)
+    if weight < 0:
+        raise _FieldError("weight", f"expected a number >= 0, got {weight}")
+    return SFTRecord(messages=messages, weight=float(weight))
+
+
+def _parse_rl(obj: Mapping[str, Any]) -> RLRecord:
+    prompt = _field(obj, "prompt", (str,), nonempty=True)
+    domain = _field(obj, "domain", (str,), nonempty=True)
+    record_id = _field(obj, "id", (str, int), default=None)
+    record_id = None if record_id is None else str(record_id)
+    if _exactly_one(obj, "answer", "tests") == "answer":
+        return RLRecord(
+            prompt, domain, answer=str(_field(obj, "answer", (str, int, float), nonempty=True)), id=record_id
+        )
+    tests = tuple(
+        CodeTest(_field(t, "input", (str,), w), _field(t, "output", (str,), w)) for w, t in _items(obj, "tests")
+    )
+    return RLRecord(prompt, domain, tests=tests, id=record_id)
+
+
+def _read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
+    """Parse every non-blank line of `path` with `parse`; DataError naming `file:line` at the first bad one."""
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{os.fspath(path)}:{lineno}"
+            try:
+                text = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: invalid UTF-8 at byte {e.start}: {e.reason}") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}")
+            try:
+                records.append(parse(obj))
+            except _FieldError as e:
+                raise DataError(f"{where}: field '{e.field}': {e.problem}") from None
+    if not records:
+        raise DataError(f"{os.fspath(path)}: no records")
+    return records
+
+
+def read_sft_jsonl(path: str | os.PathLike) -> list[SFTRecord]:
+    """Read an SFT JSONL file (see the module docstring for the format); DataError on any malformed line."""
+    return _read_jsonl(path, _parse_sft)
+
+
+def read_rl_jsonl(path: str | os.PathLike) -> list[RLRecord]:
+    """Read an RL JSONL file (see the module docstring for the format); DataError on any malformed line."""
+    return _read_jsonl(path, _parse_rl)
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[SFTRecord | RLRecord | Mapping[str, Any]]) -> None:
+    """Write one JSON object per line to `path` atomically (temporary file + `os.replace`).
+
+    Records are dataclasses (written without their `None` fields, so `read_*_jsonl` reads them back equal) or plain
+    mappings. On any error `path` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            for record in records:
+                if dataclasses.is_dataclass(record):
+                    record = {k: v for k, v in dataclasses.asdict(record).items() if v is not None}
+                f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
