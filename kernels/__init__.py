@@ -7,5 +7,6 @@ nothing of vibeperf's), which transformers reads as "hub kernels not installed",
 
 if __name__ == "vibeperf.kernels":
     from .linear_logprob import linear_cross_entropy, linear_logprob
+    from .mgpo import mgpo_loss
 
-    __all__ = ["linear_logprob", "linear_cross_entropy"]
+    __all__ = ["linear_logprob", "linear_cross_entropy", "mgpo_loss"]

@@ -27,7 +27,32 @@ def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int 
     return min(c, n_tokens) if n_tokens > 0 else 1
 
 
-def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss, want_entropy):
+def mgpo_token_grad_torch(logp: torch.Tensor, valid: torch.Tensor, m: triton_rows.MGPOTokens) -> torch.Tensor:
+    """Plain-torch twin of `triton_rows.mgpo_token_grad` on [C] rows: writes m.out, returns d objective / d logp."""
+    zero = torch.zeros_like(logp)
+    ratio = torch.exp(torch.where(valid, logp - m.old_logp, zero))
+    low = valid & (ratio < m.clip_low) & (m.adv < 0)
+    high = valid & (ratio > m.clip_high) & (m.adv > 0)
+    objective = torch.minimum(ratio * m.adv, ratio.clamp(m.clip_low, m.clip_high) * m.adv)
+    d_objective = torch.where(low | high, zero, ratio * m.adv)
+    capped = torch.zeros_like(valid)
+    if m.rollout_logp is not None:
+        is_raw = torch.exp(torch.where(valid, m.old_logp - m.rollout_logp, zero))
+        is_w = is_raw.clamp(max=m.tis_cap)
+        objective, d_objective = objective * is_w, d_objective * is_w
+        capped = valid & (is_raw > m.tis_cap)
+    kl = zero
+    if m.ref_logp is not None:
+        delta = torch.where(valid, m.ref_logp - logp, zero)
+        kl = torch.exp(delta) - delta - 1
+        objective = objective - m.beta * kl
+        d_objective = d_objective - m.beta * (1 - torch.exp(delta))
+    terms = (objective, ratio, kl, low.float(), high.float(), capped.float())  # MGPO_OUTPUTS, in order
+    m.out.copy_(torch.where(valid[:, None], torch.stack(terms, dim=1), 0.0))
+    return d_objective
+
+
+def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss, want_entropy, mgpo=None):
     """Plain-torch twin of `triton_rows.lmhead_row_grad` (same signature and in-place contract)."""
     zf = z.float()
     if bias is not None:
@@ -38,9 +63,12 @@ def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, l
     lse = torch.logsumexp(zf, dim=-1)
     p = torch.exp(zf - lse[:, None])
     logp = torch.where(valid, zf.gather(1, safe[:, None]).squeeze(1) - lse, 0.0)
-    mean_z = (p * zf).sum(-1)
+    mean_z = (p * zf).sum(-1) / p.sum(-1)  # self-normalised: sum(p) = 1 + eps would be amplified by a large offset
     ent = torch.where(valid, lse - mean_z, 0.0) if want_entropy else None
-    g = g_logp if loss == triton_rows.LOSS_GIVEN else -g_logp
+    if loss == triton_rows.LOSS_MGPO:
+        g = -g_logp * mgpo_token_grad_torch(logp, valid, mgpo)
+    else:
+        g = g_logp if loss == triton_rows.LOSS_GIVEN else -g_logp
     g = torch.where(valid, g, 0.0)
     dz = -g[:, None] * p
     dz.scatter_add_(1, safe[:, None], g[:, None])
@@ -90,12 +118,14 @@ def lmhead_chunked(
     need_dw: bool = True,
     backend: str = "triton",
     chunk: int | None = None,
+    mgpo: triton_rows.MGPOTokens | None = None,
 ):
     """Runs the three passes over all chunks.
 
     hidden: [N, H], weight: [V, H] (same dtype), targets: [N] int64, g_logp / g_ent: [N] fp32 (see LOSS_* in
-    triton_rows). Returns (logp [N], entropy [N] or None, lse [N], dh [N, H] or None, dW [V, H] or None,
-    db [V] or None); dh in hidden's dtype, dW / db in weight's dtype (accumulated in fp32).
+    triton_rows); mgpo: the [N]-row MGPO inputs and outputs of loss=LOSS_MGPO (its `out` is written).
+    Returns (logp [N], entropy [N] or None, lse [N], dh [N, H] or None, dW [V, H] or None, db [V] or None); dh in
+    hidden's dtype, dW / db in weight's dtype (accumulated in fp32).
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -116,7 +146,7 @@ def lmhead_chunked(
         torch.mm(h_c, weight.T, out=z)  # [C, V]
         lp, en, ls = row_grad(
             z, targets[i0:i1], bias, g_logp[i0:i1], None if g_ent is None else g_ent[i0:i1],
-            temperature, ignore_index, loss, want_entropy,
+            temperature, ignore_index, loss, want_entropy, None if mgpo is None else mgpo.rows(i0, i1),
         )  # fmt: skip
         logp[i0:i1] = lp
         lse[i0:i1] = ls

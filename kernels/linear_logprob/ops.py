@@ -44,6 +44,11 @@ def _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want
     return logp, lse, ent
 
 
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """Custom ops return tensors, never None, and no two returns may alias: an unneeded output is a fresh [0]."""
+    return t if t is not None else like.new_empty(0)
+
+
 @torch.library.custom_op("vibeperf::linear_logprob", mutates_args=())
 def linear_logprob_op(
     hidden: Tensor,
@@ -91,8 +96,7 @@ def linear_logprob_bwd_op(
         g_ent=None if grad_entropy is None else grad_entropy.float().contiguous(),
         need_dh=need_dh, need_dw=need_dw, backend=backend,
     )  # fmt: skip
-    empty = hidden.new_empty(0)
-    return (dh if dh is not None else empty, dw if dw is not None else empty, db if db is not None else empty)
+    return _or_empty(dh, hidden), _or_empty(dw, hidden), _or_empty(db, hidden)
 
 
 @linear_logprob_bwd_op.register_fake
@@ -147,8 +151,7 @@ def linear_nll_fused_op(
         loss=triton_rows.LOSS_NLL, g_logp=token_weight, need_dh=need_dh, need_dw=need_dw, backend=backend,
     )  # fmt: skip
     loss = -(token_weight * logp).sum()
-    empty = hidden.new_empty(0)
-    return loss, (dh if dh is not None else empty), (dw if dw is not None else empty), (db if db is not None else empty)
+    return loss, _or_empty(dh, hidden), _or_empty(dw, hidden), _or_empty(db, hidden)
 
 
 @linear_nll_fused_op.register_fake
@@ -168,13 +171,17 @@ def _nll_setup_context(ctx, inputs, output):
 
 
 def _nll_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
-    if getattr(ctx, "consumed", False):
-        raise RuntimeError("linear_cross_entropy's backward ran twice (retain_graph=True): its gradients were "
-                           "computed in the forward and are scaled in place, so they can be used once")
-    ctx.consumed = True
     dh, dw, db = ctx.saved_tensors
-    # The saved gradients belong to this node alone: scale them in place rather than holding a second copy.
-    scale = lambda t: t.mul_(grad_loss.to(t.dtype)) if t.numel() else None
+
+    def scale(t):
+        if not t.numel():
+            return None
+        if torch.compiler.is_compiling() or type(t) is not torch.Tensor:  # traced (or subclass): stay functional
+            return t * grad_loss.to(t.dtype)
+        # Eager: the saved gradients belong to this node alone, so scale them in place instead of holding a second
+        # copy (a second backward through the same graph is refused by autograd's version check).
+        return t.mul_(grad_loss.to(t.dtype))
+
     return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None, None, None, None, None, None, None)
 
 

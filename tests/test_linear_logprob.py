@@ -1,0 +1,314 @@
+"""linear_logprob / linear_cross_entropy against the fp32 reference: values and both gradients.
+
+Tolerances come from precision (flash-attention's rule): the reference runs in fp64 on the same (upcast) inputs;
+the kernel's relative error against it must be at most twice the error of plain PyTorch at the input precision
+(for bf16 / fp16: logits and their gradients in that dtype, as eager training computes them; for fp32: the fp32
+reference), plus a floor of 1e-6 for outputs that plain PyTorch happens to get exactly right.
+CPU runs use the Triton interpreter at small, odd shapes; `-m gpu` runs the full Qwen2.5 head shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vibeperf.kernels import linear_cross_entropy, linear_logprob
+from vibeperf.kernels.linear_logprob import (
+    chunked,
+    linear_cross_entropy_reference,
+    linear_logprob_reference,
+    ops,
+    tiled_fwd,
+    triton_fwd,
+)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make_case(n, v, h, dtype, *, scale=0.3, ignore_every=0, negative=False, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * scale).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    b = None
+    if negative:
+        # every logit far below zero: a running max that started at 0 instead of -inf would be wrong here
+        b = torch.full((v,), -80.0).to(dtype)
+    elif bias:
+        b = torch.randn(v, generator=g).to(dtype)
+    return hidden, weight, targets, b
+
+
+CASES = [
+    # id, N, V, H, dtype, temperature, options
+    ("T257-V1009-H64-fp32", 257, 1009, 64, torch.float32, 1.0, {}),
+    ("T257-V1009-H64-fp32-temp0.7-ignored", 257, 1009, 64, torch.float32, 0.7, {"ignore_every": 5}),
+    ("T67-V301-H48-fp32-bias", 67, 301, 48, torch.float32, 1.0, {"bias": True}),
+    ("T33-V131-H32-fp32-allneg", 33, 131, 32, torch.float32, 1.0, {"negative": True}),
+    ("T129-V1009-H64-bf16-temp0.7", 129, 1009, 64, torch.bfloat16, 0.7, {"ignore_every": 7}),
+    ("T40-V257-H32-fp16", 40, 257, 32, torch.float16, 1.0, {}),
+]
+BACKENDS = ["triton", "torch"]
+
+
+def _tol(low_precision_err):
+    return 2 * low_precision_err + 1e-6
+
+
+def _torch_low_precision_logprob(hidden, weight, targets, temperature, bias, want_entropy=False):
+    """Plain PyTorch at the input precision: logits rounded to the input dtype, then softmax in fp32."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.float() / temperature
+    valid = targets != -100
+    lse = torch.logsumexp(z, -1)
+    logp = torch.where(valid, z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1) - lse, 0.0)
+    ent = torch.where(valid, lse - (torch.softmax(z, -1) * z).sum(-1), 0.0)
+    return (logp, ent) if want_entropy else logp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_logprob_and_entropy_forward(case, backend):
+    _, n, v, h, dtype, temp, opts = case
+    hidden, weight, targets, bias = make_case(n, v, h, dtype, **opts)
+    logp, ent = linear_logprob(hidden, weight, targets, temperature=temp, bias=bias, return_entropy=True,
+                               backend=backend)  # fmt: skip
+    up = lambda t: None if t is None else t.double()
+    ref_logp, ref_ent = linear_logprob_reference(up(hidden), up(weight), targets, temperature=temp, bias=up(bias),
+                                                 return_entropy=True)  # fmt: skip
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+    lp_lo, ent_lo = _torch_low_precision_logprob(hidden, weight, targets, temp, bias, want_entropy=True)
+    assert rel_err(logp, ref_logp) <= _tol(rel_err(lp_lo, ref_logp))
+    assert rel_err(ent, ref_ent) <= _tol(rel_err(ent_lo, ref_ent))
+    ignored = targets == -100
+    assert torch.all(logp[ignored] == 0) and torch.all(ent[ignored] == 0)
+
+
+@pytest.mark.parametrize("variant", ["fused-splits1", "fused-splits3", "tiled-16x64", "tiled-default"])
+def test_forward_variants_agree(variant):
+    """Both Triton forwards, with V split in several slices / tiles, against the reference."""
+    hidden, weight, targets, bias = make_case(67, 301, 48, torch.float32, bias=True, ignore_every=9)
+    if variant.startswith("fused"):
+        splits = int(variant[-1])
+        logp, lse, ent = triton_fwd.linear_logprob_fwd(hidden, weight, targets, bias, 0.7, -100, True, splits=splits)
+    else:
+        tile = (16, 64) if variant == "tiled-16x64" else None
+        logp, lse, ent = tiled_fwd.linear_logprob_tiled_fwd(hidden, weight, targets, bias, 0.7, -100, True, tile=tile)
+    ref_logp, ref_ent = linear_logprob_reference(hidden, weight, targets, temperature=0.7, bias=bias,
+                                                 return_entropy=True)  # fmt: skip
+    ref_lse = torch.logsumexp((hidden @ weight.T + bias) / 0.7, -1)
+    assert rel_err(logp, ref_logp) <= 1e-5
+    assert rel_err(ent, ref_ent) <= 1e-5
+    assert rel_err(lse, ref_lse) <= 1e-5
+
+
+def _grads(fn, hidden, weight, bias, *, up=False):
+    leaves = [t.detach().clone().double() if up else t.detach().clone() for t in (hidden, weight)]
+    b = None if bias is None else (bias.detach().clone().double() if up else bias.detach().clone())
+    for t in leaves + ([b] if b is not None else []):
+        t.requires_grad_(True)
+    out = fn(leaves[0], leaves[1], b)
+    out.backward()
+    return out.detach(), leaves[0].grad, leaves[1].grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cross_entropy_forward_backward(case, backend, reduction):
+    """The three-pass path (gradients computed in the forward) for mean and sum reductions."""
+    _, n, v, h, dtype, temp, opts = case
+    hidden, weight, targets, bias = make_case(n, v, h, dtype, **opts)
+    ours = _grads(lambda hh, ww, bb: 0.5 * linear_cross_entropy(hh, ww, targets, reduction=reduction, temperature=temp,
+                                                                bias=bb, backend=backend), hidden, weight, bias)
+    ref = _grads(lambda hh, ww, bb: 0.5 * linear_cross_entropy_reference(hh, ww, targets, reduction=reduction,
+                                                                         temperature=temp, bias=bb),
+                 hidden, weight, bias, up=True)  # fmt: skip
+    low = _grads(lambda hh, ww, bb: 0.5 * F.cross_entropy((((hh @ ww.T) + (0 if bb is None else bb)).float() / temp),
+                                                          targets, reduction=reduction), hidden, weight, bias)
+    for name, o, r, lo in zip(("loss", "dh", "dW", "db"), ours, ref, low):
+        if r is None:
+            continue
+        assert o.dtype == (torch.float32 if name == "loss" else dtype), name
+        assert rel_err(o, r) <= _tol(rel_err(lo, r)), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES[:5], ids=[c[0] for c in CASES[:5]])
+def test_recompute_backward_with_arbitrary_upstream(case, backend):
+    """reduction "none" / return_entropy: any upstream gradient of logp and entropy (the recompute backward)."""
+    _, n, v, h, dtype, temp, opts = case
+    hidden, weight, targets, bias = make_case(n, v, h, dtype, **opts)
+    g = torch.Generator().manual_seed(1)
+    g_logp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+
+    def ours_fn(hh, ww, bb):
+        lp, en = linear_logprob(hh, ww, targets, temperature=temp, bias=bb, return_entropy=True, backend=backend)
+        return (lp * g_logp).sum() + (en * g_ent).sum()
+
+    def ref_fn(hh, ww, bb):
+        lp, en = linear_logprob_reference(hh, ww, targets, temperature=temp, bias=bb, return_entropy=True)
+        return (lp * g_logp).sum() + (en * g_ent).sum()
+
+    def low_fn(hh, ww, bb):
+        lp, en = _torch_low_precision_logprob(hh, ww, targets, temp, bb, want_entropy=True)
+        return (lp * g_logp).sum() + (en * g_ent).sum()
+
+    ours, ref, low = (_grads(ours_fn, hidden, weight, bias), _grads(ref_fn, hidden, weight, bias, up=True),
+                      _grads(low_fn, hidden, weight, bias))  # fmt: skip
+    for name, o, r, lo in zip(("value", "dh", "dW", "db"), ours, ref, low):
+        if r is not None:
+            assert rel_err(o, r) <= _tol(rel_err(lo, r)), name
+
+
+def test_cross_entropy_none_and_token_weight():
+    hidden, weight, targets, _ = make_case(50, 97, 32, torch.float32, ignore_every=4)
+    nll = linear_cross_entropy(hidden, weight, targets, reduction="none")
+    ref = linear_cross_entropy_reference(hidden, weight, targets, reduction="none")
+    assert rel_err(nll, ref) <= 1e-5
+    w = torch.rand(50)
+    weighted = linear_cross_entropy(hidden, weight, targets, reduction="sum", token_weight=w)
+    assert torch.allclose(weighted, (ref * w).sum(), rtol=1e-5)
+    mean = linear_cross_entropy(hidden, weight, targets, reduction="mean", token_weight=w)
+    assert torch.allclose(mean, (ref * w).sum() / (targets != -100).sum(), rtol=1e-5)
+
+
+def test_all_rows_ignored_gives_zero_loss_and_gradients():
+    hidden, weight, targets, _ = make_case(20, 64, 16, torch.float32)
+    targets[:] = -100
+    loss, dh, dw, _ = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
+    assert loss.item() == 0.0 and torch.all(dh == 0) and torch.all(dw == 0)
+
+
+def test_chunking_does_not_change_results():
+    """Several chunks of the three-pass engine (including a ragged last one) equal one chunk."""
+    hidden, weight, targets, bias = make_case(70, 131, 32, torch.float32, bias=True, ignore_every=6)
+    w = torch.full((70,), 1 / 70)
+    outs = [chunked.lmhead_chunked(hidden, weight, targets, bias, temperature=0.9, ignore_index=-100, loss=1,
+                                   g_logp=w, want_entropy=True, backend="triton", chunk=c) for c in (70, 32, 13)]
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_no_grad_path_skips_gradients():
+    hidden, weight, targets, _ = make_case(30, 64, 16, torch.float32)
+    hidden.requires_grad_(True)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, linear_cross_entropy_reference(hidden.detach(), weight, targets), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden": torch.zeros(4, 8, 2)}, "hidden must be"),
+        ({"weight": torch.zeros(10, 7)}, "weight must be"),
+        ({"targets": torch.zeros(5, dtype=torch.long)}, "targets must be"),
+        ({"targets": torch.zeros(4)}, "integer"),
+        ({"weight": torch.zeros(10, 8, dtype=torch.float64)}, "share a float dtype"),
+        ({"bias": torch.zeros(3)}, "bias must be"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"backend": "cuda"}, "not built"),
+        ({"backend": "nope"}, "backend must be"),
+    ],
+    ids=["hidden-3d", "weight-H", "targets-N", "targets-float", "dtype-mismatch", "bias-V", "temp-0", "cuda", "bad"],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, message):
+    args = {"hidden": torch.zeros(4, 8), "weight": torch.zeros(10, 8), "targets": torch.zeros(4, dtype=torch.long)}
+    args.update(kwargs)
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        linear_logprob(**args)
+
+
+def test_opcheck_custom_ops():
+    hidden, weight, targets, bias = make_case(9, 37, 16, torch.float32, bias=True)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    w = torch.full((9,), 1 / 9)
+    torch.library.opcheck(ops.linear_logprob_op, (hidden, weight, targets, bias, 0.8, -100, True, "torch"))
+    torch.library.opcheck(ops.linear_nll_fused_op, (hidden, weight, targets, None, w, 1.0, -100, True, True, "torch"),
+                          )  # fmt: skip
+
+
+def test_torch_compile_has_no_graph_breaks():
+    hidden, weight, targets, _ = make_case(24, 53, 16, torch.float32, ignore_every=5)
+
+    def step(h, w, t):
+        logp = linear_logprob(h, w, t, backend="torch")
+        return linear_cross_entropy(h, w, t, backend="torch") + logp.sum() * 0.1
+
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(h1, w1, targets)
+    out.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref = step(h2, w2, targets)
+    ref.backward()
+    assert torch.allclose(out, ref, rtol=1e-5)
+    assert torch.allclose(h1.grad, h2.grad, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_backward_twice_is_refused():
+    hidden, weight, targets, _ = make_case(8, 16, 8, torch.float32)
+    hidden.requires_grad_(True)
+    loss = linear_cross_entropy(hidden, weight, targets, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+# ---- GPU: the real Qwen2.5-3B head shapes -------------------------------------------------------------------------
+
+GPU_H, GPU_V = 2048, 151_936
+
+
+def _gpu_inputs(n, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(n, GPU_H, device="cuda", generator=g).to(torch.bfloat16)
+    weight = (torch.randn(GPU_V, GPU_H, device="cuda", generator=g) * 0.04).to(torch.bfloat16)
+    targets = torch.randint(0, GPU_V, (n,), device="cuda", generator=g)
+    targets[::11] = -100
+    return hidden, weight, targets
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1000, 65536, 131072], ids=["N1000", "N65536", "N131072"])
+def test_gpu_forward_full_vocab(n):
+    hidden, weight, targets = _gpu_inputs(n)
+    logp, ent = linear_logprob(hidden, weight, targets, return_entropy=True)
+    ref_logp, ref_ent = linear_logprob(hidden.float(), weight.float(), targets, return_entropy=True, backend="torch")
+    lo = _torch_low_precision_logprob(hidden[:4096], weight, targets[:4096], 1.0, None)
+    tol = 2 * rel_err(lo, ref_logp[:4096]) + 1e-6
+    assert rel_err(logp, ref_logp) <= tol
+    assert rel_err(ent, ref_ent) <= 1e-3
+    fused, _, _ = triton_fwd.linear_logprob_fwd(hidden, weight, targets, None, 1.0, -100, False)
+    assert rel_err(fused, ref_logp) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
+def test_gpu_cross_entropy_grads_full_vocab(n):
+    hidden, weight, targets = _gpu_inputs(n, seed=1)
+    ours = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
+    ref = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets, backend="torch"), hidden, weight, None,
+                 up=True)  # fmt: skip
+    m = 4096  # plain bf16 PyTorch on a slice sets the precision bar (its full-size logits would not fit)
+    low = _grads(lambda hh, ww, bb: F.cross_entropy((hh[:m] @ ww.T).float(), targets[:m], reduction="sum") / n,
+                 hidden, weight, None)  # fmt: skip
+    ref_m = _grads(lambda hh, ww, bb: linear_cross_entropy(hh[:m], ww, targets[:m], reduction="sum",
+                                                           backend="torch") / n, hidden, weight, None, up=True)
+    for i, name in enumerate(("loss", "dh", "dW")):
+        lo_err = rel_err(low[i][:m] if name == "dh" else low[i], ref_m[i][:m] if name == "dh" else ref_m[i])
+        assert rel_err(ours[i], ref[i]) <= 2 * lo_err + 1e-6, name
