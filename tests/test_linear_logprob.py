@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
 from vibeperf.kernels.linear_logprob import (
     chunked,

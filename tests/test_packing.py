@@ -47,7 +47,9 @@ def test_ties_go_to_the_lower_bin_id():
 
 
 @pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_ext)])
-@pytest.mark.parametrize("lengths, budget", [([0, 3], 4), ([5], 4), ([-1], 4), ([1], 0)], ids=["zero", "long", "neg", "b0"])
+@pytest.mark.parametrize(
+    "lengths, budget", [([0, 3], 4), ([5], 4), ([-1], 4), ([1], 0)], ids=["zero", "long", "neg", "b0"]
+)
 def test_bad_lengths_raise(backend, lengths, budget):
     with pytest.raises((ValueError, RuntimeError), match="outside|budget"):
         pack_lengths(lengths, budget, backend=backend)
