@@ -111,8 +111,11 @@ def test_forward_variants_agree(variant):
 
 
 def _grads(fn, hidden, weight, bias, *, up=False):
-    leaves = [t.detach().clone().double() if up else t.detach().clone() for t in (hidden, weight)]
-    b = None if bias is None else (bias.detach().clone().double() if up else bias.detach().clone())
+    """(value, dh, dW, db) of fn; up=True: on fp64 copies of the inputs, up=<dtype>: on copies in that dtype."""
+    dtype = torch.float64 if up is True else (up or None)
+    cast = lambda t: t.detach().clone().to(dtype) if dtype else t.detach().clone()
+    leaves = [cast(hidden), cast(weight)]
+    b = None if bias is None else cast(bias)
     for t in leaves + ([b] if b is not None else []):
         t.requires_grad_(True)
     out = fn(leaves[0], leaves[1], b)
@@ -302,12 +305,13 @@ def test_gpu_cross_entropy_grads_full_vocab(n):
     hidden, weight, targets = _gpu_inputs(n, seed=1)
     ours = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
     ref = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets, backend="torch"), hidden, weight, None,
-                 up=True)  # fmt: skip
+                 up=torch.float32)  # fmt: skip
     m = 4096  # plain bf16 PyTorch on a slice sets the precision bar (its full-size logits would not fit)
     low = _grads(lambda hh, ww, bb: F.cross_entropy((hh[:m] @ ww.T).float(), targets[:m], reduction="sum") / n,
                  hidden, weight, None)  # fmt: skip
     ref_m = _grads(lambda hh, ww, bb: linear_cross_entropy(hh[:m], ww, targets[:m], reduction="sum",
-                                                           backend="torch") / n, hidden, weight, None, up=True)
+                                                           backend="torch") / n, hidden, weight, None,
+                   up=torch.float32)
     for i, name in enumerate(("loss", "dh", "dW")):
         lo_err = rel_err(low[i][:m] if name == "dh" else low[i], ref_m[i][:m] if name == "dh" else ref_m[i])
         assert rel_err(ours[i], ref[i]) <= 2 * lo_err + 1e-6, name

@@ -96,3 +96,115 @@ def linear_logprob_tiled_fwd(hidden, weight, targets, bias, temperature, ignore_
                 num_warps=1 if INTERPRET else 8,
             )  # fmt: skip
     return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def lmhead_row_stats_kernel(
+    z_ptr,  # [C, V] raw logits of a chunk of whole rows
+    b_ptr,  # [V] or dummy
+    tgt_ptr,  # [C] int64
+    m_ptr,  # [C] fp32 out: max (base 2)
+    s_ptr,  # [C] fp32 out: sum 2^(z - m)
+    t_ptr,  # [C] fp32 out: sum 2^(z - m) z
+    tz_ptr,  # [C] fp32 out: target logit (base 2)
+    V,
+    stride_z,
+    scale_log2,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    t = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = z * scale_log2
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(z - m_new)
+        s = s * alpha + tl.sum(p, axis=0)
+        if WANT_ENTROPY:
+            t = t * alpha + tl.sum(p * tl.where(mask, z, 0.0), axis=0)
+        m = m_new
+    tgt = tl.load(tgt_ptr + row)
+    safe = tl.where(tgt != ignore_index, tgt, 0)
+    z_t = tl.load(z_row + safe).to(tl.float32)
+    if HAS_BIAS:
+        z_t += tl.load(b_ptr + safe).to(tl.float32)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(t_ptr + row, t)
+    tl.store(tz_ptr + row, z_t * scale_log2)
+
+
+def linear_logprob_rowchunk_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
+                                chunk: int = 2048, num_warps: int = 16, block_v: int = 4096):  # fmt: skip
+    """Variant: whole-row chunks [chunk, V] through HBM (one GEMM per chunk), one streaming read per row."""
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    chunk = min(chunk, n)
+    state = torch.empty((4, 1, n), device=hidden.device, dtype=torch.float32)
+    m, s, t, tz = state.unbind(0)
+    workspace = torch.empty((chunk, v), device=hidden.device, dtype=weight.dtype)
+    for n0 in range(0, n, chunk):
+        rows = min(chunk, n - n0)
+        z = workspace[:rows]
+        torch.mm(hidden[n0 : n0 + rows], weight.T, out=z)
+        lmhead_row_stats_kernel[(rows,)](
+            z, bias if bias is not None else z, targets[n0:], m[0, n0:], s[0, n0:], t[0, n0:], tz[0, n0:],
+            v, z.stride(0), LOG2E / temperature, ignore_index,
+            HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_V=128 if INTERPRET else block_v,
+            num_warps=1 if INTERPRET else num_warps,
+        )  # fmt: skip
+    return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
+
+
+def linear_logprob_tiled_overlap_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
+                                     tile: tuple[int, int] | None = None):  # fmt: skip
+    """Variant of the tiled forward: two half-size workspaces, the update of tile i on a side stream while the GEMM
+    of tile i+1 runs."""
+    n, _ = hidden.shape
+    v = weight.shape[0]
+    tile_n, tile_v = tile or tile_shape(n, v, weight.element_size(), TILE_BYTES // 2)
+    state = torch.zeros((4, 1, n), device=hidden.device, dtype=torch.float32)
+    m, s, t, tz = state.unbind(0)
+    m.fill_(float("-inf"))
+    buffers = [torch.empty(tile_n * tile_v, device=hidden.device, dtype=weight.dtype) for _ in range(2)]
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    done = [torch.cuda.Event(), torch.cuda.Event()]  # buffer i free again (its update finished)
+    ready = torch.cuda.Event()
+    block_r = max(1, 8192 // tile_v)
+    side.wait_stream(main)
+    i = 0
+    for n0 in range(0, n, tile_n):
+        rows = min(tile_n, n - n0)
+        h_c = hidden[n0 : n0 + rows]
+        for v0 in range(0, v, tile_v):
+            cols = min(tile_v, v - v0)
+            buf = i % 2
+            main.wait_event(done[buf])
+            z = buffers[buf][: rows * cols].view(rows, cols)
+            torch.mm(h_c, weight[v0 : v0 + cols].T, out=z)
+            ready.record(main)
+            with torch.cuda.stream(side):
+                side.wait_event(ready)
+                lmhead_tile_update_kernel[(triton.cdiv(rows, block_r),)](
+                    z, bias if bias is not None else z, targets[n0:], m[0, n0:], s[0, n0:], t[0, n0:],
+                    tz[0, n0:], rows, v0, cols, z.stride(0), LOG2E / temperature, ignore_index,
+                    HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_R=block_r, BLOCK_V=tile_v,
+                    num_warps=8,
+                )  # fmt: skip
+                done[buf].record(side)
+            i += 1
+    main.wait_stream(side)
+    for b in buffers:
+        b.record_stream(side)
+    return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
