@@ -19,15 +19,6 @@ from .common import do_bench_ms, peak_matmul_tflops, relative_error
 from .registry import TOL, H, V, head_inputs
 
 
-def _row_epilogue(z, t, g, num_warps, block_v):
-    c, v = z.shape
-    out = torch.empty((3, c), device=z.device, dtype=torch.float32)
-    triton_rows.lmhead_row_grad_kernel[(c,)](
-        z, z, t, g, g, out[0], out[1], out[2], v, z.stride(0), 1.4426950408889634, 1.0, -100,
-        LOSS=1, HAS_BIAS=False, WANT_ENTROPY=False, GRAD_ENTROPY=False, BLOCK_V=block_v, num_warps=num_warps,
-    )  # fmt: skip
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[8192, 65536])
@@ -52,14 +43,12 @@ def main(argv=None) -> None:
         for splits in (4, 8, 32):
             report(f"fused triton fwd splits={splits}",
                    lambda: triton_fwd.linear_logprob_fwd(h, w, t, None, 1.0, -100, False, splits=splits))
-        for tile in ((8192, 2048), (16384, 1024), (4096, 2048), (16384, 2048), (32768, 512)):
-            report(f"tiled fwd {tile}", lambda: tiled_fwd.linear_logprob_tiled_fwd(h, w, t, None, 1.0, -100, False,
-                                                                                   tile=tile))  # fmt: skip
-        for tile in ((8192, 2048), (16384, 1024)):
-            report(f"tiled+overlap fwd {tile}", lambda: tiled_fwd.linear_logprob_tiled_overlap_fwd(
-                h, w, t, None, 1.0, -100, False, tile=tile))
-        for chunk, nw, bv in ((1024, 16, 4096), (2048, 16, 4096), (4096, 16, 4096), (2048, 8, 2048),
-                              (2048, 32, 8192), (4096, 4, 1024)):
+        for tile, br, nw in (((8192, 2048), 4, 8), ((8192, 2048), 1, 4), ((8192, 2048), 2, 4), ((8192, 2048), 8, 4),
+                             ((8192, 2048), 16, 8), ((16384, 2048), 2, 4), ((16384, 1024), 4, 4)):
+            report(f"tiled fwd {tile} r={br} w={nw}", lambda: tiled_fwd.linear_logprob_tiled_fwd(
+                h, w, t, None, 1.0, -100, False, tile=tile, block_r=br, num_warps=nw))
+        for chunk, nw, bv in ((1024, 4, 1024), (2048, 4, 1024), (4096, 4, 1024), (8192, 4, 1024), (4096, 2, 1024),
+                              (4096, 4, 2048), (4096, 8, 1024)):
             report(f"rowchunk fwd c={chunk} w={nw} bv={bv}", lambda: tiled_fwd.linear_logprob_rowchunk_fwd(
                 h, w, t, None, 1.0, -100, False, chunk=chunk, num_warps=nw, block_v=bv))
         report("head GEMM only (bf16 out)", lambda: (h @ w.T, None)[1])
@@ -80,8 +69,7 @@ def main(argv=None) -> None:
             ("chunk: head GEMM", lambda: torch.mm(hc, w.T, out=z), 1),
             ("chunk: row epilogue", lambda: triton_rows.lmhead_row_grad(z, t[:c], None, g, None, 1.0, -100, 1, False),
              0),
-            *[(f"chunk: row epilogue warps={nw} bv={bv}", lambda nw=nw, bv=bv: _row_epilogue(z, t[:c], g, nw, bv), 0)
-              for nw, bv in ((8, 2048), (32, 8192), (16, 8192), (4, 1024))],
+
             ("chunk: dh GEMM", lambda: torch.mm(z, w, out=dh), 1),
             ("chunk: dW fp32 accumulate", lambda: chunked._accumulate_fp32(dw32, z.T, hc), 1),
         ]:

@@ -72,7 +72,8 @@ def tile_shape(n: int, v: int, elem_bytes: int, tile_bytes: int = TILE_BYTES) ->
 
 
 def linear_logprob_tiled_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
-                             tile: tuple[int, int] | None = None):  # fmt: skip
+                             tile: tuple[int, int] | None = None, block_r: int | None = None,
+                             num_warps: int = 8):  # fmt: skip
     """Host launcher. Returns (logp [N], lse [N], entropy [N] or None), fp32, natural log."""
     n, _ = hidden.shape
     v = weight.shape[0]
@@ -81,7 +82,7 @@ def linear_logprob_tiled_fwd(hidden, weight, targets, bias, temperature, ignore_
     m, s, t, tz = state.unbind(0)
     m.fill_(float("-inf"))
     workspace = torch.empty(tile_n * tile_v, device=hidden.device, dtype=weight.dtype)
-    block_r = 4 if INTERPRET else max(1, 8192 // tile_v)
+    block_r = 4 if INTERPRET else (block_r or max(1, 8192 // tile_v))
     for n0 in range(0, n, tile_n):
         rows = min(tile_n, n - n0)
         h_c = hidden[n0 : n0 + rows]
@@ -93,7 +94,7 @@ def linear_logprob_tiled_fwd(hidden, weight, targets, bias, temperature, ignore_
                 z, bias if bias is not None else z, targets[n0:], m[0, n0:], s[0, n0:], t[0, n0:], tz[0, n0:],
                 rows, v0, cols, z.stride(0), LOG2E / temperature, ignore_index,
                 HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_R=block_r, BLOCK_V=tile_v,
-                num_warps=1 if INTERPRET else 8,
+                num_warps=1 if INTERPRET else num_warps,
             )  # fmt: skip
     return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
 
