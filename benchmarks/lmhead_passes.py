@@ -13,7 +13,7 @@ import argparse
 
 import torch
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
-from vibeperf.kernels.linear_logprob import chunked, tiled_fwd, triton_fwd, triton_rows
+from vibeperf.kernels.linear_logprob import chunked, scoring_fwd, triton_fwd, triton_rows
 
 from .common import do_bench_ms, peak_matmul_tflops, relative_error
 from .registry import TOL, H, V, head_inputs
@@ -45,11 +45,11 @@ def main(argv=None) -> None:
                    lambda: triton_fwd.linear_logprob_fwd(h, w, t, None, 1.0, -100, False, splits=splits))
         for tile, br, nw in (((8192, 2048), 4, 8), ((8192, 2048), 1, 4), ((8192, 2048), 2, 4), ((8192, 2048), 8, 4),
                              ((8192, 2048), 16, 8), ((16384, 2048), 2, 4), ((16384, 1024), 4, 4)):
-            report(f"tiled fwd {tile} r={br} w={nw}", lambda: tiled_fwd.linear_logprob_tiled_fwd(
+            report(f"tiled fwd {tile} r={br} w={nw}", lambda: scoring_fwd.linear_logprob_tiled_fwd(
                 h, w, t, None, 1.0, -100, False, tile=tile, block_r=br, num_warps=nw))
         for chunk, nw, bv in ((1024, 4, 1024), (2048, 4, 1024), (4096, 4, 1024), (8192, 4, 1024), (4096, 2, 1024),
                               (4096, 4, 2048), (4096, 8, 1024)):
-            report(f"rowchunk fwd c={chunk} w={nw} bv={bv}", lambda: tiled_fwd.linear_logprob_rowchunk_fwd(
+            report(f"rowchunk fwd c={chunk} w={nw} bv={bv}", lambda: scoring_fwd.linear_logprob_chunked_fwd(
                 h, w, t, None, 1.0, -100, False, chunk=chunk, num_warps=nw, block_v=bv))
         report("head GEMM only (bf16 out)", lambda: (h @ w.T, None)[1])
         ws = torch.empty(8192 * 2048, device="cuda", dtype=torch.bfloat16).view(8192, 2048)

@@ -12,8 +12,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from vibeperf.kernels import linear_cross_entropy, linear_logprob
-from vibeperf.kernels.linear_logprob import triton_fwd
+from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
+from vibeperf.kernels.linear_logprob import scoring_fwd, triton_fwd
+from vibeperf.kernels.mgpo import mgpo_loss_reference
+from vibeperf.kernels.mgpo import ops as mgpo_ops
+from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_weight_reference
 
 from .common import relative_error
 
@@ -86,6 +89,8 @@ def _b1_impls() -> dict[str, Impl]:
     cce, cce_err = _optional("cut_cross_entropy")
     impls = {
         "vibeperf-triton": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="triton")),
+        "vibeperf-tiled": Impl(lambda x: scoring_fwd.linear_logprob_tiled_fwd(x["hidden"], x["weight"], x["targets"],
+                                                                             None, 1.0, -100, False)[0]),  # fmt: skip
         "vibeperf-fused": Impl(lambda x: triton_fwd.linear_logprob_fwd(x["hidden"], x["weight"], x["targets"], None,
                                                                        1.0, -100, False)[0]),  # fmt: skip
         "eager": Impl(
@@ -160,6 +165,105 @@ def _b2_check(out, ref) -> tuple[bool, str]:
     return max(errs) <= TOL, "rel err loss/dh/dW " + "/".join(f"{e:.1e}" for e in errs)
 
 
+B3_SEQS, B3_GROUP, B3_LAMBDA = 16, 8, 1.0
+B3_REWARDS = [1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1]  # p_c = 0.5 and 0.25: both MaxEnt weights in play
+
+
+def _b3_inputs(n: int) -> dict:
+    """B3: n tokens packed as 16 sequences of n / 16, two groups of 8, every token in the loss (Liger's GRPO has no
+    ignore_index), old log-probs = the current ones + N(0, 0.2) noise, so both clips are active.
+
+    Adds seq_index [N], group_index [S], rewards [S], old_logp [N], advantages [S] (A', our group statistics, given
+    to Liger, which computes none) and the [S, N / S] attention mask Liger takes.
+    """
+    if n % B3_SEQS:
+        raise ValueError(f"B3 needs a token count divisible by {B3_SEQS}, got {n}")
+    x = head_inputs(n, grad=True)
+    x["targets"].clamp_(min=0)
+    g = torch.Generator(device="cuda").manual_seed(n + 1)
+    with torch.no_grad():
+        logp = linear_logprob(x["hidden"], x["weight"], x["targets"])
+    x["old_logp"] = logp + 0.2 * torch.randn(n, device="cuda", generator=g)
+    x["seq_index"] = torch.arange(B3_SEQS, device="cuda").repeat_interleave(n // B3_SEQS)
+    x["group_index"] = torch.arange(B3_SEQS, device="cuda") // B3_GROUP
+    x["rewards"] = torch.tensor(B3_REWARDS, device="cuda", dtype=torch.float32)
+    x["advantages"], _ = mgpo_ops.group_statistics(x["rewards"], x["group_index"], num_groups=B3_SEQS // B3_GROUP,
+                                                   mgpo_lambda=B3_LAMBDA)  # fmt: skip
+    x["liger_mask"] = torch.ones(B3_SEQS, n // B3_SEQS, device="cuda", dtype=torch.int64)
+    return x
+
+
+def _b3_impls() -> dict[str, Impl]:
+    """Ours; our B2 (linear_cross_entropy) on the same tokens, for the <= 1.15x target in the same run; Liger's
+    LigerFusedLinearGRPOLoss where its definition coincides with ours (tests/test_mgpo_kernel.py says why):
+    loss_type="grpo" = seq-mean-token-mean (every sequence has tokens), beta=0, token-level ratios, the same eps, and
+    our A' given as its advantages (so lambda = 1 is computed by both); inputs shaped [S, T, H] as it wants them.
+    The floor is the three bare GEMMs."""
+    liger, liger_err = _optional("liger_kernel.chunked_loss")
+    grpo = None if liger is None else liger.LigerFusedLinearGRPOLoss(
+        beta=0.0, use_ref_model=False, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2,
+        importance_sampling_level="token",
+    )  # fmt: skip
+
+    def ours(x):
+        loss = mgpo_loss(x["hidden"], x["weight"], x["targets"], seq_index=x["seq_index"], group_index=x["group_index"],
+                         rewards=x["rewards"], old_logp=x["old_logp"], mgpo_lambda=B3_LAMBDA,
+                         num_groups=B3_SEQS // B3_GROUP, backend="triton").loss  # fmt: skip
+        return ("mgpo", *_grads(loss, x))
+
+    def liger_fn(x):
+        s, t = x["liger_mask"].shape
+        loss, _ = grpo(x["hidden"].view(s, t, H), x["weight"], x["targets"].view(s, t), x["liger_mask"],
+                       x["advantages"], old_per_token_logps=x["old_logp"].view(s, t))  # fmt: skip
+        return ("mgpo", *_grads(loss, x))
+
+    def floor(x):
+        h, w = x["hidden"].detach(), x["weight"].detach()
+        z = h @ w.T
+        return ("floor", z @ w, z.T @ h)
+
+    return {
+        "vibeperf-triton": Impl(ours),
+        "vibeperf-ce(B2)": Impl(lambda x: ("ce", *_grads(linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
+                                                                              backend="triton"), x))),  # fmt: skip
+        "liger": Impl(liger_fn, skip=lambda n: liger_err),
+        "floor": Impl(floor),
+    }
+
+
+def _b3_reference(x: dict) -> dict:
+    """fp32 references on the bf16 inputs upcast. MGPO: `mgpo_loss_reference` one sequence at a time ([T, V] fp32
+    logits rather than [N, V]) with A' from the reference group statistics; with seq-mean-token-mean and every token
+    valid, the batch's loss and gradients are the mean of the sequences'. CE (for the B2 row): as B2's."""
+    weights = mgpo_weight_reference(x["rewards"], x["group_index"], mgpo_lambda=B3_LAMBDA)
+    adv = weights[x["group_index"]] * group_advantages_reference(x["rewards"], x["group_index"])
+    h = x["hidden"].detach().float()
+    w = x["weight"].detach().float().requires_grad_(True)
+    t = h.shape[0] // B3_SEQS
+    loss, dh = torch.zeros((), device=h.device), torch.zeros_like(h)
+    for s in range(B3_SEQS):
+        rows = slice(s * t, (s + 1) * t)
+        hs = h[rows].clone().requires_grad_(True)
+        out = mgpo_loss_reference(hs, w, x["targets"][rows], seq_index=torch.zeros_like(x["targets"][rows]),
+                                  group_index=x["group_index"][:1] * 0, advantages=adv[s : s + 1],
+                                  old_logp=x["old_logp"][rows])  # fmt: skip
+        (out.loss / B3_SEQS).backward()
+        loss += out.loss.detach() / B3_SEQS
+        dh[rows] = hs.grad
+    return {"mgpo": (loss, dh, w.grad), "ce": _b2_reference(x), "loss_scale": float(adv.abs().mean())}
+
+
+def _b3_check(out, ref) -> tuple[bool, str]:
+    kind, *values = out
+    if kind == "floor":
+        return True, "three bare GEMMs (bf16 dW), not comparable"
+    errs = [relative_error(o, r) for o, r in zip(values, ref[kind])]
+    if kind == "mgpo":  # the loss can cancel to near 0: its error is taken against the size of its terms, mean |A'|
+        o, r = float(values[0]), float(ref[kind][0])
+        errs[0] = abs(o - r) / max(abs(r), ref["loss_scale"])
+    return max(errs) <= TOL, f"{kind} rel err loss/dh/dW " + "/".join(f"{e:.1e}" for e in errs)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "B1": Benchmark(
         id="B1",
@@ -179,6 +283,16 @@ BENCHMARKS: dict[str, Benchmark] = {
         reference=_b2_reference,
         check=_b2_check,
         impls=_b2_impls(),
+        rep_ms=1500.0,
+    ),
+    "B3": Benchmark(
+        id="B3",
+        sizes=[B3_SEQS * 4096],
+        flops=lambda n: 6 * n * H * V,
+        make_inputs=_b3_inputs,
+        reference=_b3_reference,
+        check=_b3_check,
+        impls=_b3_impls(),
         rep_ms=1500.0,
     ),
 }

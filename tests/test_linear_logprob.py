@@ -18,7 +18,7 @@ from vibeperf.kernels.linear_logprob import (
     linear_cross_entropy_reference,
     linear_logprob_reference,
     ops,
-    tiled_fwd,
+    scoring_fwd,
     triton_fwd,
 )
 
@@ -92,16 +92,22 @@ def test_logprob_and_entropy_forward(case, backend):
     assert torch.all(logp[ignored] == 0) and torch.all(ent[ignored] == 0)
 
 
-@pytest.mark.parametrize("variant", ["fused-splits1", "fused-splits3", "tiled-16x64", "tiled-default"])
-def test_forward_variants_agree(variant):
-    """Both Triton forwards, with V split in several slices / tiles, against the reference."""
+@pytest.mark.parametrize(
+    "variant", ["fused-splits1", "fused-splits3", "tiled-16x64", "tiled-default", "chunked-16", "chunked-default"]
+)
+def test_forward_schedules_agree(variant):
+    """Every forward schedule, with V split in several slices / tiles / chunks, against the reference."""
     hidden, weight, targets, bias = make_case(67, 301, 48, torch.float32, bias=True, ignore_every=9)
-    if variant.startswith("fused"):
+    if variant.startswith("chunked"):
+        chunk = 16 if variant == "chunked-16" else None
+        logp, lse, ent = scoring_fwd.linear_logprob_chunked_fwd(hidden, weight, targets, bias, 0.7, -100, True,
+                                                                chunk=chunk)  # fmt: skip
+    elif variant.startswith("fused"):
         splits = int(variant[-1])
         logp, lse, ent = triton_fwd.linear_logprob_fwd(hidden, weight, targets, bias, 0.7, -100, True, splits=splits)
     else:
         tile = (16, 64) if variant == "tiled-16x64" else None
-        logp, lse, ent = tiled_fwd.linear_logprob_tiled_fwd(hidden, weight, targets, bias, 0.7, -100, True, tile=tile)
+        logp, lse, ent = scoring_fwd.linear_logprob_tiled_fwd(hidden, weight, targets, bias, 0.7, -100, True, tile=tile)
     ref_logp, ref_ent = linear_logprob_reference(hidden, weight, targets, temperature=0.7, bias=bias,
                                                  return_entropy=True)  # fmt: skip
     ref_lse = torch.logsumexp((hidden @ weight.T + bias) / 0.7, -1)

@@ -13,13 +13,18 @@ import os
 import torch
 from torch import Tensor
 
-from . import chunked, tiled_fwd, triton_fwd, triton_rows
+from . import chunked, scoring_fwd, triton_fwd, triton_rows
 
-# Forward (no grad) of backend "triton": "tiled" (cuBLAS tiles in an L2-sized workspace + Triton online-softmax
-# update; the faster one measured on an H100, see benchmarks/lmhead_passes.py) or "fused" (one Triton kernel).
-FORWARD_VARIANT = os.environ.get("VIBEPERF_LMHEAD_FWD", "tiled")
-if FORWARD_VARIANT not in ("tiled", "fused"):
-    raise ValueError(f"VIBEPERF_LMHEAD_FWD must be 'tiled' or 'fused', got {FORWARD_VARIANT!r}")
+# Forward (no grad) of backend "triton": "chunked" (fastest measured; a 1 GiB workspace), "tiled" (<= 64 MiB extra
+# memory), or "fused" (one Triton kernel, no workspace, slowest): see scoring_fwd.py and benchmarks/NOTES.md.
+FORWARD_SCHEDULES = {
+    "chunked": scoring_fwd.linear_logprob_chunked_fwd,
+    "tiled": scoring_fwd.linear_logprob_tiled_fwd,
+    "fused": triton_fwd.linear_logprob_fwd,
+}
+FORWARD_SCHEDULE = os.environ.get("VIBEPERF_LMHEAD_FWD", "chunked")
+if FORWARD_SCHEDULE not in FORWARD_SCHEDULES:
+    raise ValueError(f"VIBEPERF_LMHEAD_FWD must be one of {sorted(FORWARD_SCHEDULES)}, got {FORWARD_SCHEDULE!r}")
 
 
 def _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
@@ -62,7 +67,7 @@ def linear_logprob_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32."""
     if backend == "triton":
-        fwd = tiled_fwd.linear_logprob_tiled_fwd if FORWARD_VARIANT == "tiled" else triton_fwd.linear_logprob_fwd
+        fwd = FORWARD_SCHEDULES[FORWARD_SCHEDULE]
         logp, lse, ent = fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
         return logp, lse, ent if want_entropy else logp.new_empty(0)
     return _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)

@@ -132,9 +132,8 @@ def mgpo_loss_fused_op(
         eps_low=eps_low, eps_high=eps_high, tis_cap=tis_cap, beta=beta, temperature=temperature,
         ignore_index=ignore_index, need_dh=need_dh, need_dw=need_dw, backend=backend,
     )  # fmt: skip
-    empty = hidden.new_empty(0)
-    return (loss, terms, entropy, dh if dh is not None else empty, dw if dw is not None else empty,
-            db if db is not None else empty)  # fmt: skip
+    given = lambda t: t if t is not None else hidden.new_empty(0)  # outputs may not alias: one empty each
+    return loss, terms, entropy, given(dh), given(dw), given(db)
 
 
 @mgpo_loss_fused_op.register_fake
@@ -158,13 +157,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _g_terms, _g_entropy, _g_dh, _g_dw, _g_db):
-    if getattr(ctx, "consumed", False):
-        raise RuntimeError("mgpo_loss's backward ran twice (retain_graph=True): its gradients were computed in the "
-                           "forward and are scaled in place, so they can be used once")  # fmt: skip
-    ctx.consumed = True
     dh, dw, db = ctx.saved_tensors
-    # The saved gradients belong to this node alone: scale them in place rather than holding a second copy.
-    scale = lambda t: t.mul_(grad_loss.to(t.dtype)) if t.numel() else None
+
+    def scale(t):
+        if not t.numel():
+            return None
+        if torch.compiler.is_compiling() or type(t) is not torch.Tensor:  # traced (or subclass): stay functional
+            return t * grad_loss.to(t.dtype)
+        # Eager: the saved gradients belong to this node alone, so scale them in place instead of holding a second
+        # copy (a second backward through the same graph is refused by autograd's version check).
+        return t.mul_(grad_loss.to(t.dtype))
+
     return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None) + (None,) * 14
 
 

@@ -1,9 +1,13 @@
-"""L2-tiled LM-head scoring forward: cuBLAS GEMM tiles + a Triton online-softmax update, logits never in HBM.
+"""LM-head scoring forward (no grad) from cuBLAS GEMM tiles and Triton online-softmax kernels.
 
-The [N, V] logits are produced tile by tile, [TILE_N, TILE_V] at a time, into one small workspace sized to stay in
-the GPU's L2 cache (32 MiB by default: 8192 x 2048 bf16). After each tile's GEMM (cuBLAS, near peak) a Triton
-kernel folds the tile into a per-token online-softmax state (running max from -inf, sum of exp, target logit,
-sum p*z) that lives in four [N] fp32 vectors. The extra memory is the workspace plus 16 bytes per token.
+Two schedules, both exact (fp32 softmax state, running max from -inf), chosen by the memory the caller allows:
+- "chunked" (default): whole-row chunks [C, V] (C from a workspace budget, 1 GiB by default: 4096 rows of the
+  Qwen2.5 head) through one GEMM each, then one streaming read per row folds it into (max, sum-exp, target logit,
+  sum p*z). Measured on an H100 at N = 65,536: 65-68 ms against 57 ms for the bare head GEMM.
+- "tiled" (low memory): [TILE_N, TILE_V] tiles (32 MiB, 8192 x 2048 bf16) so the logits of a tile mostly stay in
+  L2; a Triton kernel folds each tile into per-token state in four [N] fp32 vectors. Extra memory: the workspace
+  plus 16 bytes per token. Measured: 75 ms at N = 65,536 (more, smaller GEMMs and launches).
+`benchmarks/lmhead_passes.py` re-measures both and the single-kernel fused variant of `triton_fwd.py`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import triton.language as tl
 from .triton_fwd import INTERPRET, LOG2E, combine_partials
 
 TILE_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_TILE_MB", "32")) * 2**20
+CHUNK_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_SCORE_MB", "1024")) * 2**20
 
 
 @triton.jit(do_not_specialize=["n_rows", "v0", "vc", "ignore_index"])
@@ -72,9 +77,9 @@ def tile_shape(n: int, v: int, elem_bytes: int, tile_bytes: int = TILE_BYTES) ->
 
 
 def linear_logprob_tiled_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
-                             tile: tuple[int, int] | None = None, block_r: int | None = None,
-                             num_warps: int = 8):  # fmt: skip
-    """Host launcher. Returns (logp [N], lse [N], entropy [N] or None), fp32, natural log."""
+                             tile: tuple[int, int] | None = None, block_r: int = 2,
+                             num_warps: int = 4):  # fmt: skip
+    """Host launcher of the "tiled" schedule. Returns (logp [N], lse [N], entropy [N] or None), fp32."""
     n, _ = hidden.shape
     v = weight.shape[0]
     tile_n, tile_v = tile or tile_shape(n, v, weight.element_size())
@@ -82,7 +87,7 @@ def linear_logprob_tiled_fwd(hidden, weight, targets, bias, temperature, ignore_
     m, s, t, tz = state.unbind(0)
     m.fill_(float("-inf"))
     workspace = torch.empty(tile_n * tile_v, device=hidden.device, dtype=weight.dtype)
-    block_r = 4 if INTERPRET else (block_r or max(1, 8192 // tile_v))
+    block_r = 4 if INTERPRET else block_r
     for n0 in range(0, n, tile_n):
         rows = min(tile_n, n - n0)
         h_c = hidden[n0 : n0 + rows]
@@ -146,11 +151,14 @@ def lmhead_row_stats_kernel(
     tl.store(tz_ptr + row, z_t * scale_log2)
 
 
-def linear_logprob_rowchunk_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
-                                chunk: int = 2048, num_warps: int = 16, block_v: int = 4096):  # fmt: skip
-    """Variant: whole-row chunks [chunk, V] through HBM (one GEMM per chunk), one streaming read per row."""
+def linear_logprob_chunked_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
+                               chunk: int | None = None, num_warps: int = 4, block_v: int = 2048):  # fmt: skip
+    """Host launcher of the "chunked" schedule. Returns (logp [N], lse [N], entropy [N] or None), fp32."""
     n = hidden.shape[0]
     v = weight.shape[0]
+    if chunk is None:  # the largest power of two of rows whose logits fit the workspace budget
+        rows = max(128, CHUNK_BYTES // (v * weight.element_size()))
+        chunk = 1 << (rows.bit_length() - 1)
     chunk = min(chunk, n)
     state = torch.empty((4, 1, n), device=hidden.device, dtype=torch.float32)
     m, s, t, tz = state.unbind(0)
@@ -165,47 +173,4 @@ def linear_logprob_rowchunk_fwd(hidden, weight, targets, bias, temperature, igno
             HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_V=128 if INTERPRET else block_v,
             num_warps=1 if INTERPRET else num_warps,
         )  # fmt: skip
-    return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
-
-
-def linear_logprob_tiled_overlap_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
-                                     tile: tuple[int, int] | None = None):  # fmt: skip
-    """Variant of the tiled forward: two half-size workspaces, the update of tile i on a side stream while the GEMM
-    of tile i+1 runs."""
-    n, _ = hidden.shape
-    v = weight.shape[0]
-    tile_n, tile_v = tile or tile_shape(n, v, weight.element_size(), TILE_BYTES // 2)
-    state = torch.zeros((4, 1, n), device=hidden.device, dtype=torch.float32)
-    m, s, t, tz = state.unbind(0)
-    m.fill_(float("-inf"))
-    buffers = [torch.empty(tile_n * tile_v, device=hidden.device, dtype=weight.dtype) for _ in range(2)]
-    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    done = [torch.cuda.Event(), torch.cuda.Event()]  # buffer i free again (its update finished)
-    ready = torch.cuda.Event()
-    block_r = max(1, 8192 // tile_v)
-    side.wait_stream(main)
-    i = 0
-    for n0 in range(0, n, tile_n):
-        rows = min(tile_n, n - n0)
-        h_c = hidden[n0 : n0 + rows]
-        for v0 in range(0, v, tile_v):
-            cols = min(tile_v, v - v0)
-            buf = i % 2
-            main.wait_event(done[buf])
-            z = buffers[buf][: rows * cols].view(rows, cols)
-            torch.mm(h_c, weight[v0 : v0 + cols].T, out=z)
-            ready.record(main)
-            with torch.cuda.stream(side):
-                side.wait_event(ready)
-                lmhead_tile_update_kernel[(triton.cdiv(rows, block_r),)](
-                    z, bias if bias is not None else z, targets[n0:], m[0, n0:], s[0, n0:], t[0, n0:],
-                    tz[0, n0:], rows, v0, cols, z.stride(0), LOG2E / temperature, ignore_index,
-                    HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_R=block_r, BLOCK_V=tile_v,
-                    num_warps=8,
-                )  # fmt: skip
-                done[buf].record(side)
-            i += 1
-    main.wait_stream(side)
-    for b in buffers:
-        b.record_stream(side)
     return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
