@@ -1,0 +1,134 @@
+"""Turns benchmarks/results/*.json into the README's performance table and PNG plots (never typed by hand).
+
+    python -m benchmarks.report            # rewrite the table between the README markers + plots
+    python -m benchmarks.report --check    # exit 1 when the README table is stale (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from .common import RESULTS_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
+TITLES = {
+    "B1": "B1 log-prob forward (no grad)",
+    "B2": "B2 cross-entropy forward+backward",
+    "B3": "B3 MGPO loss forward+backward (16 x 4,096)",
+    "B4": "B4 packed SFT step",
+    "B5": "B5 64K-token NLL scoring",
+    "B6": "B6 CLR aggregation",
+}
+
+
+def load_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """Every results file, oldest first (by date, then name)."""
+    docs = [json.loads(p.read_text()) | {"_file": p.name} for p in sorted(results_dir.glob("*.json"))]
+    return sorted(docs, key=lambda d: (d["machine"]["date"], d["_file"]))
+
+
+def latest_rows(docs: list[dict]) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """(gpu, id) -> the newest file's rows for it (a later file replaces a benchmark id's rows as a whole)."""
+    out: dict[tuple[str, str], tuple[dict, dict]] = {}
+    for doc in docs:
+        by_id = defaultdict(list)
+        for r in doc["results"]:
+            by_id[r["id"]].append(r)
+        for bid, rows in by_id.items():
+            out[(doc["machine"]["gpu"], bid)] = (doc, rows)
+    return out
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def render_table(docs: list[dict]) -> str:
+    lines = []
+    for (gpu, bid), (doc, rows) in sorted(latest_rows(docs).items()):
+        m = doc["machine"]
+        lines += [
+            f"**{TITLES.get(bid, bid)}** on {gpu} (peak bf16 matmul measured in the same run: "
+            f"{doc['peak_tflops']:.0f} TFLOP/s; CUDA {m['cuda']}, torch {m['torch']}, triton {m['triton']}, "
+            f"commit {m['commit']}, {m['date']}; `{doc['_file']}`)",
+            "",
+            "| impl | N tokens | ms | fraction of peak | extra memory (GiB) | checked | note |",
+            "|---|---:|---:|---:|---:|:-:|---|",
+        ]
+        for r in sorted(rows, key=lambda r: (r["n_tokens"], r["impl"])):
+            lines.append(
+                f"| {r['impl']} | {r['n_tokens']:,} | {_fmt(r['ms'], '.2f')} | {_fmt(r['frac_of_peak'], '.3f')} | "
+                f"{_fmt(r['extra_mem_gib'], '.3f')} | {'yes' if r['correct'] else 'no'} | {r.get('note', '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(docs: list[dict], out_dir: Path = RESULTS_DIR) -> list[Path]:
+    """One PNG per (gpu, benchmark id): ms vs N for every implementation that passed its check."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for (gpu, bid), (_, rows) in sorted(latest_rows(docs).items()):
+        series = defaultdict(list)
+        for r in rows:
+            if r["correct"] and r["ms"] is not None:
+                series[r["impl"]].append((r["n_tokens"], r["ms"]))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N tokens")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{TITLES.get(bid, bid)}\n{gpu}", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        path = out_dir / f"{bid}_{gpu.replace(' ', '-')}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def updated_readme(text: str, table: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"README.md lacks the markers {BEGIN} / {END}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table}{END}{tail}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only check that the README table is current")
+    args = ap.parse_args(argv)
+    docs = load_results()
+    text = README.read_text()
+    new = updated_readme(text, render_table(docs))
+    if args.check:
+        if new != text:
+            print("README.md's performance table is stale: run `python -m benchmarks.report`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    for p in plot(docs):
+        print(f"wrote {p.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
