@@ -80,7 +80,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def write_results(rows: list[Row], peak: float, tag: str | None = None, path: Path | None = None) -> Path:
+def write_results(rows: list[Row], peak: float | None, tag: str | None = None, path: Path | None = None) -> Path:
     info = machine_info()
     if path is None:
         gpu = info["gpu"].replace(" ", "-").replace("/", "-")

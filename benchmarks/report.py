@@ -53,9 +53,9 @@ def render_table(docs: list[dict]) -> str:
     lines = []
     for (gpu, bid), (doc, rows) in sorted(latest_rows(docs).items()):
         m = doc["machine"]
+        peak = f"peak bf16 matmul in the same run {doc['peak_tflops']:.0f} TFLOP/s; " if doc["peak_tflops"] else ""
         lines += [
-            f"**{TITLES.get(bid, bid)}** on {gpu} (peak bf16 matmul measured in the same run: "
-            f"{doc['peak_tflops']:.0f} TFLOP/s; CUDA {m['cuda']}, torch {m['torch']}, triton {m['triton']}, "
+            f"**{TITLES.get(bid, bid)}** on {gpu} ({peak}CUDA {m['cuda']}, torch {m['torch']}, triton {m['triton']}, "
             f"commit {m['commit']}, {m['date']}; `{doc['_file']}`)",
             "",
             "| impl | N tokens | ms | fraction of peak | extra memory (GiB) | checked | note |",

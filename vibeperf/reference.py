@@ -122,7 +122,8 @@ def clr_aggregate_reference(
 
     cluster_ids: [Q, K] int64 >= 0, the answer cluster of each trajectory (equal ids = equivalent answers);
     verdicts: [Q, K, M] floats in [0, 1], the claim verdicts. r_k = ((1/M) sum_m v_km)^M and
-    Score(G) = sum_{k in G} r_k, both in Python floats (fp64), summed in k order. The winner is the highest score;
+    Score(G) = sum_{k in G} r_k, both in Python floats (fp64), summed in k order. The winner is the highest score
+    (scores equal to 12 decimal places are tied, so summation order never decides);
     ties go to the larger cluster (more members), then to the cluster whose first member comes earliest in k order
     (never simply the smaller id). Returns the chosen cluster id per query [Q] (int64) and, per query, a dict
     cluster id -> score in first-seen order.
@@ -144,7 +145,7 @@ def clr_aggregate_reference(
             scores[cid] = scores.get(cid, 0.0) + r
             sizes[cid] = sizes.get(cid, 0) + 1
             first.setdefault(cid, k)
-        best = max(scores, key=lambda g: (scores[g], sizes[g], -first[g]))
+        best = max(scores, key=lambda g: (round(scores[g], 12), sizes[g], -first[g]))  # 12 decimals: a tie
         chosen.append(best)
         all_scores.append(scores)
     return torch.tensor(chosen, dtype=torch.int64), all_scores
