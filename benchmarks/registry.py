@@ -18,6 +18,8 @@ from vibeperf.kernels.mgpo import mgpo_loss_reference
 from vibeperf.kernels.mgpo import ops as mgpo_ops
 from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_weight_reference
 
+from vibeperf import _ext
+
 from .common import relative_error
 
 H, V = 2048, 151_936
@@ -84,11 +86,18 @@ def _chunked_logprob_torch(hidden, weight, targets, chunk=4096):
 _COMPILED: dict = {}
 
 
+def _cuda_ext_skip(n: int) -> str | None:
+    return None if _ext.HAS_CUDA_EXT else f"vibeperf._C built without CUDA ({_ext.EXT_ERROR or 'no CUDA part'})"
+
+
 def _b1_impls() -> dict[str, Impl]:
     liger, liger_err = _optional("liger_kernel.transformers.functional")
     cce, cce_err = _optional("cut_cross_entropy")
     impls = {
         "vibeperf-triton": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="triton")),
+        "vibeperf-cuda": Impl(
+            lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="cuda"), skip=_cuda_ext_skip
+        ),
         "vibeperf-tiled": Impl(lambda x: scoring_fwd.linear_logprob_tiled_fwd(x["hidden"], x["weight"], x["targets"],
                                                                              None, 1.0, -100, False)[0]),  # fmt: skip
         "vibeperf-fused": Impl(lambda x: triton_fwd.linear_logprob_fwd(x["hidden"], x["weight"], x["targets"], None,
@@ -139,6 +148,9 @@ def _b2_impls() -> dict[str, Impl]:
     return {
         "vibeperf-triton": Impl(lambda x: _grads(linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
                                                                       backend="triton"), x)),  # fmt: skip
+        "vibeperf-cuda": Impl(lambda x: _grads(linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
+                                                                    backend="cuda"), x),
+                              skip=_cuda_ext_skip),  # fmt: skip
         "eager": Impl(lambda x: _grads(F.cross_entropy((x["hidden"] @ x["weight"].T).float(), x["targets"]), x),
                       skip=lambda n: "fp32 logits + grads would not fit comfortably" if n > 8192 else None),
         "compiled": Impl(lambda x: _grads(compiled_ce(x["hidden"], x["weight"], x["targets"]), x),
@@ -167,11 +179,14 @@ def _b2_check(out, ref) -> tuple[bool, str]:
 
 B3_SEQS, B3_GROUP, B3_LAMBDA = 16, 8, 1.0
 B3_REWARDS = [1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1]  # p_c = 0.5 and 0.25: both MaxEnt weights in play
+# Token ratios exp(logp - old_logp), in turn: both clips active, none within 5% of a clip edge. The clip is a step of
+# the gradient in logp, and a bf16 logit moves a ratio by ~1%: a token at the edge would test rounding, not precision.
+B3_RATIOS = [0.5, 1.5, 0.95, 1.1, 0.7, 1.3, 1.0, 0.85]
 
 
 def _b3_inputs(n: int) -> dict:
     """B3: n tokens packed as 16 sequences of n / 16, two groups of 8, every token in the loss (Liger's GRPO has no
-    ignore_index), old log-probs = the current ones + N(0, 0.2) noise, so both clips are active.
+    ignore_index), old log-probs putting the ratios at B3_RATIOS.
 
     Adds seq_index [N], group_index [S], rewards [S], old_logp [N], advantages [S] (A', our group statistics, given
     to Liger, which computes none) and the [S, N / S] attention mask Liger takes.
@@ -180,10 +195,9 @@ def _b3_inputs(n: int) -> dict:
         raise ValueError(f"B3 needs a token count divisible by {B3_SEQS}, got {n}")
     x = head_inputs(n, grad=True)
     x["targets"].clamp_(min=0)
-    g = torch.Generator(device="cuda").manual_seed(n + 1)
     with torch.no_grad():
         logp = linear_logprob(x["hidden"], x["weight"], x["targets"])
-    x["old_logp"] = logp + 0.2 * torch.randn(n, device="cuda", generator=g)
+    x["old_logp"] = logp - torch.tensor(B3_RATIOS, device="cuda").log().repeat(n // len(B3_RATIOS) + 1)[:n]
     x["seq_index"] = torch.arange(B3_SEQS, device="cuda").repeat_interleave(n // B3_SEQS)
     x["group_index"] = torch.arange(B3_SEQS, device="cuda") // B3_GROUP
     x["rewards"] = torch.tensor(B3_REWARDS, device="cuda", dtype=torch.float32)

@@ -61,10 +61,11 @@ def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, l
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
     lse = torch.logsumexp(zf, dim=-1)
-    p = torch.exp(zf - lse[:, None])
-    logp = torch.where(valid, zf.gather(1, safe[:, None]).squeeze(1) - lse, 0.0)
-    mean_z = (p * zf).sum(-1) / p.sum(-1)  # self-normalised: sum(p) = 1 + eps would be amplified by a large offset
-    ent = torch.where(valid, lse - mean_z, 0.0) if want_entropy else None
+    logq = zf - lse[:, None]  # log-softmax: centred, so large logits cause no cancellation below
+    p = torch.exp(logq)
+    logp = torch.where(valid, logq.gather(1, safe[:, None]).squeeze(1), 0.0)
+    neg_ent = (p * logq).sum(-1)  # E_p[z] - lse
+    ent = torch.where(valid, -neg_ent, 0.0) if want_entropy else None
     if loss == triton_rows.LOSS_MGPO:
         g = -g_logp * mgpo_token_grad_torch(logp, valid, mgpo)
     else:
@@ -73,7 +74,7 @@ def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, l
     dz = -g[:, None] * p
     dz.scatter_add_(1, safe[:, None], g[:, None])
     if g_ent is not None:
-        dz += torch.where(valid, g_ent, 0.0)[:, None] * p * (mean_z[:, None] - zf)
+        dz += torch.where(valid, g_ent, 0.0)[:, None] * p * (neg_ent[:, None] - logq)
     z.copy_(dz / temperature)
     return logp, ent, lse
 

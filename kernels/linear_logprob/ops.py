@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 from torch import Tensor
 
-from . import chunked, scoring_fwd, triton_fwd, triton_rows
+from . import chunked, cuda_backend, scoring_fwd, triton_fwd, triton_rows
 
 # Forward (no grad) of backend "triton": "chunked" (fastest measured; a 1 GiB workspace), "tiled" (<= 64 MiB extra
 # memory), or "fused" (one Triton kernel, no workspace, slowest): see scoring_fwd.py and benchmarks/NOTES.md.
@@ -45,8 +46,16 @@ def _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want
         safe = torch.where(valid[sl], targets[sl], 0)
         logp[sl] = torch.where(valid[sl], z.gather(1, safe[:, None]).squeeze(1) - lse[sl], 0.0)
         if want_entropy:
-            ent[sl] = torch.where(valid[sl], lse[sl] - (torch.softmax(z, -1) * z).sum(-1), 0.0)
+            logq = z - lse[sl, None]
+            ent[sl] = torch.where(valid[sl], -(logq.exp() * logq).sum(-1), 0.0)
     return logp, lse, ent
+
+
+def _chunked_engine(backend: str):
+    """The three-pass engine of a backend: vibeperf._C for "cuda", else chunked.py's (Triton or torch row epilogue)."""
+    if backend == "cuda":
+        return cuda_backend.lmhead_chunked
+    return functools.partial(chunked.lmhead_chunked, backend=backend)
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -66,6 +75,8 @@ def linear_logprob_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32."""
+    if backend == "cuda":
+        return cuda_backend.linear_logprob_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
     if backend == "triton":
         fwd = FORWARD_SCHEDULES[FORWARD_SCHEDULE]
         logp, lse, ent = fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
@@ -95,11 +106,10 @@ def linear_logprob_bwd_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute backward. Returns (dh [N, H], dW [V, H], db [V]); an unneeded one is an empty [0] tensor."""
-    _, _, _, dh, dw, db = chunked.lmhead_chunked(
+    _, _, _, dh, dw, db = _chunked_engine(backend)(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
         loss=triton_rows.LOSS_GIVEN, g_logp=grad_logp.float().contiguous(),
-        g_ent=None if grad_entropy is None else grad_entropy.float().contiguous(),
-        need_dh=need_dh, need_dw=need_dw, backend=backend,
+        g_ent=None if grad_entropy is None else grad_entropy.float().contiguous(), need_dh=need_dh, need_dw=need_dw,
     )  # fmt: skip
     return _or_empty(dh, hidden), _or_empty(dw, hidden), _or_empty(db, hidden)
 
@@ -151,9 +161,9 @@ def linear_nll_fused_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """loss = sum_t token_weight_t * nll_t and its gradients, in one sweep. Returns (loss [], dh, dW, db)."""
-    logp, _, _, dh, dw, db = chunked.lmhead_chunked(
+    logp, _, _, dh, dw, db = _chunked_engine(backend)(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-        loss=triton_rows.LOSS_NLL, g_logp=token_weight, need_dh=need_dh, need_dw=need_dw, backend=backend,
+        loss=triton_rows.LOSS_NLL, g_logp=token_weight, need_dh=need_dh, need_dw=need_dw,
     )  # fmt: skip
     loss = -(token_weight * logp).sum()
     return loss, _or_empty(dh, hidden), _or_empty(dw, hidden), _or_empty(db, hidden)
@@ -182,10 +192,10 @@ def _nll_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
         if not t.numel():
             return None
         if torch.compiler.is_compiling() or type(t) is not torch.Tensor:  # traced (or subclass): stay functional
-            return t * grad_loss.to(t.dtype)
+            return (t * grad_loss.to(t.dtype)).detach()
         # Eager: the saved gradients belong to this node alone, so scale them in place instead of holding a second
         # copy (a second backward through the same graph is refused by autograd's version check).
-        return t.mul_(grad_loss.to(t.dtype))
+        return t.mul_(grad_loss.to(t.dtype)).detach()
 
     return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None, None, None, None, None, None, None)
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, LOG2E, combine_partials
+from .triton_fwd import INTERPRET, LOG2E, combine_partials, online_softmax_rows, online_softmax_vec
 
 TILE_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_TILE_MB", "32")) * 2**20
 CHUNK_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_SCORE_MB", "1024")) * 2**20
@@ -31,7 +31,7 @@ def lmhead_tile_update_kernel(
     tgt_ptr,  # [n_rows] int64
     m_ptr,  # [n_rows] fp32 running max (base 2)
     s_ptr,  # [n_rows] fp32 sum of 2^(z - m)
-    t_ptr,  # [n_rows] fp32 sum of 2^(z - m) * z
+    t_ptr,  # [n_rows] fp32 sum of 2^(z - m) * (z - m)
     tz_ptr,  # [n_rows] fp32 target logit (base 2)
     n_rows,
     v0,
@@ -55,14 +55,12 @@ def lmhead_tile_update_kernel(
     z = tl.where(c_mask[None, :], z * scale_log2, float("-inf"))  # [BLOCK_R, BLOCK_V]
     tgt = tl.load(tgt_ptr + rows, mask=r_mask, other=ignore_index)
     m = tl.load(m_ptr + rows, mask=r_mask, other=0.0)
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(z - m_new[:, None])
-    s = tl.load(s_ptr + rows, mask=r_mask, other=0.0) * alpha + tl.sum(p, axis=1)
+    s = tl.load(s_ptr + rows, mask=r_mask, other=0.0)
+    t = tl.load(t_ptr + rows, mask=r_mask, other=0.0)
+    m, s, t = online_softmax_rows(m, s, t, z, c_mask[None, :], WANT_ENTROPY)
+    tl.store(m_ptr + rows, m, mask=r_mask)
     tl.store(s_ptr + rows, s, mask=r_mask)
-    tl.store(m_ptr + rows, m_new, mask=r_mask)
     if WANT_ENTROPY:
-        t = tl.load(t_ptr + rows, mask=r_mask, other=0.0) * alpha + tl.sum(p * tl.where(c_mask[None, :], z, 0.0), 1)
         tl.store(t_ptr + rows, t, mask=r_mask)
     hit = (v0 + cols)[None, :] == tgt[:, None]
     tz = tl.load(tz_ptr + rows, mask=r_mask, other=0.0) + tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -111,7 +109,7 @@ def lmhead_row_stats_kernel(
     tgt_ptr,  # [C] int64
     m_ptr,  # [C] fp32 out: max (base 2)
     s_ptr,  # [C] fp32 out: sum 2^(z - m)
-    t_ptr,  # [C] fp32 out: sum 2^(z - m) z
+    t_ptr,  # [C] fp32 out: sum 2^(z - m) (z - m)
     tz_ptr,  # [C] fp32 out: target logit (base 2)
     V,
     stride_z,
@@ -132,14 +130,7 @@ def lmhead_row_stats_kernel(
         z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = z * scale_log2
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(z - m_new)
-        s = s * alpha + tl.sum(p, axis=0)
-        if WANT_ENTROPY:
-            t = t * alpha + tl.sum(p * tl.where(mask, z, 0.0), axis=0)
-        m = m_new
+        m, s, t = online_softmax_vec(m, s, t, z * scale_log2, mask, WANT_ENTROPY)
     tgt = tl.load(tgt_ptr + row)
     safe = tl.where(tgt != ignore_index, tgt, 0)
     z_t = tl.load(z_row + safe).to(tl.float32)

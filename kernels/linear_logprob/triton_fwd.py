@@ -21,6 +21,34 @@ LN2 = tl.constexpr(LN2_F)  # for kernels; host code uses LN2_F
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@triton.jit
+def online_softmax_rows(m, s, t, z, valid, WANT_T: tl.constexpr):
+    """Fold a [R, B] tile of base-2 logits (invalid lanes -inf) into per-row state: running max m (from -inf),
+    s = sum 2^(z - m) and t = sum 2^(z - m) (z - m). t is kept relative to the running max, so the entropy
+    log2(s) - t/s carries no cancellation when the logits are large."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp2(m - m_new)
+    zc = z - m_new[:, None]
+    p = tl.exp2(zc)
+    if WANT_T:
+        t = alpha * (t + s * tl.where(s > 0, m - m_new, 0.0)) + tl.sum(p * tl.where(valid, zc, 0.0), axis=1)
+    s = s * alpha + tl.sum(p, axis=1)
+    return m_new, s, t
+
+
+@triton.jit
+def online_softmax_vec(m, s, t, z, valid, WANT_T: tl.constexpr):
+    """`online_softmax_rows` for one row held as a [B] vector (scalar state)."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    alpha = tl.exp2(m - m_new)
+    zc = z - m_new
+    p = tl.exp2(zc)
+    if WANT_T:
+        t = alpha * (t + s * tl.where(s > 0, m - m_new, 0.0)) + tl.sum(p * tl.where(valid, zc, 0.0), axis=0)
+    s = s * alpha + tl.sum(p, axis=0)
+    return m_new, s, t
+
+
 def _fwd_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 32}, num_warps=4, num_stages=1)]
@@ -49,7 +77,7 @@ def linear_logprob_fwd_kernel(
     tgt_ptr,  # [N] int64
     m_ptr,  # [SPLITS, N] fp32: running max (base-2 logits)
     s_ptr,  # [SPLITS, N] fp32: sum of 2^(z - m)
-    t_ptr,  # [SPLITS, N] fp32: sum of 2^(z - m) * z
+    t_ptr,  # [SPLITS, N] fp32: sum of 2^(z - m) * (z - m)
     tz_ptr,  # [SPLITS, N] fp32: target logit (base 2), 0 in the slices that do not hold it
     N,
     V,
@@ -101,14 +129,8 @@ def linear_logprob_fwd_kernel(
         if HAS_BIAS:
             z += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
         z = tl.where(v_mask[None, :], z * scale_log2, float("-inf"))  # [BLOCK_N, BLOCK_V], base-2 logits
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        s = s * alpha + tl.sum(p, axis=1)
-        if WANT_ENTROPY:
-            t = t * alpha + tl.sum(p * tl.where(v_mask[None, :], z, 0.0), axis=1)
         tz += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
-        m = m_new
+        m, s, t = online_softmax_rows(m, s, t, z, v_mask[None, :], WANT_ENTROPY)
 
     out = pid_s * N + offs_n
     tl.store(m_ptr + out, m, mask=n_mask)
@@ -153,15 +175,18 @@ def linear_logprob_fwd(
 
 
 def combine_partials(m, s, t, tz, targets, ignore_index, want_entropy):
-    """Merge per-slice online-softmax states [SPLITS, N] (base 2) into natural-log lse, logp and entropy [N]."""
+    """Merge per-slice online-softmax states [SPLITS, N] (base 2; t relative to each slice's max) into natural-log
+    lse, logp and entropy [N]."""
     m_all = m.amax(0)  # [N]
-    w = torch.exp2(m - m_all)  # [SPLITS, N]
+    w = torch.exp2(m - m_all)  # [SPLITS, N]; 0 for an empty slice (m = -inf)
     s_all = (s * w).sum(0)
     lse2 = m_all + torch.log2(s_all)
     valid = targets != ignore_index
     logp = torch.where(valid, (tz.sum(0) - lse2) * LN2_F, 0.0)
     entropy = None
     if want_entropy:
-        entropy = torch.where(valid, (lse2 - (t * w).sum(0) / s_all) * LN2_F, 0.0)
+        shift = torch.where(s > 0, m - m_all, 0.0)
+        t_all = (w * (t + s * shift)).sum(0)  # sum 2^(z - m_all) (z - m_all)
+        entropy = torch.where(valid, (torch.log2(s_all) - t_all / s_all) * LN2_F, 0.0)
     return logp, lse2 * LN2_F, entropy
 

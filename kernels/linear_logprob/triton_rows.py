@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, LN2, LOG2E
+from .triton_fwd import INTERPRET, LN2, LOG2E, online_softmax_vec
 
 LOSS_GIVEN = 0  # g_logp / g_ent hold upstream gradients of logp / entropy
 LOSS_NLL = 1  # loss = sum_t w_t * nll_t: g_logp holds w_t, so dLoss/dlogp = -w_t
@@ -131,24 +131,17 @@ def lmhead_row_grad_kernel(
         z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = z * scale_log2  # [BLOCK_V], base-2 logits
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(z - m_new)
-        s = s * alpha + tl.sum(p, axis=0)
-        if WANT_ENTROPY or GRAD_ENTROPY:
-            t = t * alpha + tl.sum(p * tl.where(mask, z, 0.0), axis=0)
-        m = m_new
+        m, s, t = online_softmax_vec(m, s, t, z * scale_log2, mask, WANT_ENTROPY or GRAD_ENTROPY)
     lse2 = m + tl.log2(s)
     z_t = tl.load(z_row + safe_tgt).to(tl.float32)
     if HAS_BIAS:
         z_t += tl.load(b_ptr + safe_tgt).to(tl.float32)
     logp = tl.where(valid, (z_t * scale_log2 - lse2) * LN2, 0.0)
-    mean_z2 = t / s  # E_p[z] in base-2 units
+    mean_zc = t / s  # E_p[z] - m, base 2
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse2 * LN2)
     if WANT_ENTROPY:
-        tl.store(ent_ptr + row, tl.where(valid, (lse2 - mean_z2) * LN2, 0.0))
+        tl.store(ent_ptr + row, tl.where(valid, (tl.log2(s) - mean_zc) * LN2, 0.0))
 
     if LOSS == 0:
         g = tl.load(g_logp_ptr + row)
@@ -188,7 +181,7 @@ def lmhead_row_grad_kernel(
         p = tl.exp2(z - lse2)
         dz = g * (tl.where(offs == tgt, 1.0, 0.0) - p)
         if GRAD_ENTROPY:
-            dz += g_ent * p * (mean_z2 - z) * LN2
+            dz += g_ent * p * (mean_zc - (z - m)) * LN2
         tl.store(z_row + offs, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=mask)
 
 

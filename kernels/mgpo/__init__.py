@@ -3,7 +3,8 @@
 The per-token gradient dLoss/dlogp is a closed form formed right after the log-sum-exp in the row epilogue of the
 chunked LM-head engine, so loss, metrics and the gradients of hidden / weight (/ bias) cost three GEMM-sized passes
 and never hold [N, V] logits. backend="auto" picks "triton" for CUDA tensors (and on the CPU when
-TRITON_INTERPRET=1), else "torch" (the same engine with a plain-torch row epilogue).
+TRITON_INTERPRET=1), else "torch" (the same engine with a plain-torch row epilogue). "cuda" (vibeperf._C) has no
+MGPO path yet and raises.
 """
 
 from __future__ import annotations

@@ -165,8 +165,9 @@ def _backward(ctx, grad_loss, _g_terms, _g_entropy, _g_dh, _g_dw, _g_db):
         if torch.compiler.is_compiling() or type(t) is not torch.Tensor:  # traced (or subclass): stay functional
             return t * grad_loss.to(t.dtype)
         # Eager: the saved gradients belong to this node alone, so scale them in place instead of holding a second
-        # copy (a second backward through the same graph is refused by autograd's version check).
-        return t.mul_(grad_loss.to(t.dtype))
+        # copy (a second backward through the same graph is refused by autograd's version check). Detached: they
+        # are also this node's outputs, and a gradient must not carry its grad_fn (torch.autograd.grad keeps it).
+        return t.detach().mul_(grad_loss.to(t.dtype))
 
     return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None) + (None,) * 14
 
