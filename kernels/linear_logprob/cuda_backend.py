@@ -1,0 +1,76 @@
+"""backend="cuda": the LM-head ops through vibeperf._C (csrc/cuda/lmhead.cu, csrc/cuda/lmhead_api.cpp).
+
+The same chunked three-pass schedule as `chunked.lmhead_chunked`, in C++: per chunk of C tokens a cuBLASLt GEMM
+writes the [C, V] logits (input dtype), one CUDA block per row computes lse / logp / entropy and the gradient
+coefficient and overwrites the row with dLoss/dz, then cuBLASLt forms dh (input dtype) and accumulates dW in fp32 in
+place (beta = 1). Scoring without grad runs the first two steps only.
+
+Extra device memory besides the outputs: the [C, V] workspace, C = `chunked.chunk_rows` (<= 512 MiB by default,
+VIBEPERF_LMHEAD_WORKSPACE_MB; at least 128 rows), one 32 MiB cuBLASLt workspace per (device, stream), kept for the
+process' life, an fp32 [V, H] dW accumulator when weight is not fp32 (as the Triton path), and O(N + V) vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import chunked
+
+LOSS_GIVEN, LOSS_NLL = 0, 1  # as triton_rows.LOSS_GIVEN / LOSS_NLL; the C++ path has no MGPO closed form yet
+
+
+def require_cuda_ext() -> None:
+    """Raises a RuntimeError that says why backend="cuda" is unavailable (vibeperf._C is loaded here, on first use)."""
+    from vibeperf import _ext
+
+    if not _ext.HAS_CUDA_EXT:
+        why = _ext.EXT_ERROR or "it was built without its CUDA part (no nvcc, or a CPU build of torch)"
+        raise RuntimeError(
+            f"backend='cuda' needs vibeperf._C built with CUDA ({why}); rebuild on a machine with nvcc and a CUDA "
+            "build of torch (`pip install --no-build-isolation -e .`, VIBEPERF_BUILD_CUDA=1), or use backend='triton'"
+        )
+
+
+def _chunk(n: int, weight: torch.Tensor, chunk: int | None) -> int:
+    return chunk or chunked.chunk_rows(n, weight.shape[0], weight.element_size())
+
+
+def linear_logprob_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, chunk=None):
+    """Scoring forward. Returns (logp [N], lse [N], entropy [N] or [0]), fp32."""
+    require_cuda_ext()
+    from vibeperf._ext import C
+
+    return C.lmhead_logprob_fwd_cuda(hidden, weight, targets, bias, float(temperature), int(ignore_index),
+                                          bool(want_entropy), _chunk(hidden.shape[0], weight, chunk))  # fmt: skip
+
+
+def lmhead_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    temperature: float,
+    ignore_index: int,
+    loss: int,
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor | None = None,
+    want_entropy: bool = False,
+    need_dh: bool = True,
+    need_dw: bool = True,
+    chunk: int | None = None,
+):
+    """Same contract as `chunked.lmhead_chunked` (loss LOSS_GIVEN or LOSS_NLL): returns (logp [N], entropy [N] or None,
+    lse [N], dh [N, H] or None, dW [V, H] or None, db [V] or None)."""
+    require_cuda_ext()
+    if loss not in (LOSS_GIVEN, LOSS_NLL):
+        raise NotImplementedError(f"backend='cuda' has no row-kernel loss {loss} (only LOSS_GIVEN and LOSS_NLL)")
+    from vibeperf._ext import C
+
+    logp, lse, ent, dh, dw, db = C.lmhead_chunked_cuda(
+        hidden, weight, targets, bias, g_logp.float().contiguous(),
+        None if g_ent is None else g_ent.float().contiguous(), float(temperature), int(ignore_index), int(loss),
+        bool(want_entropy), bool(need_dh), bool(need_dw), _chunk(hidden.shape[0], weight, chunk),
+    )  # fmt: skip
+    return (logp, ent if want_entropy else None, lse, dh if need_dh else None, dw if need_dw else None,
+            db if (need_dw and bias is not None) else None)  # fmt: skip
