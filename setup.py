@@ -41,7 +41,7 @@ def _extensions():
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         ext = CUDAExtension(
             "vibeperf._C",
-            cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=[("VIBEPERF_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
             libraries=["cublasLt"],

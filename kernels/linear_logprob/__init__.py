@@ -1,7 +1,8 @@
 """Token log-prob / NLL / entropy of an LM head, fused: `linear_logprob` and `linear_cross_entropy`.
 
 backend="auto" picks "triton" for CUDA tensors (and on the CPU when TRITON_INTERPRET=1, the test set-up), else
-"torch" (chunked plain PyTorch). "cuda" (the vibeperf._C path) is not built yet and raises.
+"torch" (chunked plain PyTorch). "cuda" is the vibeperf._C path (cuBLASLt GEMMs and a CUDA row kernel,
+`cuda_backend.py`), chosen only explicitly; it needs the extension built with CUDA and CUDA tensors.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 
 import torch
 
-from . import ops
+from . import cuda_backend, ops
 from .reference import linear_cross_entropy_reference, linear_logprob_reference
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "linear_logprob_reference", "linear_cross_entropy_reference"]
@@ -18,11 +19,17 @@ __all__ = ["linear_logprob", "linear_cross_entropy", "linear_logprob_reference",
 BACKENDS = ("auto", "triton", "torch", "cuda")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, has_cuda_path: bool = False) -> str:
+    """The backend that runs; has_cuda_path says whether the calling op has a "cuda" (vibeperf._C) implementation."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cuda":
-        raise NotImplementedError("backend='cuda' (the vibeperf._C LM-head path) is not built yet; use 'triton'")
+        if not has_cuda_path:
+            raise NotImplementedError("backend='cuda' is not built for this op yet (no vibeperf._C path); use 'triton'")
+        cuda_backend.require_cuda_ext()
+        if device.type != "cuda":
+            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got {device}")
+        return backend
     if backend == "auto":
         return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -75,7 +82,7 @@ def linear_logprob(
     differentiable w.r.t. hidden, weight and bias.
     """
     check_head_inputs(hidden, weight, targets, bias, temperature)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, has_cuda_path=True)
     hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
     logp, _, ent = ops.linear_logprob_op(
         hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy), backend
@@ -109,7 +116,7 @@ def linear_cross_entropy(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     check_head_inputs(hidden, weight, targets, bias, temperature)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, has_cuda_path=True)
     hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
     n = hidden.shape[0]
     w = torch.ones(n, device=hidden.device, dtype=torch.float32)
