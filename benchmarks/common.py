@@ -102,3 +102,14 @@ def format_table(rows: list[Row]) -> str:
         ok = "y" if r.correct else "n"
         lines.append(f"{r.id:<4} {r.impl:<16} {r.n_tokens:>7} {ms} {frac} {mem} {ok:>3}  {r.note}")
     return "\n".join(lines)
+
+
+def write_results_extra(rows: list[Row], peak: float | None, extra: dict, tag: str | None = None) -> Path:
+    """`write_results` plus an "extra" section (run settings, per-method details) in the same JSON document."""
+    path = write_results(rows, peak, tag)
+    doc = json.loads(path.read_text())
+    doc["extra"] = extra
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+    return path

@@ -54,9 +54,10 @@ def render_table(docs: list[dict]) -> str:
     for (gpu, bid), (doc, rows) in sorted(latest_rows(docs).items()):
         m = doc["machine"]
         peak = f"peak bf16 matmul in the same run {doc['peak_tflops']:.0f} TFLOP/s; " if doc["peak_tflops"] else ""
+        note = f". Note: {m['note']}." if m.get("note") else ""
         lines += [
             f"**{TITLES.get(bid, bid)}** on {gpu} ({peak}CUDA {m['cuda']}, torch {m['torch']}, triton {m['triton']}, "
-            f"commit {m['commit']}, {m['date']}; `{doc['_file']}`)" + (f". Note: {m['note']}." if m.get("note") else ""),
+            f"commit {m['commit']}, {m['date']}; `{doc['_file']}`){note}",
             "",
             "| impl | N tokens | ms | fraction of peak | extra memory (GiB) | checked | note |",
             "|---|---:|---:|---:|---:|:-:|---|",

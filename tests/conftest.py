@@ -25,7 +25,8 @@ def _poisoned(fn):
     def wrapper(*args, **kwargs):
         out = fn(*args, **kwargs)
         if out.is_floating_point() or out.is_complex():
-            out.fill_(float("nan"))
+            with torch.no_grad():  # a tensor created with requires_grad=True must not record the fill
+                out.fill_(float("nan"))
         return out
 
     return wrapper

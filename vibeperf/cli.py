@@ -1,0 +1,103 @@
+"""The `vibeperf` command line: one subcommand per job, each registered in `SUBCOMMANDS` with one line.
+
+    vibeperf sft RECIPE [key=value ...]       packed-sequence SFT (python -m vibeperf sft ...)
+    vibeperf sft --describe                   every config key with its type, default and meaning
+
+A subcommand is `Subcommand(help, add_arguments, run)`: `add_arguments(parser)` declares its arguments and
+`run(args) -> int` does the work and returns the exit status. Adding one is one line in `SUBCOMMANDS`.
+Configuration, data and checkpoint errors print one line (`error: ...`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand: its one-line help, its argument declarations, and the function that runs it."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", help="recipe file (.toml or .json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-5")
+    parser.add_argument("--describe", action="store_true", help="list every config key and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+
+def _run_sft(args: argparse.Namespace) -> int:
+    import json
+
+    from vibeperf.config import SFTConfig, config_to_dict, describe_config, load_config
+
+    if args.describe:
+        print("\n".join(describe_config(SFTConfig)))
+        return 0
+    if args.recipe is None:
+        raise SystemExit("vibeperf sft: a recipe file is needed (e.g. recipes/sft_tiny.toml)")
+    cfg = load_config(SFTConfig, args.recipe, args.overrides)
+    if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=1))
+        return 0
+    from vibeperf.sft.trainer import train
+
+    result = train(cfg)
+    print(f"sft: {result.steps} steps, last loss {result.last_loss}, output {result.output_dir}, "
+          f"checkpoint {result.last_checkpoint}, attention {result.attention}")  # fmt: skip
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from vibeperf import demo
+
+    demo.add_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from vibeperf import demo
+
+    return demo.main(args)
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "sft": Subcommand("packed-sequence SFT with a curriculum of stages", _recipe_arguments, _run_sft),
+    "demo": Subcommand("the end-to-end job on the tiny local model (see vibeperf/demo.py)", _demo_arguments, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vibeperf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in SUBCOMMANDS.items():
+        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default sys.argv[1:]), run the subcommand, return its exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Flags may come after the overrides (`sft recipe.toml a=1 --print-config b=2`): argparse leaves the rest here.
+    if any(e.startswith("-") for e in extra) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[%(name)s] %(message)s")
+    from vibeperf.config import ConfigError
+    from vibeperf.data import DataError
+
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

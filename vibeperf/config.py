@@ -1,0 +1,473 @@
+"""Typed run configuration: nested dataclasses, recipe files (TOML or JSON) and `key.sub=value` overrides.
+
+The loader is generic: `load_config(SomeConfig, "recipes/x.toml", ["optim.lr=1e-5", "stages.1.epochs=2"])` builds any
+dataclass tree from a recipe file plus overrides, checking every value against the field's type annotation (bool, int,
+float, str, `X | None`, `list[X]`, `tuple[X, ...]`, `Literal[...]`, nested dataclasses). Each field carries a docstring
+(the string literal under it, torchtitan's convention; `field_docs` reads them) and each class checks its values in
+`__post_init__`. Every problem is a `ConfigError` naming the file and the dotted key, e.g.
+`recipes/sft.toml: optim.lr: expected a number, got string 'fast'`.
+
+Overrides: `a.b=value`; list items by index (`stages.1.min_tokens=6000`, or `stages[1].min_tokens=6000`). The value is
+read as a TOML value when it parses as one (`1e-5`, `true`, `[1, 2]`, `"text"`), else kept as a bare string
+(`model.path=/ckpt/qwen`); `none` or `null` clears an optional field. Relative paths are taken from the working
+directory. This module also holds the sections shared by the trainers and the SFT configuration.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+def _toml():
+    """The TOML parser: tomllib (Python >= 3.11), else the tomli package."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli
+    except ImportError as e:
+        raise ConfigError("TOML recipes and override values need Python >= 3.11 or the tomli package "
+                          f"(pip install tomli), or use a .json recipe: {e}") from None
+    return tomli
+
+
+class ConfigError(ValueError):
+    """A bad recipe file, override or value; the message names the file and the dotted key."""
+
+
+def check(ok: bool, key: str, problem: str) -> None:
+    """Raise `ConfigError("key: problem")` unless `ok` (for `__post_init__`; the loader prefixes the key path)."""
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _type_name(value: Any) -> str:
+    names = {bool: "bool", int: "integer", float: "number", str: "string", list: "list", dict: "table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _describe(value: Any) -> str:
+    return f"{_type_name(value)} {value!r}" if isinstance(value, (str, int, float)) else _type_name(value)
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """X for `X | None` (or Optional[X]); None for anything else."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against (and shaped into) the annotation `tp`; ConfigError naming `key` otherwise."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        if value is None or (inner is not str and isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _convert(value, inner, key)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {_describe(value)}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            allowed = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{key}: expected one of {allowed}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {tp!r} in a config class")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _build(cls: type[T], data: dict, key: str) -> T:
+    hints = _hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        where = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ConfigError(f"{where}: unknown key (valid keys here: {', '.join(hints)})")
+    kwargs = {}
+    for name, tp in hints.items():
+        sub = f"{key}.{name}" if key else name
+        if name in data:
+            kwargs[name] = _convert(data[name], tp, sub)
+        elif _is_required(cls, name):
+            raise ConfigError(f"{sub}: missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{key}.{e}" if key else str(e)) from None
+
+
+def _is_required(cls: type, name: str) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def config_from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
+    """Build `cls` from a plain nested dict (a parsed recipe); ConfigError prefixed with `source` on any problem."""
+    try:
+        return _build(cls, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The nested dict of a `.toml` or `.json` recipe; ConfigError naming the file on a syntax error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        if path.suffix == ".toml":
+            return _toml().loads(path.read_text(encoding="utf-8"))
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a JSON object at the top level, got {_type_name(data)}")
+            return data
+    except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError is a ValueError
+        raise ConfigError(f"{path}: invalid {path.suffix[1:].upper()}: {e}") from None
+    raise ConfigError(f"{path}: a recipe must be a .toml or .json file")
+
+
+def parse_override_value(text: str) -> Any:
+    """A TOML value when `text` parses as one (`3`, `1e-5`, `true`, `[1, 2]`, `"a"`), else `text` itself."""
+    toml = _toml()
+    try:
+        return toml.loads(f"v = {text}")["v"]
+    except toml.TOMLDecodeError:
+        return text
+
+
+def _split_key(key: str) -> list[str]:
+    parts = re.sub(r"\[(\d+)\]", r".\1", key.strip()).split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"bad key {key!r}: expected dotted names like optim.lr or stages.1.epochs")
+    return parts
+
+
+def apply_overrides(cls: type, data: dict, overrides: Sequence[str]) -> dict:
+    """A copy of `data` with each `key.sub=value` of `overrides` set; keys are checked against the fields of `cls`."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-5")
+        parts = _split_key(key)
+        node, tp, done = data, cls, []
+        for i, part in enumerate(parts):
+            tp = _optional_inner(tp) or tp
+            last = i == len(parts) - 1
+            here = ".".join(done + [part])
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {'.'.join(done)} is not a table in the recipe")
+                hints = _hints(tp)
+                if part not in hints:
+                    raise ConfigError(f"override {item!r}: {here}: unknown key (valid keys here: {', '.join(hints)})")
+                tp = hints[part]
+                if last:
+                    node[part] = parse_override_value(text)
+                else:
+                    child = node.get(part)
+                    if child is None:
+                        child = node[part] = [] if typing.get_origin(_optional_inner(tp) or tp) is list else {}
+                    node = child
+            elif typing.get_origin(tp) in (list, tuple):
+                if not part.isdigit() or not isinstance(node, list) or int(part) >= len(node):
+                    size = len(node) if isinstance(node, list) else 0
+                    raise ConfigError(f"override {item!r}: {here}: no item {part} (the list has {size})")
+                tp = typing.get_args(tp)[0]
+                if last:
+                    node[int(part)] = parse_override_value(text)
+                else:
+                    node = node[int(part)]
+            else:
+                raise ConfigError(f"override {item!r}: {'.'.join(done)} is a value, it has no key {part!r}")
+            done.append(part)
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build `cls` from the recipe at `path` (None: the class defaults) plus `key=value` overrides."""
+    data = read_config_file(path) if path is not None else {}
+    source = os.fspath(path) if path is not None else "defaults"
+    if overrides:
+        try:
+            data = apply_overrides(cls, data, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        source += f" (with {len(overrides)} override{'s' if len(overrides) > 1 else ''})"
+    return config_from_dict(cls, data, source=source)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The plain nested dict of a config (tuples as lists), ready for JSON and `config_from_dict`."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of the dataclass `cls` (empty string where a field has none)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:] + [None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            doc = ""
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                doc = " ".join(nxt.value.value.split())
+            docs[stmt.target.id] = doc
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def describe_config(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf key of `cls`: `key: type = default  doc` (list items shown as `key.N.sub`)."""
+    lines = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        inner = _optional_inner(tp) or tp
+        key = f"{prefix}{f.name}"
+        item = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
+        if dataclasses.is_dataclass(inner):
+            lines += describe_config(inner, key + ".")
+        elif item is not None and dataclasses.is_dataclass(item):
+            lines.append(f"{key}: list of tables  {docs[f.name]}")
+            lines += describe_config(item, key + ".N.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            if typing.get_origin(tp) is Literal:
+                shown = "|".join(map(str, typing.get_args(tp)))
+            else:
+                shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            lines.append(f"{key}: {shown} = {default!r}  {docs[f.name]}")
+    return lines
+
+
+@dataclass
+class ModelConfig:
+    """The model to train and how its body runs."""
+
+    path: str = "tiny"
+    """Hugging Face checkpoint directory (config, safetensors, tokenizer); "tiny" is the locally built tiny Qwen2."""
+    attention: Literal["auto", "varlen", "flex", "exact"] = "auto"
+    """Packed-row attention backend (vibeperf.sft.attention): auto picks varlen_attn on CUDA, exact on the CPU."""
+    liger: bool = False
+    """Swap in liger_kernel's RMSNorm, RoPE and SwiGLU (Qwen2 only; an error if liger_kernel is not installed)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule: linear warm-up to `lr`, then a cosine to `min_lr`."""
+
+    lr: float = 5e-5
+    """Peak learning rate."""
+    min_lr: float = 8e-8
+    """Learning rate at the end of the cosine."""
+    warmup_frac: float = 0.05
+    """Fraction of the steps spent in the linear warm-up."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of matrices (biases, norms and embeddings of one dimension get none)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (foreach); 0 turns clipping off (the norm is still logged)."""
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        check(0 <= self.warmup_frac < 1, "warmup_frac", f"must be in [0, 1), got {self.warmup_frac}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: Hugging Face model files plus optimizer, scheduler, RNG and data position."""
+
+    every: int = 0
+    """Save every this many optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    """Keep the newest this many step checkpoints (0 keeps all)."""
+    resume: str = ""
+    """"" starts fresh; "latest" resumes from the newest checkpoint under output_dir (fresh if none); else a path."""
+    save_final: bool = True
+    """Save a checkpoint after the last step."""
+
+    def __post_init__(self):
+        check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        check(self.keep_last >= 0, "keep_last", f"must be >= 0, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics, progress bar and plots."""
+
+    every: int = 1
+    """Write a metrics line every this many steps (each one syncs the host with the device)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    plot: bool = True
+    """Draw the loss curve (loss.png in output_dir) at each checkpoint and at the end."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s for the MFU estimate; 0 measures a bf16 matmul on CUDA and leaves MFU out on the CPU."""
+
+    def __post_init__(self):
+        check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        check(self.peak_tflops >= 0, "peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+
+
+@dataclass
+class DifficultyConfig:
+    """Keep only problems the reference model gets wrong often (stage 2 of the SFT curriculum)."""
+
+    verdicts: str
+    """JSONL of precomputed verdicts, one line per problem: {"id" or "prompt": ..., "verdicts": [0 or 1, ...]}."""
+    num_samples: int = 8
+    """Reference-model samples per problem; every line must hold exactly this many verdicts (1 = correct)."""
+    min_error_rate: float = 0.75
+    """Keep a problem when the reference model's error rate (share of 0 verdicts) is at least this."""
+
+    def __post_init__(self):
+        check(bool(self.verdicts.strip()), "verdicts", "must name a JSONL file")
+        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        check(0 <= self.min_error_rate <= 1, "min_error_rate", f"must be in [0, 1], got {self.min_error_rate}")
+
+
+@dataclass
+class StageConfig:
+    """One stage of the SFT curriculum: its data, filters, packing budget and schedule."""
+
+    name: str
+    """Stage name used in logs and metrics."""
+    data: list[str]
+    """SFT JSONL files ({"messages": [...]} or {"prompt", "response"} lines), read in this order."""
+    epochs: int = 1
+    """Passes over the stage's data (reshuffled each epoch)."""
+    token_budget: int = 16384
+    """Tokens per packed row (one micro-batch); longer samples are truncated to it, with a counted warning."""
+    min_tokens: int = 0
+    """Drop samples shorter than this many tokens (the long-sample stage uses 5000)."""
+    difficulty: DifficultyConfig | None = None
+    """Difficulty filter from precomputed reference-model verdicts; absent keeps every problem."""
+    lr: float | None = None
+    """Peak learning rate of this stage (default: optim.lr)."""
+    min_lr: float | None = None
+    """Final learning rate of this stage (default: optim.min_lr)."""
+
+    def __post_init__(self):
+        check(bool(self.name.strip()), "name", "must not be empty")
+        check(len(self.data) > 0, "data", "must list at least one JSONL file")
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.token_budget >= 2, "token_budget", f"must be >= 2, got {self.token_budget}")
+        check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        check(self.min_tokens <= self.token_budget, "min_tokens",
+              f"{self.min_tokens} exceeds token_budget={self.token_budget}: every kept sample would be truncated")
+        check(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.min_lr is None or self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")
+
+
+@dataclass
+class SFTTrainConfig:
+    """The optimizer step: batch, precision, devices, stopping."""
+
+    global_batch: int = 128
+    """Samples per optimizer step; they are packed into rows, one row per micro-batch (gradient accumulation)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total without changing the schedule (0: run every stage through)."""
+    seed: int = 0
+    """Seed of the data order and of the torch, numpy and Python generators."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
+    precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = "auto"
+    """auto: bf16-autocast on CUDA, fp32 on the CPU. bf16-autocast keeps fp32 weights; bf16 stores them in bf16."""
+    loss_backend: Literal["auto", "triton", "torch"] = "auto"
+    """Backend of the fused LM-head cross-entropy (vibeperf.kernels.linear_cross_entropy)."""
+
+    def __post_init__(self):
+        check(self.global_batch >= 1, "global_batch", f"must be >= 1, got {self.global_batch}")
+        check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
+        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
+              f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class SFTConfig:
+    """Packed-sequence SFT with a curriculum of stages (vibeperf.sft.trainer)."""
+
+    stages: list[StageConfig]
+    """The curriculum, trained in order; each stage has its own warm-up and cosine."""
+    output_dir: str = "runs/sft"
+    """Where metrics.jsonl, loss.png, config.json and checkpoints/ go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    """Batching, precision and stopping."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and plots."""
+
+    def __post_init__(self):
+        check(len(self.stages) > 0, "stages", "at least one stage is needed")
+        names = [s.name for s in self.stages]
+        check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+        check(bool(self.output_dir.strip()), "output_dir", "must not be empty")

@@ -1,0 +1,247 @@
+"""The rollout-engine interface: sample G completions per prompt, return tokens + log-probs, take new weights.
+
+Every engine (`VLLMEngine`, `HFEngine`) implements `RolloutEngine`:
+
+    groups = engine.generate(prompts, n=G, sampling=SamplingConfig(temperature=1.0, top_p=0.95, max_tokens=1024))
+    groups[i].prompt_token_ids, groups[i].completions[j].token_ids / .logprobs / .finish_reason / .text
+    engine.update_weights(model.state_dict().items())      # in memory, after each optimizer step
+
+Prompts are strings (tokenized verbatim: no special tokens added, so apply the chat template first, e.g. with
+`engine.chat_prompt(text)`) or lists of token ids. Both engines receive the same token ids.
+
+Completions end at the first stop token (the checkpoint's `generation_config.json` eos ids plus the tokenizer's eos),
+which is included in `token_ids` with its log-prob (`finish_reason == "stop"`), or after `max_tokens` tokens
+(`"length"`). `text` is the decoded completion without special tokens.
+
+Log-probs (`Completion.logprobs`, fp32 [len(token_ids)], one per completion token) follow the engine's
+`logprobs_mode`, fixed at construction:
+
+- "raw" (default): log p(y_t) under the model's own distribution at temperature 1.0 before any sampling processing,
+  log_softmax(h_t W^T + b)[y_t]: what the trainer computes with `linear_logprob(hidden, lm_head.weight, targets)`,
+  so it is the right `rollout_logp` for MGPO's truncated importance sampling. It is not the probability of the
+  token under the distribution that was sampled when temperature != 1 or top_p < 1. This is vLLM 0.32's default
+  (`logprobs_mode="raw_logprobs"`: the sampler computes log_softmax(logits) in fp32 before temperature, penalties
+  and top-k/top-p).
+- "processed": log-prob under the distribution actually sampled from: logits / temperature, restricted to the top-p
+  nucleus and renormalised (vLLM's `logprobs_mode="processed_logprobs"`).
+With temperature == 0 (greedy) both are the raw log-probs (transformers runs no warper when not sampling; for
+vLLM this is read in v1/sample/sampler.py, not tested).
+
+`seed` makes sampling reproducible for the same engine, weights, prompts and config; prompt i uses seed + i, so
+equal prompts in one batch still get different samples. Samples are not identical across engine kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+LOGPROBS_MODES = ("raw", "processed")
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 0.95
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p (1.0 disables)."""
+    max_tokens: int = 1024
+    """Maximum number of completion tokens (the stop token included)."""
+    seed: int | None = None
+    """Seed of the sampler (prompt i uses seed + i); None: not reproducible."""
+
+    def __post_init__(self):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (temperature == 0)."""
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    """One sampled completion of a prompt."""
+
+    token_ids: list[int]
+    """Completion tokens, the stop token included when `finish_reason == "stop"`."""
+    logprobs: torch.Tensor
+    """fp32 [len(token_ids)]: log-prob of each sampled token (see the module docstring for the convention)."""
+    finish_reason: str
+    """Why it ended: "stop" (a stop token) or "length" (max_tokens reached)."""
+    text: str
+    """Decoded completion, special tokens skipped."""
+
+    def __post_init__(self):
+        if self.logprobs.dtype != torch.float32 or self.logprobs.shape != (len(self.token_ids),):
+            raise ValueError(
+                f"logprobs must be fp32 of shape ({len(self.token_ids)},), got {self.logprobs.dtype} "
+                f"{tuple(self.logprobs.shape)}"
+            )
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+
+
+@dataclass
+class RolloutGroup:
+    """The n completions of one prompt."""
+
+    prompt_token_ids: list[int]
+    completions: list[Completion] = field(default_factory=list)
+    prompt: str | None = None
+    """The prompt string, when the prompt was given as text."""
+
+
+def read_stop_token_ids(model_dir: str | Path, tokenizer) -> list[int]:
+    """Stop tokens of a checkpoint: `generation_config.json`'s eos_token_id (int or list) plus the tokenizer's eos."""
+    ids = []
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        ids.extend([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"{model_dir}: no eos token in generation_config.json or the tokenizer")
+    return sorted(set(ids))
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """Names and shapes of a checkpoint's weights, to check a weight update before it touches the model."""
+
+    shapes: dict[str, tuple[int, ...]]
+    """Every tensor stored in the checkpoint: an update must contain all of them."""
+    optional: dict[str, tuple[int, ...]]
+    """Names an update may add: `lm_head.weight` when the config ties it to the embedding (the checkpoint omits it,
+    a trainer's state_dict has it)."""
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> CheckpointWeights:
+        """Read the safetensors headers (no tensor data) and config.json of a checkpoint directory."""
+        from safetensors import safe_open
+
+        model_dir = Path(model_dir)
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{model_dir}: no *.safetensors files (weight sync needs a safetensors checkpoint)")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        config = json.loads((model_dir / "config.json").read_text())
+        optional = {}
+        embed = shapes.get("model.embed_tokens.weight")
+        if config.get("tie_word_embeddings") and "lm_head.weight" not in shapes and embed is not None:
+            optional["lm_head.weight"] = embed
+        return cls(shapes, optional)
+
+    def collect(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """Materialise (name, tensor) pairs (references, no copies), checking them before any weight is touched.
+
+        Raises KeyError for a name the checkpoint does not have, ValueError for a duplicate, a wrong shape or a
+        missing name: a partial update is refused (vLLM reloads whole layers, fused qkv / gate_up included).
+        """
+        weights, seen = [], set()
+        for name, tensor in named_tensors:
+            expected = self.shapes.get(name, self.optional.get(name))
+            if expected is None:
+                raise KeyError(f"update_weights: {name!r} is not a weight of this checkpoint (Hugging Face names)")
+            if name in seen:
+                raise ValueError(f"update_weights: {name!r} given twice")
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+            seen.add(name)
+            weights.append((name, tensor.detach()))
+        missing = self.shapes.keys() - seen
+        if missing:
+            shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ValueError(f"update_weights: {len(missing)} checkpoint weights missing ({shown}); send all of them")
+        return weights
+
+
+class RolloutEngine(ABC):
+    """Samples completions with their log-probs and takes in-memory weight updates; see the module docstring."""
+
+    name: str
+    """Engine kind: "vllm" or "hf"."""
+    model_dir: Path
+    tokenizer: object
+    logprobs_mode: str
+    stop_token_ids: list[int]
+
+    @abstractmethod
+    def generate(
+        self, prompts: Sequence[str] | Sequence[Sequence[int]], *, n: int, sampling: SamplingConfig
+    ) -> list[RolloutGroup]:
+        """Sample `n` completions for each prompt; one `RolloutGroup` per prompt, in order."""
+
+    @abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace every weight in memory (Hugging Face checkpoint names, full unsharded tensors, any dtype/device).
+
+        The whole set is checked before anything changes (`CheckpointWeights.collect`); later `generate` calls
+        use it.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the engine's model and caches (idempotent)."""
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str:
+        """`user` (and an optional system message) in the tokenizer's chat template, ready for generation."""
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": user}
+        ]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _prompt_ids(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[tuple[list[int], str | None]]:
+        """Token ids (and the string, if any) of each prompt; strings are tokenized without special tokens."""
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("prompts must be a list of strings or of token-id lists, not a single string")
+        vocab = len(self.tokenizer)
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                text = prompt
+            else:
+                ids, text = [int(t) for t in prompt], None
+                if any(t < 0 or t >= vocab for t in ids):
+                    raise ValueError(f"prompt {i}: token ids must be in [0, {vocab})")
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            out.append((ids, text))
+        return out
+
+    @staticmethod
+    def _check_n(n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

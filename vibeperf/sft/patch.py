@@ -1,0 +1,105 @@
+"""Make a Hugging Face causal LM compute its training loss through vibeperf's fused LM-head cross-entropy.
+
+`patch_causal_lm(model)` replaces `model.forward` on that instance (the class is untouched). With `labels`, the
+patched forward runs the model body (`model.model`, found through `base_model_prefix`) to the final hidden states and
+feeds them with the LM-head weight to `vibeperf.kernels.linear_cross_entropy`: the [tokens x vocab] logits are never
+formed, and the output carries `logits=None`. Labels are shifted as transformers does (position t predicts
+labels[t+1]; -100 is ignored), or taken as given from `shift_labels`. Reduction: mean over the non-ignored targets,
+or sum / `num_items_in_batch` when that is passed (transformers' Trainer does, for gradient accumulation). Without
+`labels` the original forward runs (logits, generation). Under autocast the hidden states and head weight are cast
+to the autocast dtype, as `nn.Linear` would be. Models whose logits are rescaled or soft-capped are refused.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from vibeperf.kernels import linear_cross_entropy
+
+_ORIGINAL = "_vibeperf_original_forward"
+
+
+def _check_supported(model) -> None:
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"patch_causal_lm: {type(model).__name__} rescales its logits ({attr}="
+                                      f"{getattr(cfg, attr)}); the fused loss would differ from the model's")
+    if model.get_output_embeddings() is None or not hasattr(model, model.base_model_prefix):
+        raise NotImplementedError(f"patch_causal_lm: {type(model).__name__} has no LM head or base model")
+
+
+def head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """(hidden, weight, bias) in the dtype the LM head would compute in: the autocast dtype inside autocast."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return hidden, weight, bias
+
+
+def _patched_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
+    original = getattr(self, _ORIGINAL)
+    shift_labels = kwargs.pop("shift_labels", None)
+    if labels is None and shift_labels is None:
+        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                        logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    return_dict = kwargs.pop("return_dict", True)
+    body = getattr(self, self.base_model_prefix)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)  # fmt: skip
+    hidden = out.last_hidden_state  # [B, T, H]
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    head = self.get_output_embeddings()
+    h, w, b = head_inputs(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias)
+    targets = shift_labels.reshape(-1).to(h.device)
+    if num_items is None:
+        loss = linear_cross_entropy(h, w, targets, bias=b, reduction="mean", backend=self._vibeperf_loss_backend)
+    else:
+        loss = linear_cross_entropy(h, w, targets, bias=b, reduction="sum", backend=self._vibeperf_loss_backend)
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                    hidden_states=out.hidden_states, attentions=out.attentions)  # fmt: skip
+    return result if return_dict else result.to_tuple()
+
+
+def patch_causal_lm(model, *, backend: str = "auto"):
+    """Patch `model` in place (and return it) so that `forward(..., labels=...)` uses the fused loss; idempotent.
+
+    backend: the `linear_cross_entropy` backend ("auto", "triton", "torch").
+    """
+    _check_supported(model)
+    if not hasattr(model, _ORIGINAL):
+        setattr(model, _ORIGINAL, model.forward)
+        model.forward = types.MethodType(_patched_forward, model)
+    model._vibeperf_loss_backend = backend
+    return model
+
+
+def unpatch_causal_lm(model):
+    """Undo `patch_causal_lm` (no-op on an unpatched model); returns the model."""
+    if hasattr(model, _ORIGINAL):
+        del model.forward
+        delattr(model, _ORIGINAL)
+        del model._vibeperf_loss_backend
+    return model
