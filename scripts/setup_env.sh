@@ -33,7 +33,9 @@ vp_install_project() {
   local py="$1" stamp="$VP_ROOT/build/.vibeperf-built" src_hash log="$VP_ROOT/build/setup-build.log"
   src_hash="$(cd "$VP_ROOT" && find setup.py csrc -type f | sort | xargs cat | sha1sum | cut -c1-16)"
   src_hash="$src_hash-$(cd "$VP_ROOT" && "$py" -c 'import sys; print(sys.prefix)' | sha1sum | cut -c1-8)"
-  if [[ -f "$stamp" && "$(cat "$stamp")" == "$src_hash" ]] && (cd / && "$py" -c "import vibeperf._C") 2>/dev/null; then
+  # Reuse the build only when it is this checkout's: an editable install of another clone must be re-pointed.
+  local here="import sys, vibeperf, vibeperf.kernels, vibeperf._C; sys.exit(not vibeperf.kernels.__file__.startswith('$VP_ROOT/'))"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$src_hash" ]] && (cd / && "$py" -c "$here") 2>/dev/null; then
     return 0
   fi
   mkdir -p "$VP_ROOT/build"
