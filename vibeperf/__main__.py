@@ -4,4 +4,6 @@ import sys
 
 from vibeperf import cli
 
-sys.exit(cli.main())
+# The guard keeps spawned worker processes (e.g. `reward.workers` of `vibeperf rl`) from re-running the command.
+if __name__ == "__main__":
+    sys.exit(cli.main())

@@ -70,6 +70,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "sft": Subcommand("packed-sequence SFT with a curriculum of stages", _recipe_arguments, _run_sft),
     "demo": Subcommand("the end-to-end job on the tiny local model (see vibeperf/demo.py)", _demo_arguments, _run_demo),
+    "rl": Subcommand("MGPO RL in phases", _recipe_arguments, lambda a: __import__("vibeperf.rl").rl.run_cli(a)),
+    "clr": Subcommand("CLR answer selection", _recipe_arguments, lambda a: __import__("vibeperf.clr").clr.run_cli(a)),
+    "eval": Subcommand("pass@k evaluation per domain and subdomain", _recipe_arguments,
+                       lambda a: __import__("vibeperf.eval.passk").eval.passk.cli_main(a)),
+    "spectrum": Subcommand("probe checkpoints per subdomain, keep the best by pass@k, merge them", _recipe_arguments,
+                           lambda a: __import__("vibeperf.eval.spectrum").eval.spectrum.cli_main(a)),
+    "distill": Subcommand("offline self-distillation: rejection sampling, learning-potential weights",
+                          _recipe_arguments,
+                          lambda a: __import__("vibeperf.distill.run").distill.run.cli_main(a)),
+    "score": Subcommand("NLL, log-probs and entropy of texts (JSONL in, JSONL out; 64K-token sequences)",
+                        lambda p: __import__("vibeperf.score").score.add_arguments(p),
+                        lambda a: __import__("vibeperf.score").score.cli_main(a)),
 }
 
 
