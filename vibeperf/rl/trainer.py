@@ -1,0 +1,445 @@
+"""MGPO RL on verifiable prompts, phase after phase, with an in-process rollout engine kept in sync with the trainer.
+
+What a run does, in order:
+1. Reads the recipe (TOML/JSON plus `key=value` overrides) into `vibeperf.rl.config.RLConfig`, then reads and checks
+   every RL JSONL file of every phase (`vibeperf.rl.data.load_phase`): a bad line stops the run before any model.
+2. Loads the policy (a Hugging Face checkpoint, or "tiny-warm") for training (`vibeperf.sft.model.load_model`:
+   varlen attention over packed rows, fp32 weights, bf16 autocast on CUDA) and AdamW with a per-phase warm-up and
+   cosine (the SFT trainer's helpers). On the CPU it fixes the torch thread count first and exports it as
+   OMP_NUM_THREADS, because vLLM lowers the count to 1 and then freezes it for the whole process.
+3. Starts the rollout engine on the same checkpoint (`vibeperf.rollout.make_engine`: "auto" is vLLM when it imports,
+   in this process with VLLM_ENABLE_V1_MULTIPROCESSING=0, else transformers generate).
+4. Before each phase, the static filter samples every prompt G times with the phase's starting weights and drops
+   the prompts solved always or never (counts logged, per-prompt accuracies in static_filter/PHASE.json).
+5. Each RL step: draws `prompts_per_step` prompts from the phase's sources by their mixing weights; samples G
+   completions of each (temperature, top_p, the phase's completion budget; raw log-probs of the sampled tokens);
+   scores them (`vibeperf.rewards.score`: math-verify, sandboxed code tests); applies the Long2Short shift where the
+   phase enables it; computes A' = w_ME * A per completion.
+6. Packs prompt + completion sequences into rows of `loss.token_budget` tokens (loss on completion tokens only) and
+   runs the model body on each: the fused `linear_logprob` on the final hidden states gives the old log-probs and the
+   entropy without logits in memory, and the gap to the engine's log-probs is measured on every completion token
+   (a weight-sync or numerics check). Then, per minibatch of groups, the fused `mgpo_loss` (clipping, truncated
+   importance sampling against the engine's log-probs) on each row, scaled so the rows add up to the minibatch's
+   aggregation, backward, foreach gradient clipping and an AdamW step.
+7. Sends the new weights to the engine in memory (`update_weights(model.state_dict().items())`).
+8. Writes one metrics line per step (reward, pass rate, response length, clip fractions, entropy, ratio, log-prob
+   gap, seconds spent generating / scoring / updating / syncing) to metrics.jsonl, plots reward.png and length.png,
+   and saves checkpoints (Hugging Face model + tokenizer, optimizer, scheduler, RNG, step, data position, static
+   filter results); `checkpoint.resume=latest` continues exactly when the engine samples reproducibly.
+
+Launch lines:
+    python -m vibeperf rl recipes/rl_tiny.toml                                  # CPU, tiny model, about a minute
+    python -m vibeperf rl recipes/rl_vibethinker.toml model.path=/ckpt/sft-final      # one GPU
+    python -m vibeperf rl recipes/rl_vibethinker.toml checkpoint.resume=latest       # continue a run
+Multi-GPU (torchrun + FSDP2, one engine per rank) is not wired in yet: this trainer runs on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vibeperf.config import config_to_dict
+from vibeperf.kernels import linear_logprob, mgpo_loss
+from vibeperf.rl.config import RLConfig
+from vibeperf.rl.data import (
+    MixtureSampler,
+    PhaseData,
+    RLRow,
+    Scorer,
+    group_advantages,
+    load_phase,
+    pack_sequences,
+    row_scales,
+    static_filter,
+)
+from vibeperf.rollout import SamplingConfig, make_engine
+from vibeperf.sft.model import load_model, model_path, resolve_device, resolve_precision
+from vibeperf.sft.patch import head_inputs
+from vibeperf.sft.trainer import (
+    STATE_JSON,
+    STATE_PT,
+    StagePlan,
+    _resume_dir,
+    _trim_metrics,
+    clip_gradients,
+    locate,
+    lr_at,
+    make_optimizer,
+    save_checkpoint,
+    set_rng_state,
+)
+
+log = logging.getLogger("vibeperf.rl")
+TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "tis_frac")
+
+
+def sampling_seed(seed: int, kind: str, index: int) -> int:
+    """A sampler seed for (run seed, purpose, index); engines add the prompt's position to it."""
+    digest = hashlib.sha256(f"vibeperf-rl:{seed}:{kind}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 2
+
+
+def resolve_model_path(path: str) -> str:
+    """`path`, "tiny" (the random tiny Qwen2) or "tiny-warm" (it after a format SFT, vibeperf.rl.synthetic)."""
+    if path == "tiny-warm":
+        from vibeperf.rl.synthetic import get_tiny_warm_model
+
+        return os.fspath(get_tiny_warm_model())
+    return model_path(path)
+
+
+def set_cpu_threads(requested: int) -> int:
+    """Fix torch's CPU thread count and export it as OMP_NUM_THREADS (before vLLM starts; see the module doc)."""
+    n = requested or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def make_plans(cfg: RLConfig) -> list[StagePlan]:
+    """The SFT trainer's StagePlan per phase (one epoch of `steps` steps), for its warm-up + cosine `lr_at`."""
+    plans, first = [], 0
+    for i, p in enumerate(cfg.phases):
+        lr = p.lr if p.lr is not None else cfg.optim.lr
+        min_lr = p.min_lr if p.min_lr is not None else min(cfg.optim.min_lr, lr)
+        warmup = int(np.ceil(cfg.optim.warmup_frac * p.steps))
+        plans.append(StagePlan(i, p.name, 0, p.steps, 1, first, lr, min_lr, warmup))
+        first += p.steps
+    return plans
+
+
+def data_fingerprint(phases: Sequence[PhaseData]) -> str:
+    h = hashlib.sha256()
+    for ph in phases:
+        for s in ph.sources:
+            h.update(f"{ph.name}/{s.name}/{len(s.records)}".encode())
+            for r in s.records:
+                h.update(f"{r.prompt}\0{r.answer}\0{r.tests}".encode())
+    return h.hexdigest()[:16]
+
+
+def plot_curves(metrics_path: Path, out_dir: Path) -> None:
+    """reward.png (reward mean, pass rate) and length.png (mean and max response length) against the step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    panels = {"reward.png": [("reward_mean", "reward mean"), ("pass_rate", "pass rate")],
+              "length.png": [("response_length_mean", "mean"), ("response_length_max", "max")]}  # fmt: skip
+    for name, curves in panels.items():
+        fig = Figure(figsize=(8, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for key, label in curves:
+            ax.plot(steps, [r[key] for r in rows], lw=1.2, label=label)
+        for prev, cur in zip(rows, rows[1:]):
+            if cur["phase"] != prev["phase"]:
+                ax.axvline(cur["step"], color="gray", ls="--", lw=0.8)
+                ax.text(cur["step"], ax.get_ylim()[1], f" {cur['phase']}", va="top", fontsize=8)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("reward" if name == "reward.png" else "response length (tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = out_dir / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out_dir / name)
+
+
+@dataclass
+class RLResult:
+    """What a run did."""
+
+    steps: int
+    output_dir: Path
+    last_checkpoint: Path | None
+    engine: str
+    last_metrics: dict | None
+    filters: dict
+
+
+class RLTrainer:
+    """The RL loop of `cfg` (see the module docstring): `run()` trains to the end, `step()` runs one RL step."""
+
+    def __init__(self, cfg: RLConfig):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.out_dir = Path(cfg.output_dir)
+        self.device = resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        if self.device.type == "cpu":
+            log.info("CPU threads: %d (OMP_NUM_THREADS)", set_cpu_threads(cfg.train.cpu_threads))
+        src = resolve_model_path(cfg.model.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(src)
+        self.phases = [load_phase(p) for p in cfg.phases]
+        self.plans = make_plans(cfg)
+        self.fingerprint = data_fingerprint(self.phases)
+        self.total = self.plans[-1].first_step + self.plans[-1].num_steps
+        self.stop = min(self.total, cfg.train.max_steps) if cfg.train.max_steps else self.total
+        for ph in self.phases:
+            log.info("phase %s: %s", ph.name, ", ".join(f"{s.name} {len(s.records)} prompts (weight {s.weight:g})"
+                                                         for s in ph.sources))  # fmt: skip
+
+        resume = _resume_dir(cfg)
+        seed = cfg.train.seed
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self.model = load_model(cfg.model, os.fspath(resume) if resume else src, self.device, self.precision)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        base_lr = cfg.optim.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(self.plans, s) / base_lr)
+        self.step_count, self.filters, cursors = 0, {}, None
+        if resume is not None:
+            state = json.loads((resume / STATE_JSON).read_text())
+            for key, now in (("data_fingerprint", self.fingerprint), ("plan", self.signature())):
+                if state[key] != now:
+                    raise RuntimeError(f"{resume}: {key} changed since this checkpoint ({state[key]} -> {now}); an "
+                                       "exact resume is impossible")  # fmt: skip
+            blob = torch.load(resume / STATE_PT, weights_only=False)
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+            set_rng_state(blob["rng"])
+            self.step_count, self.filters, cursors = state["step"], state["filters"], state["cursors"]
+            log.info("resumed from %s at step %d (phase %s)", resume, self.step_count, state["phase_name"])
+        self.start = self.step_count
+        self._cursors = cursors
+        self.sampler: MixtureSampler | None = None
+        self.autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None
+        ro = cfg.rollout
+        self.engine = make_engine(ro.engine, os.fspath(resume) if resume else src, dtype=ro.dtype,
+                                  vllm_options={"kv_cache_gib": ro.kv_cache_gib, "max_model_len": ro.max_model_len,
+                                                "seed": ro.seed},
+                                  hf_options={"device": str(self.device)})  # fmt: skip
+        self.scorer = Scorer(cfg.reward)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1) + "\n")
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        if self.step_count:
+            _trim_metrics(self.metrics_path, self.step_count)
+        else:
+            self.metrics_path.write_text("")
+
+    def signature(self) -> dict:
+        """What fixes the prompts and their order; a resumed run must match it."""
+        c = self.cfg
+        return {"seed": c.train.seed, "rollout_seed": c.rollout.seed, "prompts_per_step": c.rollout.prompts_per_step,
+                "group_size": c.rollout.group_size,
+                "phases": [[p.name, p.steps, [[s.name, s.weight, len(s.records)] for s in ph.sources]]
+                           for p, ph in zip(c.phases, self.phases)]}  # fmt: skip
+
+    def _enter_phase(self, index: int) -> None:
+        """Run (or restore) the phase's static filter and start its prompt sampler."""
+        pc, data = self.cfg.phases[index], self.phases[index]
+        enabled = self.cfg.filter.enabled if pc.static_filter is None else pc.static_filter
+        if enabled and data.name not in self.filters:
+            t0 = time.perf_counter()
+            samples = self.cfg.filter.samples or self.cfg.rollout.group_size
+            sampling = self._sampling(pc, sampling_seed(self.cfg.train.seed, f"filter:{data.name}", 0))
+            result = static_filter(self.engine, data, self.scorer, samples=samples, sampling=sampling,
+                                   batch_prompts=self.cfg.filter.batch_prompts)  # fmt: skip
+            self.filters[data.name] = result.kept
+            log.info("static filter, phase %s: %d prompts x %d samples, kept %d, dropped %d never solved and %d "
+                     "always solved (%.1f s)", data.name, result.stats["prompts"], samples, result.stats["kept"],
+                     result.stats["all_wrong"], result.stats["all_right"], time.perf_counter() - t0)  # fmt: skip
+            (self.out_dir / "static_filter").mkdir(exist_ok=True)
+            report = {"samples": samples, "stats": result.stats, "accuracy": result.accuracy, "kept": result.kept}
+            (self.out_dir / "static_filter" / f"{data.name}.json").write_text(json.dumps(report) + "\n")
+        for s in data.sources:
+            s.kept = self.filters[data.name][s.name] if data.name in self.filters else list(range(len(s.records)))
+        state = None
+        if self._cursors is not None and self._cursors["phase"] == index:
+            state = self._cursors["position"]
+        self._cursors = None
+        self.sampler = MixtureSampler(data, index, self.cfg.train.seed, state)
+
+    def _sampling(self, pc, seed: int) -> SamplingConfig:
+        ro = self.cfg.rollout
+        return SamplingConfig(ro.temperature, ro.top_p, pc.max_tokens or ro.max_tokens, seed)
+
+    def _ctx(self):
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+
+    def _head(self, row: RLRow):
+        """(hidden [T, H], weight, bias) of the LM head for a row, in the autocast dtype when autocast is on."""
+        body = getattr(self.model, self.model.base_model_prefix)
+        hidden = body(**row.row.model_inputs()).last_hidden_state[0]
+        head = self.model.get_output_embeddings()
+        return head_inputs(hidden, head.weight, head.bias)
+
+    @torch.no_grad()
+    def _old_logprobs(self, rows: Sequence[RLRow]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Trainer log-probs of every row's targets before the update, plus entropy and the gap to the engine's."""
+        olds, ent, gap_sum, gap_max, count = [], 0.0, 0.0, torch.zeros(()), 0
+        for r in rows:
+            with self._ctx():
+                h, w, b = self._head(r)
+                logp, entropy = linear_logprob(h, w, r.row.targets, bias=b, return_entropy=True,
+                                               backend=self.cfg.loss.backend)  # fmt: skip
+            valid = r.row.targets != -100
+            gap = (logp - r.rollout_logp).abs()[valid]
+            olds.append(logp)
+            ent = ent + entropy[valid].sum()
+            gap_sum = gap_sum + gap.sum()
+            gap_max = torch.maximum(gap_max.to(gap.device), gap.max() if gap.numel() else gap.new_zeros(()))
+            count += int(sum(r.num_valid))
+        n = max(count, 1)
+        return olds, {"entropy_mean": ent / n, "logp_gap_mean": gap_sum / n, "logp_gap_max": gap_max}
+
+    def _update(self, groups, adv: torch.Tensor) -> dict:
+        """Old log-probs, then one optimizer step per minibatch of groups; returns the update's metrics."""
+        cfg, lc = self.cfg, self.cfg.loss
+        size = cfg.rollout.group_size
+        parts = [p for p in np.array_split(np.arange(len(groups)), min(lc.minibatches, len(groups))) if len(p)]
+        minibatches = [[int(g) * size + j for g in part for j in range(size)] for part in parts]
+        rows = [[r.to(self.device) for r in pack_sequences(groups, ids, lc.token_budget)] for ids in minibatches]
+        olds, stats = self._old_logprobs([r for mb in rows for r in mb])
+        adv = adv.to(self.device, torch.float32)
+        sums = {k: torch.zeros((), device=self.device) for k in (*TOKEN_MEANS, "loss")}
+        ratio_max, gnorms, k = torch.zeros((), device=self.device), [], 0
+        for mb in rows:
+            self.optimizer.zero_grad(set_to_none=True)
+            for r, scale in zip(mb, row_scales(mb, lc.aggregation)):
+                with self._ctx():
+                    h, w, b = self._head(r)
+                    out = mgpo_loss(h, w, r.row.targets, bias=b, seq_index=r.seq_index,
+                                    group_index=torch.zeros(len(r.seq_ids), dtype=torch.int64, device=self.device),
+                                    advantages=adv[r.seq_ids], old_logp=olds[k],
+                                    rollout_logp=r.rollout_logp if lc.truncated_is else None, eps_low=lc.eps_low,
+                                    eps_high=lc.eps_high, aggregation=lc.aggregation, tis_cap=lc.tis_cap,
+                                    num_groups=1, backend=lc.backend)  # fmt: skip
+                (out.loss * scale).backward()
+                valid = sum(r.num_valid)
+                for key in TOKEN_MEANS:
+                    sums[key] += out.metrics[key] * valid
+                sums["loss"] += out.loss.detach() * scale
+                ratio_max = torch.maximum(ratio_max, out.metrics["ratio_max"])
+                k += 1
+            gnorms.append(clip_gradients(self.model, cfg.optim.grad_clip))
+            self.optimizer.step()
+        self.scheduler.step()
+        tokens = max(sum(sum(r.num_valid) for mb in rows for r in mb), 1)
+        metrics = {key: sums[key] / tokens for key in TOKEN_MEANS}
+        metrics |= {"loss": sums["loss"] / len(rows), "ratio_max": ratio_max, "grad_norm": torch.stack(gnorms).max(),
+                    "rows": sum(map(len, rows)), **stats}  # fmt: skip
+        return metrics
+
+    def step(self) -> dict:
+        """One RL step (see the module docstring); returns its metrics record (host values)."""
+        cfg, s = self.cfg, self.step_count
+        plan, _, _ = locate(self.plans, s)
+        if self.sampler is None or self.sampler.phase != plan.index:
+            self._enter_phase(plan.index)
+        pc, data, size = cfg.phases[plan.index], self.phases[plan.index], cfg.rollout.group_size
+        t0 = time.perf_counter()
+        picks = self.sampler.draw(s, cfg.rollout.prompts_per_step)
+        records = [data.sources[i].records[j] for i, j in picks]
+        sampling = self._sampling(pc, sampling_seed(cfg.train.seed, "step", s))
+        groups = self.engine.generate([self.engine.chat_prompt(r.prompt) for r in records], n=size, sampling=sampling)
+        t1 = time.perf_counter()
+        completions = [c for g in groups for c in g.completions]
+        rewards = torch.tensor(self.scorer([(r, c.text) for r, g in zip(records, groups) for c in g.completions]),
+                               dtype=torch.float64)  # fmt: skip
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        group_index = torch.arange(len(groups)).repeat_interleave(size)
+        l2s = pc.long2short_lambda if pc.long2short else None
+        adv, weights, used = group_advantages(rewards, lengths, group_index, num_groups=len(groups),
+                                              mgpo_lambda=cfg.loss.mgpo_lambda, scale=cfg.loss.scale,
+                                              long2short_lambda=l2s)  # fmt: skip
+        t2 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        upd = self._update(groups, adv)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t3 = time.perf_counter()
+        self.engine.update_weights(self.model.state_dict().items())
+        t4 = time.perf_counter()
+        self.step_count += 1
+        grouped = rewards.view(len(groups), size)
+        record = {
+            "step": self.step_count, "phase": data.name, "lr": lr,
+            "reward_mean": rewards.mean().item(), "pass_rate": (rewards == 1).double().mean().item(),
+            "reward_used_mean": used.mean().item(), "mgpo_weight_mean": weights.mean().item(),
+            "zero_adv_groups": (grouped.amax(1) == grouped.amin(1)).double().mean().item(),
+            "response_length_mean": lengths.double().mean().item(), "response_length_max": int(lengths.max()),
+            "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            **{k: (v.item() if torch.is_tensor(v) else v) for k, v in upd.items()},
+            "completion_tokens": int(lengths.sum()), "time_generate_s": t1 - t0, "time_score_s": t2 - t1,
+            "time_update_s": t3 - t2, "time_sync_s": t4 - t3, "time_step_s": t4 - t0,
+            "sources": {n: sum(data.sources[i].name == n for i, _ in picks) for n in (x.name for x in data.sources)},
+        }  # fmt: skip
+        if not (np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"])):
+            raise FloatingPointError(f"non-finite loss or gradient norm at step {self.step_count}: {record}")
+        return record
+
+    def save(self) -> Path:
+        plan, _, _ = locate(self.plans, min(self.step_count, self.total - 1))
+        sampler = self.sampler
+        state = {"step": self.step_count, "phase": plan.index, "phase_name": plan.name,
+                 "cursors": None if sampler is None else {"phase": sampler.phase, "position": sampler.state()},
+                 "filters": self.filters, "data_fingerprint": self.fingerprint, "plan": self.signature(),
+                 "config": config_to_dict(self.cfg)}  # fmt: skip
+        path = save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
+                               self.cfg.checkpoint.keep_last)  # fmt: skip
+        if self.cfg.logging.plot:
+            plot_curves(self.metrics_path, self.out_dir)
+        log.info("checkpoint %s", path)
+        return path
+
+    def run(self, on_step: Callable[[RLTrainer, dict], None] | None = None) -> RLResult:
+        """Train to `train.max_steps` or the end of the last phase; returns a summary.
+
+        on_step(trainer, record) is called after each step (weights synced, metrics written), e.g. to probe the engine.
+        """
+        from tqdm.auto import tqdm
+
+        cfg, last, ckpt = self.cfg, None, None
+        bar = tqdm(total=self.stop, initial=self.step_count, disable=not cfg.logging.progress, dynamic_ncols=True,
+                   desc="rl")  # fmt: skip
+        while self.step_count < self.stop:
+            record = self.step()
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", len=f"{record['response_length_mean']:.0f}")
+            if self.step_count % cfg.logging.every == 0 or self.step_count == self.stop:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                last = record
+            if cfg.checkpoint.every and self.step_count % cfg.checkpoint.every == 0 and self.step_count < self.stop:
+                ckpt = self.save()
+            if on_step is not None:
+                on_step(self, record)
+        bar.close()
+        if cfg.checkpoint.save_final and self.step_count > self.start:
+            ckpt = self.save()
+        elif cfg.logging.plot and self.metrics_path.stat().st_size:
+            plot_curves(self.metrics_path, self.out_dir)
+        return RLResult(self.step_count, self.out_dir, ckpt, self.engine.name, last, self.filters)
+
+    def close(self) -> None:
+        self.scorer.close()
+        self.engine.close()
+
+
+def train(cfg: RLConfig) -> RLResult:
+    """Run the RL phases of `cfg` (see the module docstring) and release the engine."""
+    trainer = RLTrainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
