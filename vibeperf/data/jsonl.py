@@ -4,8 +4,9 @@ SFT lines: `{"messages": [{"role": "system"|"user"|"assistant", "content": str},
 message, or `{"prompt": str, "response": str}` (read as a user and an assistant message); optional `"weight"` (a loss
 weight, finite and >= 0, default 1.0).
 RL lines: `{"prompt": str, "domain": str, "answer": str|int|float}` or `{"prompt", "domain", "tests": [{"input": str,
-"output": str}, ...]}` (exactly one of answer and tests); optional `"id"` (string or integer). Numeric answers and ids
-are kept as strings (`str(value)`).
+"output": str}, ...]}` (exactly one of answer and tests); optional `"id"` (string or integer) and `"subdomain"` (a
+non-empty string, e.g. "geometry", used to group evaluation results and to select checkpoints per subdomain). Numeric
+answers and ids are kept as strings (`str(value)`).
 
 Blank lines are skipped and keys not named here are ignored. Every line is checked before anything is returned; the
 first bad one raises `DataError` naming `file:line` and the field, e.g.
@@ -68,6 +69,7 @@ class RLRecord:
     answer: str | None = None
     tests: tuple[CodeTest, ...] | None = None
     id: str | None = None
+    subdomain: str | None = None
 
 
 class _FieldError(Exception):
@@ -154,14 +156,14 @@ def _parse_rl(obj: Mapping[str, Any]) -> RLRecord:
     domain = _field(obj, "domain", (str,), nonempty=True)
     record_id = _field(obj, "id", (str, int), default=None)
     record_id = None if record_id is None else str(record_id)
+    subdomain = _field(obj, "subdomain", (str,), default=None, nonempty=True)
     if _exactly_one(obj, "answer", "tests") == "answer":
-        return RLRecord(
-            prompt, domain, answer=str(_field(obj, "answer", (str, int, float), nonempty=True)), id=record_id
-        )
+        answer = str(_field(obj, "answer", (str, int, float), nonempty=True))
+        return RLRecord(prompt, domain, answer=answer, id=record_id, subdomain=subdomain)
     tests = tuple(
         CodeTest(_field(t, "input", (str,), w), _field(t, "output", (str,), w)) for w, t in _items(obj, "tests")
     )
-    return RLRecord(prompt, domain, tests=tests, id=record_id)
+    return RLRecord(prompt, domain, tests=tests, id=record_id, subdomain=subdomain)
 
 
 def _read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
