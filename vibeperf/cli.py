@@ -34,25 +34,17 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_sft(args: argparse.Namespace) -> int:
-    import json
+    from vibeperf.config import SFTConfig, run_recipe_command
 
-    from vibeperf.config import SFTConfig, config_to_dict, describe_config, load_config
+    def run(cfg: SFTConfig) -> int:
+        from vibeperf.sft.trainer import train
 
-    if args.describe:
-        print("\n".join(describe_config(SFTConfig)))
+        result = train(cfg)
+        print(f"sft: {result.steps} steps, last loss {result.last_loss}, output {result.output_dir}, "
+              f"checkpoint {result.last_checkpoint}, attention {result.attention}")  # fmt: skip
         return 0
-    if args.recipe is None:
-        raise SystemExit("vibeperf sft: a recipe file is needed (e.g. recipes/sft_tiny.toml)")
-    cfg = load_config(SFTConfig, args.recipe, args.overrides)
-    if args.print_config:
-        print(json.dumps(config_to_dict(cfg), indent=1))
-        return 0
-    from vibeperf.sft.trainer import train
 
-    result = train(cfg)
-    print(f"sft: {result.steps} steps, last loss {result.last_loss}, output {result.output_dir}, "
-          f"checkpoint {result.last_checkpoint}, attention {result.attention}")  # fmt: skip
-    return 0
+    return run_recipe_command(SFTConfig, args, run, "sft")
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ directory. This module also holds the sections shared by the trainers and the SF
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -26,7 +27,7 @@ import sys
 import textwrap
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -471,3 +472,17 @@ class SFTConfig:
         names = [s.name for s in self.stages]
         check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
         check(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+
+
+def run_recipe_command(cls: type[T], args: argparse.Namespace, run: Callable[[T], int], name: str) -> int:
+    """The body of a recipe subcommand: `--describe`, `--print-config`, or load the recipe and `run` it."""
+    if args.describe:
+        print("\n".join(describe_config(cls)))
+        return 0
+    if args.recipe is None:
+        raise SystemExit(f"vibeperf {name}: a recipe file is needed (e.g. recipes/{name}_tiny.toml)")
+    cfg = load_config(cls, args.recipe, args.overrides)
+    if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=1))
+        return 0
+    return run(cfg)

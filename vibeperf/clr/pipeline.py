@@ -484,16 +484,10 @@ def format_summary(summary: dict) -> str:
 
 def run_cli(args) -> int:
     """The `vibeperf clr` subcommand (arguments as `vibeperf.cli._recipe_arguments` declares them)."""
-    from vibeperf.config import describe_config, load_config
+    from vibeperf.config import run_recipe_command
 
-    if args.describe:
-        print("\n".join(describe_config(CLRConfig)))
+    def run(cfg: CLRConfig) -> int:
+        print(format_summary(run_clr(cfg)))
         return 0
-    if args.recipe is None:
-        raise SystemExit("vibeperf clr: a recipe file is needed (e.g. recipes/clr_tiny.toml)")
-    cfg = load_config(CLRConfig, args.recipe, args.overrides)
-    if args.print_config:
-        print(json.dumps(config_to_dict(cfg), indent=1))
-        return 0
-    print(format_summary(run_clr(cfg)))
-    return 0
+
+    return run_recipe_command(CLRConfig, args, run, "clr")

@@ -174,7 +174,7 @@ def cli_main(args) -> int:
     """`vibeperf distill RECIPE [key=value ...]`."""
     import sys
 
-    from vibeperf.eval.config import run_recipe_command
+    from vibeperf.config import run_recipe_command
 
     def run(cfg: DistillConfig) -> int:
         try:

@@ -7,14 +7,11 @@ recipe-driven subcommands (`--describe`, `--print-config`, load, run).
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from vibeperf.config import check, config_to_dict, describe_config, load_config
+from vibeperf.config import check
 
 T = TypeVar("T")
 
@@ -178,17 +175,3 @@ class SpectrumConfig:
         check(all(w >= 0 for w in self.weights) and (not n_w or sum(self.weights) > 0), "weights",
               f"must be >= 0 with a positive sum, got {self.weights}")  # fmt: skip
         check(self.max_problems >= 0, "max_problems", f"must be >= 0, got {self.max_problems}")
-
-
-def run_recipe_command(cls: type[T], args: argparse.Namespace, run: Callable[[T], int], name: str) -> int:
-    """The body of a recipe subcommand: `--describe`, `--print-config`, or load the recipe and `run` it."""
-    if args.describe:
-        print("\n".join(describe_config(cls)))
-        return 0
-    if args.recipe is None:
-        raise SystemExit(f"vibeperf {name}: a recipe file is needed (e.g. recipes/{name}_tiny.toml)")
-    cfg = load_config(cls, args.recipe, args.overrides)
-    if args.print_config:
-        print(json.dumps(config_to_dict(cfg), indent=1))
-        return 0
-    return run(cfg)

@@ -201,7 +201,7 @@ def run_eval(cfg: EvalConfig, *, engine: RolloutEngine | None = None, progress: 
 
 def cli_main(args) -> int:
     """`vibeperf eval RECIPE [key=value ...]`."""
-    from vibeperf.eval.config import run_recipe_command
+    from vibeperf.config import run_recipe_command
 
     def run(cfg: EvalConfig) -> int:
         result = run_eval(cfg)

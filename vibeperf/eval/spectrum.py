@@ -288,7 +288,7 @@ def run_spectrum(
 
 def cli_main(args) -> int:
     """`vibeperf spectrum RECIPE [key=value ...]`."""
-    from vibeperf.eval.config import run_recipe_command
+    from vibeperf.config import run_recipe_command
 
     def run(cfg: SpectrumConfig) -> int:
         result = run_spectrum(cfg)
