@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in one call: set-up and build, GPU tests, benchmarks.
-#   bash scripts/gpu_all.sh [all|build|test|bench] [extra benchmark args...]
+#   bash scripts/gpu_all.sh [all|build|test|bench|model] [extra benchmark args...]
+# all = build + `-m gpu` tests (perf floors included) + B1-B3 (benchmarks.run) + B6; model = B4 (SFT step) and B5
+# (64K scoring) through the 3B-shaped model, plus compute-sanitizer on the CUDA path.
 # Baseline wheels (Liger-Kernel 0.8.5, Cut Cross-Entropy 25.1.1) are taken from .whl/ when present.
 # Writes logs and results JSON under $OUT (the device tool's output folder) when it is set.
 set -uo pipefail
@@ -23,6 +25,12 @@ if [[ "$what" == all || "$what" == test ]]; then
 fi
 if [[ "$what" == all || "$what" == bench ]]; then
   python3 -m benchmarks.run "$@" 2>&1 | tee "$OUT/bench.log"; rc=$(( rc | PIPESTATUS[0] ))
-  cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
+  python3 -m benchmarks.b6_clr 2>&1 | tee -a "$OUT/bench.log"; rc=$(( rc | PIPESTATUS[0] ))
 fi
+if [[ "$what" == model ]]; then
+  python3 -m benchmarks.b4_sft 2>&1 | tee "$OUT/b4.log"; rc=$(( rc | PIPESTATUS[0] ))
+  python3 -m benchmarks.b5_score 2>&1 | tee "$OUT/b5.log"; rc=$(( rc | PIPESTATUS[0] ))
+  bash scripts/sanitize_cuda.sh memcheck 2>&1 | tee "$OUT/sanitize.log"; rc=$(( rc | PIPESTATUS[0] ))
+fi
+cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
 exit $rc
