@@ -1,4 +1,4 @@
-"""Packed-sequence SFT with a curriculum of stages, on one device.
+"""Packed-sequence SFT with a curriculum of stages, on one device (or many under torchrun, see the end).
 
 What a run does, in order:
 1. Reads the recipe (TOML/JSON plus `key=value` overrides) into `vibeperf.config.SFTConfig`.
@@ -26,7 +26,15 @@ Launch lines:
     python -m vibeperf sft recipes/sft_tiny.toml                                   # CPU, tiny model, under a minute
     python -m vibeperf sft recipes/sft_vibethinker.toml model.path=/ckpt/Qwen2.5-Coder-3B   # one GPU
     python -m vibeperf sft recipes/sft_vibethinker.toml checkpoint.resume=latest  # continue a run
-Multi-GPU (torchrun + FSDP2) is not wired in yet: this trainer runs on one device.
+Multi-GPU (torchrun + FSDP2, `vibeperf.distributed`; the same script, nothing changes without torchrun):
+    torchrun --nproc-per-node 8 -m vibeperf sft recipes/sft_vibethinker.toml                # one node, 8 GPUs
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 --rdzv-id RUN \
+        -m vibeperf sft recipes/sft_vibethinker.toml                                 # on each of 2 nodes
+Under torchrun each block and the root are `fully_shard`-ed (bf16 params/compute, fp32 reduce on CUDA; fp32 on the
+CPU with gloo), each rank runs rows rank, rank + world, ... of the step's packed rows (padded with zero-weight rows
+so every rank runs the same number of micro-batches), the loss-token count is all-reduced before the first
+micro-batch, and checkpoints also hold a DCP directory (`dcp/`, model + optimizer shards) next to the full
+Hugging Face export written by rank 0; a run resumes on any number of processes. Only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vibeperf import distributed as vdist
 from vibeperf.config import SFTConfig, config_to_dict
 from vibeperf.kernels import linear_cross_entropy
 from vibeperf.sft import attention
@@ -142,14 +151,21 @@ def plan_signature(cfg: SFTConfig, plans: Sequence[StagePlan]) -> dict:
 
 
 def forward_backward(
-    model, rows: Sequence[PackedRow], *, loss_backend: str = "auto", autocast_dtype: torch.dtype | None = None
+    model,
+    rows: Sequence[PackedRow],
+    *,
+    loss_backend: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+    fsdp_root=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate into `.grad` the gradients of one optimizer step's loss over `rows` (one micro-batch each).
 
     loss = sum over all rows' tokens of token_weight * nll / (number of loss tokens in all rows), the count taken
     on the device before the first micro-batch. Returns (loss [] fp32, loss-token count [] int64), detached, on the
-    model's device, without a host sync.
+    model's device, without a host sync. Under torchrun pass `fsdp_root` (from `vibeperf.distributed.shard_model`).
     """
+    if fsdp_root is not None:
+        return _forward_backward_sharded(fsdp_root, rows, loss_backend, autocast_dtype)
     device = next(model.parameters()).device
     rows = [r.to(device) for r in rows]
     n_loss = torch.stack([(r.targets != IGNORE_INDEX).sum() for r in rows]).sum()
@@ -169,6 +185,25 @@ def forward_backward(
     return total, n_loss
 
 
+def _forward_backward_sharded(root, rows, loss_backend, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward_backward under FSDP2: this rank's share of `rows`, the loss-token count summed over ranks first;
+    returns the loss summed over ranks."""
+    device = next(root.parameters()).device
+    mine = [(r.to(device), real) for r, real in vdist.rank_rows(rows)]
+    n_local = torch.stack([(r.targets != IGNORE_INDEX).sum() * real for r, real in mine]).sum()
+    n_loss = vdist.global_loss_tokens(n_local)
+    inv = 1.0 / n_loss.clamp_min(1).to(torch.float32)
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    for row, real in mine:
+        with ctx:
+            loss = root(row.model_inputs(), row.targets, row.token_weight * (inv * real), backend=loss_backend)
+        loss.backward()
+        total += loss.detach()
+    torch.distributed.all_reduce(total)
+    return total, n_loss
+
+
 def make_optimizer(model, cfg: SFTConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only; fused on CUDA, foreach elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -185,8 +220,8 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
     """Global grad norm [] (device tensor); grads scaled to `max_norm` when it is > 0 (foreach kernels)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        return vdist.to_full(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    return vdist.to_full(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
 
 
 def rng_state() -> dict:
@@ -226,6 +261,31 @@ def save_checkpoint(out_dir: Path, model, tokenizer, optimizer, scheduler, state
     if keep_last:
         for old in list_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_checkpoint_sharded(out_dir: Path, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+    """save_checkpoint under torchrun (a collective): DCP shards of model + optimizer in `dcp/`, the full HF export
+    and the scheduler / RNG / JSON state from rank 0; the temporary directory name is the same on every rank."""
+    root = out_dir / "checkpoints"
+    final = root / f"step_{state['step']:08d}"
+    tmp = root / f".{final.name}.tmp-sharded"
+    if vdist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    vdist.save_sharded(tmp / "dcp", model, optimizer)
+    vdist.export_full(model, tmp, tokenizer)
+    if vdist.rank() == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / STATE_PT)
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep_last:
+            for old in list_checkpoints(out_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
     return final
 
 
@@ -302,6 +362,10 @@ def train(cfg: SFTConfig) -> TrainResult:
 
     out_dir = Path(cfg.output_dir)
     device = resolve_device(cfg.train.device)
+    device = vdist.init_distributed(device.type) or device
+    main = vdist.rank() == 0
+    if not main:
+        log.setLevel(logging.WARNING)
     precision = resolve_precision(cfg.train.precision, device)
     src = model_path(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -321,6 +385,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     model = load_model(cfg.model, os.fspath(resume) if resume else src, device, precision)
     backend, why = attention.resolve_attention(cfg.model.attention, device, compute_dtype(precision))
     log.info("device %s, precision %s, attention %s: %s", device, precision, backend, why)
+    fsdp_root = vdist.shard_model(model, vdist.default_mp_policy(device)) if vdist.is_distributed() else None
     optimizer = make_optimizer(model, cfg, device)
     base_lr = cfg.optim.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(plans, s) / base_lr)
@@ -334,19 +399,26 @@ def train(cfg: SFTConfig) -> TrainResult:
             raise RuntimeError(f"{resume}: batch size, seed or stages changed since this checkpoint (checkpoint "
                                f"{state['plan']}, now {plan_signature(cfg, plans)}); an exact resume is impossible")
         blob = torch.load(resume / STATE_PT, weights_only=False)
-        optimizer.load_state_dict(blob["optimizer"])
+        if "optimizer" in blob and fsdp_root is None:
+            optimizer.load_state_dict(blob["optimizer"])
+        elif (resume / "dcp").is_dir():
+            vdist.load_sharded(resume / "dcp", model, optimizer)
+        else:
+            raise NotImplementedError(f"{resume}: a single-process checkpoint has no sharded optimizer state (dcp/); "
+                                      "resume it in one process")
         scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(blob["rng"])
         step = state["step"]
         log.info("resumed from %s at step %d (stage %s, epoch %d, batch %d)", resume, step, state["stage_name"],
                  state["epoch"], state["batch"])  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1) + "\n")
     metrics_path = out_dir / "metrics.jsonl"
-    if step:
-        _trim_metrics(metrics_path, step)
-    else:
-        metrics_path.write_text("")
+    if main:
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1) + "\n")
+        if step:
+            _trim_metrics(metrics_path, step)
+        else:
+            metrics_path.write_text("")
 
     n_params = matmul_params(model)
     peak = cfg.logging.peak_tflops or measure_peak_tflops(device)
@@ -357,7 +429,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     interval = {"steps": 0, "tokens": 0, "flops": 0.0, "t0": time.perf_counter(), "first": step}
     last_loss, last_ckpt, start = None, None, step
-    bar = tqdm(total=stop, initial=step, disable=not cfg.logging.progress, dynamic_ncols=True, desc="sft")
+    bar = tqdm(total=stop, initial=step, disable=not (cfg.logging.progress and main), dynamic_ncols=True, desc="sft")
 
     def position(s: int) -> dict:
         plan, epoch, batch = locate(plans, s) if s < total else (plans[-1], plans[-1].epochs, 0)
@@ -365,8 +437,9 @@ def train(cfg: SFTConfig) -> TrainResult:
                 "data_fingerprint": fingerprint, "plan": plan_signature(cfg, plans), "config": config_to_dict(cfg)}
 
     def checkpoint(s: int) -> Path:
-        path = save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, position(s), cfg.checkpoint.keep_last)
-        if cfg.logging.plot:
+        save = save_checkpoint_sharded if fsdp_root is not None else save_checkpoint
+        path = save(out_dir, model, tokenizer, optimizer, scheduler, position(s), cfg.checkpoint.keep_last)
+        if cfg.logging.plot and main:
             plot_loss(metrics_path, out_dir / "loss.png")
         log.info("checkpoint %s", path)
         return path
@@ -380,7 +453,8 @@ def train(cfg: SFTConfig) -> TrainResult:
         samples: list[Sample] = [stages[plan.index].samples[i] for i in idx]
         rows = pack_rows(samples, stages[plan.index].token_budget)
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = forward_backward(model, rows, loss_backend=cfg.train.loss_backend, autocast_dtype=autocast_dtype)
+        loss, _ = forward_backward(model, rows, loss_backend=cfg.train.loss_backend, autocast_dtype=autocast_dtype,
+                                   fsdp_root=fsdp_root)  # fmt: skip
         gnorm = clip_gradients(model, cfg.optim.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -406,8 +480,9 @@ def train(cfg: SFTConfig) -> TrainResult:
             }  # fmt: skip
             if step - start <= cfg.logging.every:
                 record["attention"] = dict(attention.ATTENTION_CALLS)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
             loss_sum.zero_()
             interval.update(steps=0, tokens=0, flops=0.0, t0=time.perf_counter(), first=step)
@@ -416,8 +491,9 @@ def train(cfg: SFTConfig) -> TrainResult:
     bar.close()
     if cfg.checkpoint.save_final and step > start:
         last_ckpt = checkpoint(step)
-    elif cfg.logging.plot and metrics_path.stat().st_size:
+    elif cfg.logging.plot and main and metrics_path.stat().st_size:
         plot_loss(metrics_path, out_dir / "loss.png")
     log.info("done: %d steps, last loss %s, attention calls %s", step, last_loss, dict(attention.ATTENTION_CALLS))
+    vdist.destroy_distributed()
     return TrainResult(step, last_loss, out_dir, last_ckpt, dict(attention.ATTENTION_CALLS),
                        [{"name": p.name, "steps": p.num_steps, **sd.stats} for p, sd in zip(plans, stages)])

@@ -1,0 +1,188 @@
+"""torchrun + FSDP2 helpers for the trainers; every function is a no-op (or the plain single-process path) when the
+process was not started by torchrun.
+
+- `init_distributed()` reads RANK / WORLD_SIZE / LOCAL_RANK from torchrun's environment and starts the default
+  process group: NCCL on CUDA (one GPU per local rank), gloo on the CPU.
+- `shard_model(model, mp_policy)` applies `fully_shard` to each transformer block (`model.model.layers[i]`), then to
+  a `FusedLossLM` root that wraps the whole causal LM; the root group holds the embeddings, final norm and LM head.
+  Reduce-scatter sums (divide factor 1, plain SUM: gloo has no PREMUL_SUM): the loss is already divided by the
+  global loss-token count.
+- LM head and the fused loss: the loss kernel takes `lm_head.weight` directly, outside the HF module's forward, so
+  the loss is computed inside `FusedLossLM.forward`. Calling the FSDP root through `__call__` all-gathers the root
+  group (embeddings, norm, head) before the body runs and registers the post-backward reduce-scatter of their
+  gradients; calling `model.model(...)` and reading `lm_head.weight` by hand would see a sharded DTensor and would
+  leave the head's gradient unreduced. The alternative (each rank keeps a vocabulary shard and the kernel's
+  log-sum-exp pieces are all-reduced) saves the head all-gather but needs a vocab-parallel kernel; not done.
+- `global_loss_tokens(n)`: all-reduce (SUM) of the step's loss-token count on the device, before the micro-batches.
+- `clip_gradients`: `clip_grad_norm_(foreach=True)` works on DTensor gradients (the norm is a DTensor; its full value
+  is taken for logging).
+- `save_sharded` / `load_sharded`: `torch.distributed.checkpoint` of model + optimizer (`get_state_dict` /
+  `set_state_dict`), loadable by any number of processes, including one without a process group.
+  `export_full(model, path)`: gathers the full state dict and writes the Hugging Face checkpoint from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vibeperf.kernels import linear_cross_entropy
+from vibeperf.sft.patch import head_inputs
+
+
+def is_distributed() -> bool:
+    """True when the default process group is initialised (by `init_distributed` under torchrun, or by the caller)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def init_distributed(device_type: str | None = None) -> torch.device | None:
+    """Start the process group from torchrun's environment; returns this rank's device, or None without torchrun."""
+    if not launched_by_torchrun():
+        return None
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    local = int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return device
+
+
+def destroy_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def default_mp_policy(device: torch.device):
+    """bf16 parameters and compute with fp32 gradient reduction on CUDA; None (full fp32) on the CPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+class FusedLossLM(nn.Module):
+    """The FSDP root: body + fused LM-head cross-entropy in one forward (see the module docstring for why)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, model_inputs: dict, targets: torch.Tensor, token_weight: torch.Tensor, backend: str = "auto"):
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        head = self.lm.get_output_embeddings()
+        hidden = body(**model_inputs).last_hidden_state[0]  # [T, H]
+        h, w, b = head_inputs(hidden, head.weight, head.bias)
+        return linear_cross_entropy(h, w, targets, bias=b, reduction="sum", token_weight=token_weight,
+                                    backend=backend)  # fmt: skip
+
+
+def shard_model(model: nn.Module, mp_policy=None) -> FusedLossLM:
+    """fully_shard each block of `model.model.layers`, then the `FusedLossLM` root; returns the root.
+
+    `model` keeps working as the HF module (its parameters become DTensor shards); train through the returned root.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    body = getattr(model, model.base_model_prefix)
+    for layer in body.layers:
+        fully_shard(layer, **kw)
+    root = fully_shard(FusedLossLM(model), **kw)
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return root
+
+
+def global_loss_tokens(n_local: torch.Tensor) -> torch.Tensor:
+    """The loss-token count summed over ranks (an all-reduce on the device; no host sync); identity alone."""
+    if not is_distributed():
+        return n_local
+    n = n_local.clone()
+    dist.all_reduce(n, op=dist.ReduceOp.SUM)
+    return n
+
+
+def rank_rows(rows: Sequence, r: int | None = None, world: int | None = None) -> list[tuple[object, bool]]:
+    """This rank's micro-batches: rows r, r + world, ...; every rank gets the same count (FSDP's collectives must
+    match), padded with a zero-weight copy of a row. Returns (row, real) pairs."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    per_rank = -(-len(rows) // world)
+    mine = list(rows[r::world])
+    return [(row, True) for row in mine] + [(rows[0], False)] * (per_rank - len(mine))
+
+
+def to_full(t: torch.Tensor) -> torch.Tensor:
+    """The full value of a DTensor (a collective), the tensor itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global grad norm [] over (possibly sharded) parameters; grads scaled to `max_norm` when it is > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    return to_full(norm)
+
+
+def save_sharded(path: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """DCP checkpoint of model + optimizer under `path` (every rank writes its shards; a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.fspath(path))
+
+
+def load_sharded(path: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a `save_sharded` checkpoint into `model` / `optimizer`, resharded to the current number of processes.
+
+    The optimizer must already hold its state tensors (one step taken, or `optimizer` freshly built and initialised
+    by `get_state_dict`, which does so)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=os.fspath(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def export_full(model: nn.Module, path: Path | str, tokenizer=None) -> None:
+    """Gather the full state dict (a collective, offloaded to the CPU) and write the HF checkpoint from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        model.save_pretrained(path, state_dict=sd, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    if is_distributed():
+        dist.barrier()
