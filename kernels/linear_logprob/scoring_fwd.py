@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, LOG2E, combine_partials, online_softmax_rows, online_softmax_vec
+from .triton_fwd import INTERPRET, LOG2E, combine_partials, online_softmax_rows, row_softmax_state
 
 TILE_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_TILE_MB", "32")) * 2**20
 CHUNK_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_SCORE_MB", "1024")) * 2**20
@@ -121,16 +121,7 @@ def lmhead_row_stats_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        mask = offs < V
-        z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m, s, t = online_softmax_vec(m, s, t, z * scale_log2, mask, WANT_ENTROPY)
+    m, s, t = row_softmax_state(z_row, b_ptr, V, scale_log2, HAS_BIAS, WANT_ENTROPY, BLOCK_V)
     tgt = tl.load(tgt_ptr + row)
     safe = tl.where(tgt != ignore_index, tgt, 0)
     z_t = tl.load(z_row + safe).to(tl.float32)

@@ -49,6 +49,23 @@ def online_softmax_vec(m, s, t, z, valid, WANT_T: tl.constexpr):
     return m_new, s, t
 
 
+@triton.jit
+def row_softmax_state(z_row, b_ptr, V, scale_log2, HAS_BIAS: tl.constexpr, WANT_T: tl.constexpr,
+                      BLOCK_V: tl.constexpr):  # fmt: skip
+    """Stream one row of raw logits (plus bias) in BLOCK_V pieces into its online-softmax state (m, s, t), base 2."""
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    t = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m, s, t = online_softmax_vec(m, s, t, z * scale_log2, mask, WANT_T)
+    return m, s, t
+
+
 def _fwd_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 32}, num_warps=4, num_stages=1)]

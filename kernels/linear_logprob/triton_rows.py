@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, LN2, LOG2E, online_softmax_vec
+from .triton_fwd import INTERPRET, LN2, LOG2E, row_softmax_state
 
 LOSS_GIVEN = 0  # g_logp / g_ent hold upstream gradients of logp / entropy
 LOSS_NLL = 1  # loss = sum_t w_t * nll_t: g_logp holds w_t, so dLoss/dlogp = -w_t
@@ -122,16 +122,7 @@ def lmhead_row_grad_kernel(
     valid = tgt != ignore_index
     safe_tgt = tl.where(valid, tgt, 0)
 
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        mask = offs < V
-        z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m, s, t = online_softmax_vec(m, s, t, z * scale_log2, mask, WANT_ENTROPY or GRAD_ENTROPY)
+    m, s, t = row_softmax_state(z_row, b_ptr, V, scale_log2, HAS_BIAS, WANT_ENTROPY or GRAD_ENTROPY, BLOCK_V)
     lse2 = m + tl.log2(s)
     z_t = tl.load(z_row + safe_tgt).to(tl.float32)
     if HAS_BIAS:
