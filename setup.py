@@ -10,6 +10,7 @@ Environment switches:
 
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
@@ -48,7 +49,7 @@ def _extensions():
         )
     else:
         ext = CppExtension("vibeperf._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules, cmdclass = _extensions()

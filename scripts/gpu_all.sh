@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in one call: set-up and build, GPU tests, benchmarks.
-#   bash scripts/gpu_all.sh [all|build|test|bench|model] [extra benchmark args...]
-# all = build + `-m gpu` tests (perf floors included) + B1-B3 (benchmarks.run) + B6; model = B4 (SFT step) and B5
-# (64K scoring) through the 3B-shaped model, plus compute-sanitizer on the CUDA path.
-# Baseline wheels (Liger-Kernel 0.8.5, Cut Cross-Entropy 25.1.1) are taken from .whl/ when present.
-# Writes logs and results JSON under $OUT (the device tool's output folder) when it is set.
+#   bash scripts/gpu_all.sh [STEP[=SECONDS]...] [-- extra benchmark args]
+# Steps (run in the order given; default `all` = build test bench):
+#   build     set-up + build of vibeperf._C (always run first, whatever the list says)
+#   cuda      backend="cuda" GPU tests + compute-sanitizer memcheck over the CUDA path
+#   test      every `-m gpu` test (perf-regression floors included)
+#   bench     B1-B3 (benchmarks.run, extra args passed on) + B6 (CLR aggregator)
+#   model     B4 (packed SFT step, 3B shape) + B5 (64K-token scoring, 3B shape)
+#   dist      multi-GPU checks (benchmarks.dist_check: FSDP2 SFT/RL 2 GPUs vs 1, resume 2 -> 1, scaling)
+# Each step runs under its own time limit (=SECONDS, default 600) so one hang does not take the call's other steps
+# with it. Baseline wheels (Liger-Kernel 0.8.5, Cut Cross-Entropy 25.1.1) are taken from .whl/ when present.
+# Logs and results JSON go to $OUT (the device tool's output folder) when it is set. Exit status: non-zero when any
+# step failed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-what="${1:-all}"; shift || true
+steps=(); bench_args=()
+while (($#)); do
+  if [[ "$1" == -- ]]; then shift; bench_args=("$@"); break; fi
+  steps+=("$1"); shift
+done
+((${#steps[@]})) || steps=(all)
 OUT="${OUT:-/tmp/vibeperf-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -16,21 +28,42 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 t0=$(date +%s)
+export MAX_JOBS="${MAX_JOBS:-16}"
 source scripts/setup_env.sh 2>&1 | tee "$OUT/setup.log"
 echo "[gpu_all] setup+build: $(( $(date +%s) - t0 )) s"
+[[ -f build/setup-build.log ]] && cp build/setup-build.log "$OUT/" 2>/dev/null
 python3 -c "import vibeperf._ext as e; print('extension:', e.HAS_EXT, 'cuda part:', e.HAS_CUDA_EXT, e.EXT_ERROR or '')"
+
 rc=0
-if [[ "$what" == all || "$what" == test ]]; then
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log"; rc=$(( rc | PIPESTATUS[0] ))
-fi
-if [[ "$what" == all || "$what" == bench ]]; then
-  python3 -m benchmarks.run "$@" 2>&1 | tee "$OUT/bench.log"; rc=$(( rc | PIPESTATUS[0] ))
-  python3 -m benchmarks.b6_clr 2>&1 | tee -a "$OUT/bench.log"; rc=$(( rc | PIPESTATUS[0] ))
-fi
-if [[ "$what" == model ]]; then
-  python3 -m benchmarks.b4_sft 2>&1 | tee "$OUT/b4.log"; rc=$(( rc | PIPESTATUS[0] ))
-  python3 -m benchmarks.b5_score 2>&1 | tee "$OUT/b5.log"; rc=$(( rc | PIPESTATUS[0] ))
-  bash scripts/sanitize_cuda.sh memcheck 2>&1 | tee "$OUT/sanitize.log"; rc=$(( rc | PIPESTATUS[0] ))
-fi
-cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
+run_step() {  # run_step SECONDS LOG CMD...   (appends to $OUT/LOG)
+  local secs="$1" log="$2"; shift 2
+  echo "[gpu_all] $* (limit ${secs} s)" | tee -a "$OUT/$log"
+  local s=$(date +%s)
+  timeout --signal=INT --kill-after=20 "$secs" "$@" 2>&1 | tee -a "$OUT/$log"
+  local r=${PIPESTATUS[0]}
+  echo "[gpu_all] exit $r after $(( $(date +%s) - s )) s: $*" | tee -a "$OUT/$log"
+  rc=$(( rc | (r != 0) ))
+}
+for spec in "${steps[@]}"; do
+  name="${spec%%=*}"; secs=600; [[ "$spec" == *=* ]] && secs="${spec#*=}"
+  case "$name" in
+    all) run_step "$secs" gpu_tests.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/
+         run_step "$secs" bench.log python3 -m benchmarks.run "${bench_args[@]}"
+         run_step "$secs" bench.log python3 -m benchmarks.b6_clr ;;
+    build) ;;
+    cuda) run_step "$secs" cuda.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_backend.py
+          run_step "$secs" cuda.log bash scripts/sanitize_cuda.sh memcheck ;;
+    test) run_step "$secs" gpu_tests.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/ ;;
+    bench) run_step "$secs" bench.log python3 -m benchmarks.run "${bench_args[@]}"
+           run_step "$secs" bench.log python3 -m benchmarks.b6_clr ;;
+    model) run_step "$secs" model.log python3 -m benchmarks.b4_sft
+           run_step "$secs" model.log python3 -m benchmarks.b5_score ;;
+    dist) run_step "$secs" dist.log python3 -m benchmarks.dist_check ;;
+    *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, model, dist, all)"; rc=1 ;;
+  esac
+done
+# The device tool returns at most 8 files: everything goes back as one archive (new results + logs).
+mkdir -p "$OUT/results"
+find benchmarks/results -newer "$OUT/gpu.txt" -type f -exec cp {} "$OUT/results/" \;
+tar czf /tmp/vibeperf-out.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/vibeperf-out.tgz "$OUT/"
 exit $rc
