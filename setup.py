@@ -59,6 +59,7 @@ setup(
     description="Performance-first post-training for small reasoning LLMs (VibeThinker recipe)",
     packages=PACKAGES,
     package_dir={"vibeperf.kernels": "kernels"},
+    package_data={"vibeperf.kernels.linear_logprob": ["backend_table.json"]},
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

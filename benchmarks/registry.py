@@ -219,10 +219,10 @@ def _b3_impls() -> dict[str, Impl]:
         importance_sampling_level="token",
     )  # fmt: skip
 
-    def ours(x):
+    def ours(x, backend="triton"):
         loss = mgpo_loss(x["hidden"], x["weight"], x["targets"], seq_index=x["seq_index"], group_index=x["group_index"],
                          rewards=x["rewards"], old_logp=x["old_logp"], mgpo_lambda=B3_LAMBDA,
-                         num_groups=B3_SEQS // B3_GROUP, backend="triton").loss  # fmt: skip
+                         num_groups=B3_SEQS // B3_GROUP, backend=backend).loss  # fmt: skip
         return ("mgpo", *_grads(loss, x))
 
     def liger_fn(x):
@@ -238,6 +238,7 @@ def _b3_impls() -> dict[str, Impl]:
 
     return {
         "vibeperf-triton": Impl(ours),
+        "vibeperf-cuda": Impl(lambda x: ours(x, backend="cuda"), skip=_cuda_ext_skip),
         "vibeperf-ce(B2)": Impl(lambda x: ("ce", *_grads(linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
                                                                               backend="triton"), x))),  # fmt: skip
         "liger": Impl(liger_fn, skip=lambda n: liger_err),

@@ -28,3 +28,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmhead_logprob_fwd_cuda(const at:
                                                                       const std::optional<at::Tensor>& bias,
                                                                       double temperature, int64_t ignore_index,
                                                                       bool want_entropy, int64_t chunk);
+
+// MGPO clipped policy loss (the closed form of kernels/linear_logprob/triton_rows.mgpo_token_grad) in the row kernel:
+// token_weight [N] (w_t of loss = -sum_t w_t objective_t), adv / old_logp [N] and rollout_logp / ref_logp [N] or None,
+// all fp32; out [N, 6] fp32 receives the per-token terms (objective, ratio, kl, clipped low, clipped high, IS capped;
+// 0 on ignored rows). Returns (logp, lse, entropy, dh or [0], dW or [0], db or [0]) as lmhead_chunked_cuda.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lmhead_mgpo_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& token_weight, const at::Tensor& adv,
+    const at::Tensor& old_logp, const std::optional<at::Tensor>& rollout_logp,
+    const std::optional<at::Tensor>& ref_logp, const at::Tensor& out, double clip_low, double clip_high,
+    double tis_cap, double beta, double temperature, int64_t ignore_index, bool need_dh, bool need_dw,
+    int64_t chunk);

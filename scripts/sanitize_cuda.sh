@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # compute-sanitizer over the CUDA LM-head path (vibeperf._C: row kernel + cuBLASLt GEMMs) on small odd cases: every
 # dtype, V not a multiple of the vector width (1009, 131: padded rows, scalar tails), a bias, ignored rows, entropy,
-# chunks of 13 rows and of 1, the no-grad forward, the fused NLL and the recompute backward. Run on the GPU machine
-# after building the extension:
+# chunks of 13 rows and of 1, the no-grad forward, the fused NLL, the recompute backward and the MGPO loss (TIS, KL,
+# with and without gradients). Run on the GPU machine after building the extension:
 #   bash scripts/sanitize_cuda.sh [memcheck|racecheck|initcheck|synccheck]      (default memcheck)
 # Exits non-zero when the sanitizer reports an error or the script fails.
 set -euo pipefail
@@ -14,7 +14,7 @@ trap 'rm -f "$script"' EXIT
 cat >"$script" <<'PY'
 import torch
 from vibeperf import _ext
-from vibeperf.kernels import linear_cross_entropy, linear_logprob
+from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
 from vibeperf.kernels.linear_logprob import cuda_backend
 
 assert _ext.HAS_CUDA_EXT, f"vibeperf._C has no CUDA part ({_ext.EXT_ERROR})"
@@ -36,6 +36,15 @@ for n, v, h, dtype, with_bias in cases:
         cuda_backend.lmhead_chunked(hidden.detach(), weight.detach(), targets, None if bias is None else bias.detach(),
                                     temperature=1.0, ignore_index=-100, loss=cuda_backend.LOSS_NLL,
                                     g_logp=torch.ones(n, device="cuda"), want_entropy=True, chunk=chunk)
+    # MGPO closed form in the row kernel: TIS, KL, ignored rows; with gradients and without
+    seq = torch.arange(n, device="cuda") * 4 // n
+    old = torch.randn(n, device="cuda", generator=g) - 5
+    kw = dict(seq_index=seq, group_index=torch.tensor([0, 0, 1, 1], device="cuda"),
+              rewards=torch.tensor([1.0, 0.0, 1.0, 1.0], device="cuda"), old_logp=old, rollout_logp=old + 0.1,
+              ref_logp=old - 0.2, beta=0.05, bias=bias, backend="cuda")
+    mgpo_loss(hidden, weight, targets, **kw).loss.backward()
+    with torch.no_grad():
+        mgpo_loss(hidden, weight, targets, **kw)
 torch.cuda.synchronize()
 print("sanitize cases ran:", len(cases))
 PY

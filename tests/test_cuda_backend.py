@@ -8,6 +8,7 @@ CUDA tensors, plus the full Qwen2.5 head (V = 151,936); on the CPU only the clea
 from __future__ import annotations
 
 import pytest
+import test_mgpo_kernel as mk
 import torch
 import torch.nn.functional as F
 from test_linear_logprob import (
@@ -23,12 +24,14 @@ from test_linear_logprob import (
 )
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
 from vibeperf.kernels.linear_logprob import (
+    autoselect,
     chunked,
     cuda_backend,
     linear_cross_entropy_reference,
     linear_logprob_reference,
     ops,
 )
+from vibeperf.kernels.mgpo import mgpo_loss_reference as mgpo_reference
 
 from vibeperf import _ext
 
@@ -64,12 +67,22 @@ def test_cuda_backend_needs_cuda_tensors(monkeypatch):
         linear_logprob(hidden, weight, targets, backend="cuda")
 
 
-def test_mgpo_has_no_cuda_backend_yet():
+def test_mgpo_cuda_backend_needs_the_extension_and_cuda_tensors(monkeypatch):
     hidden, weight, targets, _ = make_case(4, 10, 8, torch.float32)
-    with pytest.raises(NotImplementedError, match="not built for this op"):
-        mgpo_loss(hidden, weight, targets, seq_index=torch.zeros(4, dtype=torch.long),
-                  group_index=torch.zeros(1, dtype=torch.long), rewards=torch.ones(1), old_logp=torch.zeros(4),
-                  backend="cuda")  # fmt: skip
+    kw = dict(seq_index=torch.zeros(4, dtype=torch.long), group_index=torch.zeros(1, dtype=torch.long),
+              rewards=torch.ones(1), old_logp=torch.zeros(4), backend="cuda")  # fmt: skip
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)
+    with pytest.raises(RuntimeError, match="backend='cuda' needs vibeperf._C built with CUDA"):
+        mgpo_loss(hidden, weight, targets, **kw)
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", True)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        mgpo_loss(hidden, weight, targets, **kw)
+
+
+def test_chunk_below_one_is_refused_before_the_extension():
+    hidden, weight, targets, _ = make_case(4, 10, 8, torch.float32)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        cuda_backend._chunk(4, weight, 0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -244,3 +257,115 @@ def test_cuda_cross_entropy_grads_full_vocab(n):
     for i, name in enumerate(("loss", "dh", "dW")):
         lo_err = rel_err(low[i][:m] if name == "dh" else low[i], ref_m[i][:m] if name == "dh" else ref_m[i])
         assert rel_err(ours[i], ref[i]) <= 2 * lo_err + 1e-6, name
+
+
+# --- MGPO loss through the CUDA row kernel: the cases and tolerances of tests/test_mgpo_kernel.py ---
+
+
+def _mgpo_cuda(c, **kw):
+    """(loss, metrics, dh, dW, db) of mgpo_loss(backend="cuda") on the case moved to the GPU, returned on the CPU."""
+    import dataclasses
+
+    moved = {f.name: getattr(c, f.name).cuda() for f in dataclasses.fields(c)
+             if isinstance(getattr(c, f.name), torch.Tensor)}  # fmt: skip
+    loss, metrics, *grads = mk.run(mgpo_loss, dataclasses.replace(c, **moved), backend="cuda", **kw)
+    return loss.cpu(), {k: v.cpu() for k, v in metrics.items()}, *[None if g is None else g.cpu() for g in grads]
+
+
+@pytest.mark.parametrize("case,case_kw,loss_kw", [c[1:] for c in mk.FP32_CASES], ids=[c[0] for c in mk.FP32_CASES])
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_mgpo_fp32_matches_reference(case, case_kw, loss_kw):
+    c = mk.make_case(**case, **case_kw)
+    errs = mk.errors(_mgpo_cuda(c, num_groups=c.num_groups, **loss_kw), mk.run(mgpo_reference, c, **loss_kw), c)
+    assert max(errs.values()) <= mk.FP32_TOL, errs
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_mgpo_bf16_and_chunks(monkeypatch):
+    """bf16 within twice plain PyTorch (as the Triton test), and 16-token chunks with a ragged last one in fp32."""
+    for _, case_kw, loss_kw in mk.BF16_CASES:
+        c = mk.make_case(**mk.BASE, dtype=torch.bfloat16, dim=64, **case_kw)
+        ours = _mgpo_cuda(c, num_groups=c.num_groups, **loss_kw)
+        ref = mk.run(mgpo_reference, c, up=True, **loss_kw)
+        low = mk.run(mgpo_reference, c, eager_low_precision=True, **loss_kw)
+        ours_err, low_err = mk.errors(ours, ref, c), mk.errors(low, ref, c)
+        bad = {k: (e, low_err[k]) for k, e in ours_err.items() if e > 2 * low_err[k] + 1e-6}
+        assert not bad, f"{loss_kw}: (ours, plain bf16) errors: {bad}"
+    c = mk.make_case([7, 9, 3, 11, 8], [0, 0, 0, 1, 1], [1.0, 0.0, 1.0, 0.0, 1.0], clip=True, rollout=True, ref=True,
+                  interleave=True, ignored=(5, 20))  # fmt: skip
+    kw = dict(beta=0.1, mgpo_lambda=1.0)
+    monkeypatch.setattr(chunked, "chunk_rows", lambda *args, **k: 16)
+    errs = mk.errors(_mgpo_cuda(c, num_groups=2, **kw), mk.run(mgpo_reference, c, **kw), c)
+    assert max(errs.values()) <= mk.FP32_TOL, errs
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-sum-norm"])
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_mgpo_qwen_head_matches_reference(agg):
+    """The Triton GPU test's case (16 sequences, V = 151,936, bf16, TIS, lambda = 1) through backend="cuda"."""
+    c = mk.gpu_case()
+    kw = dict(aggregation=agg, mgpo_lambda=1.0)
+    errs = mk.errors(mk.run(mgpo_loss, c, num_groups=4, backend="cuda", **kw),
+                  mk.reference_by_sequences(c, seqs_per_piece=2, **kw), c)  # fmt: skip
+    assert max(errs.values()) <= 4 * mk.U_BF16, errs
+
+
+# --- backend="auto": the measured table (kernels/linear_logprob/autoselect.py) ---
+
+ENTRIES = [
+    {"gpu": "G", "work": "train", "dtype": "bfloat16", "H": 64, "V": 1000, "N": 1024, "winner": "cuda"},
+    {"gpu": "G", "work": "train", "dtype": "bfloat16", "H": 64, "V": 1000, "N": 4096, "winner": "triton"},
+    {"gpu": "G", "work": "forward", "dtype": "bfloat16", "H": 64, "V": 1000, "N": 1024, "winner": "cuda"},
+]
+
+
+@pytest.mark.parametrize(
+    "work,gpu,dtype,n,want",
+    [
+        ("train", "G", torch.bfloat16, 1500, "cuda"),  # log2: 1500 is nearer 1024 than 4096
+        ("train", "G", torch.bfloat16, 2048, "cuda"),  # a tie on the log scale goes to the smaller N
+        ("train", "G", torch.bfloat16, 3000, "triton"),
+        ("train", "G", torch.bfloat16, 10**6, "triton"),
+        ("forward", "G", torch.bfloat16, 10**6, "cuda"),
+        ("mgpo", "G", torch.bfloat16, 1024, "triton"),  # no entry for this work
+        ("train", "other GPU", torch.bfloat16, 1024, "triton"),
+        ("train", "G", torch.float16, 1024, "triton"),
+    ],
+)
+def test_auto_table_rule(work, gpu, dtype, n, want):
+    assert autoselect.choose(work, gpu, dtype, n, 64, 1000, entries=ENTRIES) == want
+    assert autoselect.choose(work, gpu, dtype, n, 64, 999, entries=ENTRIES) == "triton"  # another shape
+
+
+def test_auto_resolution_on_cuda_and_cpu_devices(monkeypatch):
+    from vibeperf.kernels.linear_logprob import resolve_backend
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, has_cuda_path=True, auto=lambda: "cuda") == "cuda"
+    assert resolve_backend("auto", cuda, has_cuda_path=False, auto=lambda: "cuda") == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend("auto", torch.device("cpu"), has_cuda_path=True, auto=lambda: "cuda") == "torch"
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)  # no CUDA part: never "cuda", whatever the table says
+    hidden, weight, _, _ = make_case(4, 10, 8, torch.float32)
+    assert autoselect.auto_backend("train", hidden, weight) == "triton"
+    with pytest.raises(ValueError, match="work must be one of"):
+        autoselect.choose("backward", "G", torch.bfloat16, 1, 1, 1, entries=ENTRIES)
+
+
+def test_backend_table_margin_and_committed_table_is_current():
+    from benchmarks import backend_table
+
+    def row(impl, n, ms, ok=True):
+        return {"id": "B2", "impl": impl, "n_tokens": n, "ms": ms, "correct": ok}
+
+    doc = {"_file": "x.json", "machine": {"gpu": "G", "date": "2026-01-01"}, "results": [
+        row("vibeperf-triton", 8, 100.0), row("vibeperf-cuda", 8, 96.0),  # 4% faster: cuda
+        row("vibeperf-triton", 16, 100.0), row("vibeperf-cuda", 16, 98.0),  # 2%: within the margin, triton
+        row("vibeperf-triton", 32, 100.0), row("vibeperf-cuda", 32, None, ok=False),  # cuda wrong: no entry
+    ]}  # fmt: skip
+    entries = backend_table.build_table([doc])["entries"]
+    assert [(e["work"], e["N"], e["winner"]) for e in entries] == [("train", 8, "cuda"), ("train", 16, "triton")]
+    assert backend_table.main(["--check"]) == 0, "run `python -m benchmarks.backend_table`"

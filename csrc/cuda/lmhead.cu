@@ -53,17 +53,24 @@ struct Elem<__nv_bfloat16> {
   __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
 };
 
-// Online softmax state in base 2: m the running max (from -inf), s = sum 2^(x - m), t = sum 2^(x - m) x.
+// Online softmax state in base 2: m the running max (from -inf), s = sum 2^(x - m), t = sum 2^(x - m) (x - m).
+// t is kept relative to the running max, so the entropy log2(s) - t / s carries no cancellation when the logits are
+// large (as triton_fwd.online_softmax_rows).
 struct SoftmaxState {
   float m, s, t;
 };
+
+// The state's t moved to a new (larger or equal) max m_new and scaled by 2^(m - m_new); 0 while the state is empty.
+__device__ __forceinline__ float rebase_t(const SoftmaxState& st, float m_new, float scale) {
+  return st.s > 0.f ? scale * fmaf(st.s, st.m - m_new, st.t) : 0.f;
+}
 
 __device__ __forceinline__ SoftmaxState combine(SoftmaxState a, SoftmaxState b) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return {m, 0.f, 0.f};
   const float ea = exp2f(a.m - m);
   const float eb = exp2f(b.m - m);
-  return {m, a.s * ea + b.s * eb, a.t * ea + b.t * eb};
+  return {m, a.s * ea + b.s * eb, rebase_t(a, m, ea) + rebase_t(b, m, eb)};
 }
 
 __device__ __forceinline__ SoftmaxState warp_combine(SoftmaxState st) {
@@ -88,12 +95,13 @@ __device__ __forceinline__ void fold(SoftmaxState& st, const float (&x)[N], bool
   float s = 0.f, t = 0.f;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    const float p = exp2f(x[j] - m_new);
+    const float xc = x[j] - m_new;
+    const float p = exp2f(xc);
     s += p;
-    if (want_t) t = fmaf(p, x[j], t);
+    if (want_t) t = fmaf(p, p > 0.f ? xc : 0.f, t);  // a -inf logit (from the bias) adds nothing, not NaN
   }
+  if (want_t) st.t = rebase_t(st, m_new, alpha) + t;
   st.s = fmaf(st.s, alpha, s);
-  st.t = fmaf(st.t, alpha, t);
   st.m = m_new;
 }
 
@@ -110,14 +118,59 @@ __device__ __forceinline__ void unpack(const uint4& raw, const float* bias, int6
   }
 }
 
+// MGPO terms of one token (the closed form of triton_rows.mgpo_token_grad): writes the row's kMgpoOutputs terms and
+// returns d objective / d logp. objective = min(ratio A', clip(ratio) A') * is_w - beta * kl, ratio =
+// exp(logp - old_logp), is_w = min(exp(old_logp - rollout_logp), tis_cap) (a constant), kl = exp(ref - logp) -
+// (ref - logp) - 1. The clipped side of the min is the smaller one exactly when a clip flag is set; it is flat in logp.
+__device__ __forceinline__ float mgpo_token_grad(const MgpoTokens& m, int64_t row, float logp, bool valid) {
+  float* out = m.out + row * kMgpoOutputs;
+  if (!valid) {
+#pragma unroll
+    for (int k = 0; k < kMgpoOutputs; ++k) out[k] = 0.f;
+    return 0.f;
+  }
+  const float adv = m.adv[row], old_logp = m.old_logp[row];
+  const float ratio = expf(logp - old_logp);
+  const bool low = ratio < m.clip_low && adv < 0.f;
+  const bool high = ratio > m.clip_high && adv > 0.f;
+  float objective = fminf(ratio * adv, fminf(fmaxf(ratio, m.clip_low), m.clip_high) * adv);
+  float d_objective = (low || high) ? 0.f : ratio * adv;
+  bool capped = false;
+  if (m.rollout_logp != nullptr) {
+    const float is_raw = expf(old_logp - m.rollout_logp[row]);
+    const float is_w = fminf(is_raw, m.tis_cap);
+    objective *= is_w;
+    d_objective *= is_w;
+    capped = is_raw > m.tis_cap;
+  }
+  float kl = 0.f;
+  if (m.ref_logp != nullptr) {
+    const float delta = m.ref_logp[row] - logp;
+    const float e = expf(delta);
+    kl = e - delta - 1.f;
+    objective -= m.beta * kl;
+    d_objective -= m.beta * (1.f - e);
+  }
+  out[0] = objective;
+  out[1] = ratio;
+  out[2] = kl;
+  out[3] = low ? 1.f : 0.f;
+  out[4] = high ? 1.f : 0.f;
+  out[5] = capped ? 1.f : 0.f;
+  return d_objective;
+}
+
 // The per-token gradient coefficient g = dLoss/dlogp, formed once per row right after the log-sum-exp.
 __device__ __forceinline__ float token_grad_coefficient(const TokenGrad& grad, int64_t row, float logp, bool valid) {
-  if (!valid) return 0.f;
   switch (grad.loss) {
+    case kLossMgpo: {
+      const float d_objective = mgpo_token_grad(grad.mgpo, row, logp, valid);  // writes the terms, ignored rows too
+      return valid ? -grad.g_logp[row] * d_objective : 0.f;
+    }
     case kLossNll:
-      return -grad.g_logp[row];
+      return valid ? -grad.g_logp[row] : 0.f;
     default:
-      return grad.g_logp[row];
+      return valid ? grad.g_logp[row] : 0.f;
   }
 }
 
@@ -166,7 +219,7 @@ __global__ void __launch_bounds__(kRowThreads) lmhead_row_grad_kernel(RowArgs ar
   if (tid == 0 && valid && in_range) zt = (Elem<T>::load(zrow[tgt]) + (bias != nullptr ? bias[tgt] : 0.f)) * scale;
 
   __shared__ SoftmaxState warp_states[kRowWarps];
-  __shared__ float row_consts[4];
+  __shared__ float row_consts[5];
   st = warp_combine(st);
   if ((tid & 31) == 0) warp_states[tid >> 5] = st;
   __syncthreads();
@@ -175,17 +228,21 @@ __global__ void __launch_bounds__(kRowThreads) lmhead_row_grad_kernel(RowArgs ar
     st = warp_combine(st);
     if (tid == 0) {
       const float lse2 = st.m + log2f(st.s);
-      const float mean2 = st.t / st.s;
+      const float mean_zc = st.t / st.s;  // E_p[x] - m, base 2
       // an out-of-range target (neither a vocabulary id nor ignore_index) gives NaN rather than a stray read
       const float logp = !valid ? 0.f : (in_range ? (zt - lse2) * kLn2 : NAN);
       args.logp[row] = logp;
       args.lse[row] = lse2 * kLn2;
-      if (args.entropy != nullptr) args.entropy[row] = valid ? (lse2 - mean2) * kLn2 : 0.f;
+      if (args.entropy != nullptr) args.entropy[row] = valid ? (log2f(st.s) - mean_zc) * kLn2 : 0.f;
+      // MGPO writes its per-token terms here, also without gradients; the scoring forward has no g_logp to read
+      const bool want_g = args.write_grad || args.grad.loss == kLossMgpo;
+      const float g = want_g ? token_grad_coefficient(args.grad, row, logp, valid) : 0.f;
       if (args.write_grad) {
         row_consts[0] = lse2;
-        row_consts[1] = mean2;
-        row_consts[2] = token_grad_coefficient(args.grad, row, logp, valid);
+        row_consts[1] = st.m;
+        row_consts[2] = g;
         row_consts[3] = (valid && args.grad.g_ent != nullptr) ? args.grad.g_ent[row] * kLn2 : 0.f;
+        row_consts[4] = mean_zc;
       }
     }
   }
@@ -193,14 +250,15 @@ __global__ void __launch_bounds__(kRowThreads) lmhead_row_grad_kernel(RowArgs ar
   __syncthreads();
 
   // dL/dz = (g (onehot(y) - p) + g_H p (E_p[z] - z)) / temperature, z the tempered logits (here in base 2, so the
-  // entropy term carries ln 2).
-  const float lse2 = row_consts[0], mean2 = row_consts[1], g = row_consts[2], g_ent = row_consts[3];
+  // entropy term carries ln 2; E_p[z] - z = mean_zc - (x - m), both relative to the row max m).
+  const float lse2 = row_consts[0], m = row_consts[1], g = row_consts[2], g_ent = row_consts[3];
+  const float mean_zc = row_consts[4];
   const float inv_temp = args.inv_temp;
   const int64_t hit = (valid && in_range) ? tgt : -1;
   auto grad_of = [&](float x, int64_t col) {
     const float p = exp2f(x - lse2);
     float d = -g * p;
-    if (g_ent != 0.f) d = fmaf(g_ent * p, mean2 - x, d);
+    if (g_ent != 0.f) d = fmaf(g_ent * p, mean_zc - (x - m), d);
     if (col == hit) d += g;
     return d * inv_temp;
   };

@@ -13,14 +13,24 @@ namespace vibeperf::lmhead {
 enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // The per-token gradient coefficient g = dLoss/dlogp of the row kernel; the values match triton_rows.LOSS_*.
-// A loss with a closed form in (logp, per-token inputs), such as MGPO, adds a value here, its [rows] arrays to
-// TokenGrad and one case to token_grad_coefficient() in lmhead.cu.
-enum Loss : int { kLossGiven = 0, kLossNll = 1 };
+enum Loss : int { kLossGiven = 0, kLossNll = 1, kLossMgpo = 2 };
+constexpr int kMgpoOutputs = 6;  // triton_rows.MGPO_OUTPUTS: objective, ratio, kl, clip_low, clip_high, tis_capped
+
+// Per-token inputs of kLossMgpo (all [rows] fp32) and its [rows, kMgpoOutputs] fp32 output (0 on ignored rows).
+struct MgpoTokens {
+  const float* adv = nullptr;           // A' of the token's sequence
+  const float* old_logp = nullptr;
+  const float* rollout_logp = nullptr;  // or nullptr: no truncated importance sampling
+  const float* ref_logp = nullptr;      // or nullptr: no KL term
+  float* out = nullptr;
+  float clip_low = 0.8f, clip_high = 1.2f, tis_cap = 2.f, beta = 0.f;
+};
 
 struct TokenGrad {
   int loss = kLossGiven;
-  const float* g_logp = nullptr;  // [rows]: upstream dL/dlogp (kLossGiven) or the token weight w_t (kLossNll)
+  const float* g_logp = nullptr;  // [rows]: upstream dL/dlogp (kLossGiven) or the token weight w_t (kLossNll, Mgpo)
   const float* g_ent = nullptr;   // [rows] upstream dL/dentropy, or nullptr
+  MgpoTokens mgpo;                // kLossMgpo only
 };
 
 struct RowArgs {

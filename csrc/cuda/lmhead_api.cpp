@@ -79,10 +79,22 @@ struct Outputs {
   at::Tensor logp, lse, entropy, dh, dw, db;
 };
 
+// kLossMgpo's per-token tensors ([N] fp32; out [N, kMgpoOutputs] fp32, written) and constants.
+struct MgpoInputs {
+  at::Tensor adv, old_logp;
+  std::optional<at::Tensor> rollout_logp, ref_logp;
+  at::Tensor out;
+  double clip_low, clip_high, tis_cap, beta;
+};
+
+const float* opt_ptr(const std::optional<at::Tensor>& t, int64_t offset) {
+  return t.has_value() ? t->data_ptr<float>() + offset : nullptr;
+}
+
 Outputs run_chunks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& g_logp,
                    const std::optional<at::Tensor>& g_entropy, double temperature, int64_t ignore_index, int64_t loss,
-                   bool want_entropy, bool need_dh, bool need_dw, int64_t chunk) {
+                   bool want_entropy, bool need_dh, bool need_dw, int64_t chunk, const MgpoInputs* mgpo = nullptr) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.device().index()).stream();
   const int64_t n = hidden.size(0), hdim = hidden.size(1), vocab = weight.size(0);
@@ -131,6 +143,17 @@ Outputs run_chunks(const at::Tensor& hidden, const at::Tensor& weight, const at:
     args.grad.loss = static_cast<int>(loss);
     args.grad.g_logp = g_ptr != nullptr ? g_ptr + i0 : nullptr;
     args.grad.g_ent = ge_ptr != nullptr ? ge_ptr + i0 : nullptr;
+    if (mgpo != nullptr) {
+      args.grad.mgpo.adv = mgpo->adv.data_ptr<float>() + i0;
+      args.grad.mgpo.old_logp = mgpo->old_logp.data_ptr<float>() + i0;
+      args.grad.mgpo.rollout_logp = opt_ptr(mgpo->rollout_logp, i0);
+      args.grad.mgpo.ref_logp = opt_ptr(mgpo->ref_logp, i0);
+      args.grad.mgpo.out = mgpo->out.data_ptr<float>() + i0 * lm::kMgpoOutputs;
+      args.grad.mgpo.clip_low = static_cast<float>(mgpo->clip_low);
+      args.grad.mgpo.clip_high = static_cast<float>(mgpo->clip_high);
+      args.grad.mgpo.tis_cap = static_cast<float>(mgpo->tis_cap);
+      args.grad.mgpo.beta = static_cast<float>(mgpo->beta);
+    }
     lm::row_grad(args, dtype, stream);
     if (need_dh) {
       void* dh_c = static_cast<char*>(out.dh.data_ptr()) + i0 * hdim * elem;
@@ -181,4 +204,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmhead_logprob_fwd_cuda(const at:
   Outputs o = run_chunks(hidden, weight, targets, bias, std::nullopt, std::nullopt, temperature, ignore_index,
                          lm::kLossGiven, want_entropy, false, false, chunk);
   return {o.logp, o.lse, o.entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lmhead_mgpo_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& token_weight, const at::Tensor& adv,
+    const at::Tensor& old_logp, const std::optional<at::Tensor>& rollout_logp,
+    const std::optional<at::Tensor>& ref_logp, const at::Tensor& out, double clip_low, double clip_high,
+    double tis_cap, double beta, double temperature, int64_t ignore_index, bool need_dh, bool need_dw,
+    int64_t chunk) {
+  check_head(hidden, weight, targets, bias, temperature, chunk);
+  const int64_t n = hidden.size(0);
+  auto check_f32 = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "vibeperf lmhead (cuda): ", name, " must be fp32, got ",
+                t.scalar_type());
+    check_vector(t, name, n, hidden);
+  };
+  check_f32(token_weight, "token_weight");
+  check_f32(adv, "adv");
+  check_f32(old_logp, "old_logp");
+  if (rollout_logp.has_value()) check_f32(*rollout_logp, "rollout_logp");
+  if (ref_logp.has_value()) check_f32(*ref_logp, "ref_logp");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == n &&
+                  out.size(1) == lm::kMgpoOutputs && out.is_contiguous() && out.device() == hidden.device(),
+              "vibeperf lmhead (cuda): out must be a contiguous fp32 [", n, ", ", lm::kMgpoOutputs, "] tensor on ",
+              hidden.device(), ", got ", out.scalar_type(), " ", out.sizes());
+  const MgpoInputs mgpo{adv, old_logp, rollout_logp, ref_logp, out, clip_low, clip_high, tis_cap, beta};
+  Outputs o = run_chunks(hidden, weight, targets, bias, token_weight, std::nullopt, temperature, ignore_index,
+                         lm::kLossMgpo, true, need_dh, need_dw, chunk, &mgpo);
+  return {o.logp, o.lse, o.entropy, o.dh, o.dw, o.db};
 }

@@ -1,8 +1,9 @@
 """Token log-prob / NLL / entropy of an LM head, fused: `linear_logprob` and `linear_cross_entropy`.
 
-backend="auto" picks "triton" for CUDA tensors (and on the CPU when TRITON_INTERPRET=1, the test set-up), else
-"torch" (chunked plain PyTorch). "cuda" is the vibeperf._C path (cuBLASLt GEMMs and a CUDA row kernel,
-`cuda_backend.py`), chosen only explicitly; it needs the extension built with CUDA and CUDA tensors.
+backend="auto": on CUDA tensors "triton" or "cuda" (the vibeperf._C path: cuBLASLt GEMMs and a CUDA row kernel,
+`cuda_backend.py`) by the measured table of `autoselect.py` (Triton wherever the table has no entry or the extension
+has no CUDA part); on the CPU "torch" (chunked plain PyTorch), or "triton" when TRITON_INTERPRET=1 (the test
+set-up). An explicit "cuda" needs the extension built with CUDA and CUDA tensors.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-from . import cuda_backend, ops
+from . import autoselect, cuda_backend, ops
 from .reference import linear_cross_entropy_reference, linear_logprob_reference
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "linear_logprob_reference", "linear_cross_entropy_reference"]
@@ -19,8 +20,9 @@ __all__ = ["linear_logprob", "linear_cross_entropy", "linear_logprob_reference",
 BACKENDS = ("auto", "triton", "torch", "cuda")
 
 
-def resolve_backend(backend: str, device: torch.device, has_cuda_path: bool = False) -> str:
-    """The backend that runs; has_cuda_path says whether the calling op has a "cuda" (vibeperf._C) implementation."""
+def resolve_backend(backend: str, device: torch.device, has_cuda_path: bool = False, auto=None) -> str:
+    """The backend that runs; has_cuda_path says whether the calling op has a "cuda" (vibeperf._C) implementation;
+    auto: a zero-argument callable giving "auto"'s choice on CUDA tensors (`autoselect.auto_backend` of the call)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cuda":
@@ -31,7 +33,9 @@ def resolve_backend(backend: str, device: torch.device, has_cuda_path: bool = Fa
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got {device}")
         return backend
     if backend == "auto":
-        return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+        if device.type == "cuda":
+            return auto() if (has_cuda_path and auto is not None) else "triton"
+        return "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     return backend
@@ -82,7 +86,9 @@ def linear_logprob(
     differentiable w.r.t. hidden, weight and bias.
     """
     check_head_inputs(hidden, weight, targets, bias, temperature)
-    backend = resolve_backend(backend, hidden.device, has_cuda_path=True)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    backend = resolve_backend(backend, hidden.device, has_cuda_path=True,
+                              auto=lambda: autoselect.auto_backend("train" if grad else "forward", hidden, weight))
     hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
     logp, _, ent = ops.linear_logprob_op(
         hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy), backend
@@ -116,7 +122,12 @@ def linear_cross_entropy(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     check_head_inputs(hidden, weight, targets, bias, temperature)
-    backend = resolve_backend(backend, hidden.device, has_cuda_path=True)
+    grad_on = torch.is_grad_enabled()
+    need_dh = grad_on and hidden.requires_grad
+    need_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    work = "train" if (need_dh or need_dw) else "forward"
+    backend = resolve_backend(backend, hidden.device, has_cuda_path=True,
+                              auto=lambda: autoselect.auto_backend(work, hidden, weight))  # fmt: skip
     hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
     n = hidden.shape[0]
     w = torch.ones(n, device=hidden.device, dtype=torch.float32)
@@ -126,9 +137,6 @@ def linear_cross_entropy(
         w = token_weight.to(torch.float32).contiguous()
     if reduction == "mean":
         w = w / (targets != ignore_index).sum().clamp_min(1)  # stays on the device: no host sync
-    grad_on = torch.is_grad_enabled()
-    need_dh = grad_on and hidden.requires_grad
-    need_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
     if not (need_dh or need_dw):
         logp, _, _ = ops.linear_logprob_op(
             hidden, weight, targets, bias, float(temperature), int(ignore_index), False, backend

@@ -17,7 +17,7 @@ import torch
 
 from . import chunked
 
-LOSS_GIVEN, LOSS_NLL = 0, 1  # as triton_rows.LOSS_GIVEN / LOSS_NLL; the C++ path has no MGPO closed form yet
+LOSS_GIVEN, LOSS_NLL = 0, 1  # as triton_rows.LOSS_GIVEN / LOSS_NLL (MGPO has its own entry point: `mgpo_chunked`)
 
 
 def require_cuda_ext() -> None:
@@ -33,7 +33,10 @@ def require_cuda_ext() -> None:
 
 
 def _chunk(n: int, weight: torch.Tensor, chunk: int | None) -> int:
-    return chunk or chunked.chunk_rows(n, weight.shape[0], weight.element_size())
+    c = chunked.chunk_rows(n, weight.shape[0], weight.element_size()) if chunk is None else chunk
+    if c < 1:
+        raise ValueError(f"chunk must be >= 1 token rows, got {c}")
+    return c
 
 
 def linear_logprob_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, chunk=None):
@@ -74,4 +77,36 @@ def lmhead_chunked(
         bool(want_entropy), bool(need_dh), bool(need_dw), _chunk(hidden.shape[0], weight, chunk),
     )  # fmt: skip
     return (logp, ent if want_entropy else None, lse, dh if need_dh else None, dw if need_dw else None,
+            db if (need_dw and bias is not None) else None)  # fmt: skip
+
+
+def mgpo_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    mgpo,
+    token_weight: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+    need_dh: bool,
+    need_dw: bool,
+    chunk: int | None = None,
+):
+    """The MGPO loss's chunked engine (the closed form of `triton_rows.mgpo_token_grad` in the CUDA row kernel).
+
+    mgpo: a `triton_rows.MGPOTokens` (its `out` [N, 6] is written); token_weight: [N] fp32 w_t of
+    loss = -sum_t w_t objective_t. Returns (logp [N], entropy [N], lse [N], dh or None, dW or None, db or None)."""
+    require_cuda_ext()
+    from vibeperf._ext import C
+
+    f32 = lambda t: None if t is None else t.float().contiguous()
+    logp, lse, ent, dh, dw, db = C.lmhead_mgpo_cuda(
+        hidden, weight, targets, bias, f32(token_weight), f32(mgpo.adv), f32(mgpo.old_logp), f32(mgpo.rollout_logp),
+        f32(mgpo.ref_logp), mgpo.out, float(mgpo.clip_low), float(mgpo.clip_high), float(mgpo.tis_cap),
+        float(mgpo.beta), float(temperature), int(ignore_index), bool(need_dh), bool(need_dw),
+        _chunk(hidden.shape[0], weight, chunk),
+    )  # fmt: skip
+    return (logp, ent, lse, dh if need_dh else None, dw if need_dw else None,
             db if (need_dw and bias is not None) else None)  # fmt: skip

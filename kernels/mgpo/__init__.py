@@ -2,16 +2,16 @@
 
 The per-token gradient dLoss/dlogp is a closed form formed right after the log-sum-exp in the row epilogue of the
 chunked LM-head engine, so loss, metrics and the gradients of hidden / weight (/ bias) cost three GEMM-sized passes
-and never hold [N, V] logits. backend="auto" picks "triton" for CUDA tensors (and on the CPU when
-TRITON_INTERPRET=1), else "torch" (the same engine with a plain-torch row epilogue). "cuda" (vibeperf._C) has no
-MGPO path yet and raises.
+and never hold [N, V] logits. backend="auto" picks "triton" or "cuda" (vibeperf._C: cuBLASLt GEMMs and the same
+closed form in its CUDA row kernel) for CUDA tensors by the measured table of `linear_logprob.autoselect`, and on the
+CPU "torch" (the same engine with a plain-torch row epilogue), or "triton" when TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..linear_logprob import _prepare, check_head_inputs, resolve_backend
+from ..linear_logprob import _prepare, autoselect, check_head_inputs, resolve_backend
 from . import ops
 from .reference import ADVANTAGE_SCALES, AGGREGATIONS, MGPOOutput, mgpo_loss_reference
 
@@ -129,7 +129,8 @@ def mgpo_loss(
     _check_inputs(n, seq_index, group_index, rewards, advantages, old_logp, rollout_logp, ref_logp, loss_mask,
                   mgpo_lambda=mgpo_lambda, scale=scale, eps_low=eps_low, eps_high=eps_high, aggregation=aggregation,
                   tis_cap=tis_cap, beta=beta, num_groups=num_groups)  # fmt: skip
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, has_cuda_path=True,
+                              auto=lambda: autoselect.auto_backend("mgpo", hidden, weight))
     hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
     seq_index, group_index = seq_index.to(torch.int64), group_index.to(torch.int64)
     num_sequences = group_index.numel()
