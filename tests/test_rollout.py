@@ -340,6 +340,12 @@ def _vllm_report(out_path: str) -> None:
     engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(original.state_dict().items())})
     stale = engine.generate(prompts[2:], n=1, sampling=greedy)[0].completions[0].token_ids
     report["stale_without_reset"] = stale != _hf_greedy(original, after[2].prompt_token_ids, 16)
+    # The sharded trainer's push (update_weights_bucketed): the perturbed weights again, 3 tensors per bucket.
+    names = list(state)
+    buckets = ([(n, state[n]) for n in names[i : i + 3]] for i in range(0, len(names), 3))
+    engine.update_weights_bucketed(buckets, {n: tuple(t.shape) for n, t in state.items()})
+    bucketed = engine.generate(prompts, n=1, sampling=greedy)
+    report["greedy_after_bucketed"] = [g.completions[0].token_ids for g in bucketed]
     engine.close()
     processed = make_engine("vllm", model_dir, dtype="float32", logprobs_mode="processed", vllm_options=options)
     hot = SamplingConfig(temperature=0.7, top_p=0.5, max_tokens=16, seed=5)
@@ -402,6 +408,7 @@ def test_vllm_weight_sync(vllm_report):
     assert vllm_report["greedy_after_sync"] == vllm_report["greedy_new_weights_hf"]
     assert max(vllm_report["sync_s"]) < 5.0
     assert vllm_report["stale_without_reset"], "without reset_prefix_cache the old weights' KV blocks are reused"
+    assert vllm_report["greedy_after_bucketed"] == vllm_report["greedy_new_weights_hf"]
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ process was not started by torchrun.
 - `save_sharded` / `load_sharded`: `torch.distributed.checkpoint` of model + optimizer (`get_state_dict` /
   `set_state_dict`), loadable by any number of processes, including one without a process group.
   `export_full(model, path)`: gathers the full state dict and writes the Hugging Face checkpoint from rank 0.
+- `full_tensor_buckets(model, bucket_bytes)`: the full weights, gathered bucket by bucket, for the weight push to a
+  rollout engine (`RolloutEngine.update_weights_bucketed`): never the whole unsharded model at once.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -90,11 +92,17 @@ class FusedLossLM(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, model_inputs: dict, targets: torch.Tensor, token_weight: torch.Tensor, backend: str = "auto"):
+    def forward(self, model_inputs: dict, targets: torch.Tensor | None = None, token_weight: torch.Tensor | None = None,
+                backend: str = "auto", head_fn=None):  # fmt: skip
+        """The summed, token-weighted cross-entropy of `targets` (SFT); or, with `head_fn`, whatever
+        `head_fn(hidden [T, H], weight [V, H], bias)` returns (RL: log-probs, the MGPO loss). Return tensors, or
+        tuples / dicts of them, so that FSDP's backward hooks see every output."""
         body = getattr(self.lm, self.lm.base_model_prefix)
         head = self.lm.get_output_embeddings()
         hidden = body(**model_inputs).last_hidden_state[0]  # [T, H]
         h, w, b = head_inputs(hidden, head.weight, head.bias)
+        if head_fn is not None:
+            return head_fn(h, w, b)
         return linear_cross_entropy(h, w, targets, bias=b, reduction="sum", token_weight=token_weight,
                                     backend=backend)  # fmt: skip
 
@@ -125,6 +133,24 @@ def global_loss_tokens(n_local: torch.Tensor) -> torch.Tensor:
     n = n_local.clone()
     dist.all_reduce(n, op=dist.ReduceOp.SUM)
     return n
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A reduced copy of `t` over every process ("sum" or "max"; on the device, no host sync); `t` itself alone."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def gather_lists(local: dict[str, list]) -> dict[str, list]:
+    """Each key's host list concatenated over processes in rank order (`all_gather_object`); `local` itself alone."""
+    if not is_distributed():
+        return local
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, local)
+    return {k: [x for p in parts for x in p[k]] for k in local}
 
 
 def rank_rows(rows: Sequence, r: int | None = None, world: int | None = None) -> list[tuple[object, bool]]:
@@ -173,6 +199,30 @@ def load_sharded(path: Path | str, model: nn.Module, optimizer: torch.optim.Opti
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_tensor_buckets(model: nn.Module, bucket_bytes: int = 256 * 2**20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The full (unsharded) state dict of `model` (Hugging Face names), one bucket at a time: each bucket holds
+    parameters whose full sizes add up to at most `bucket_bytes` (a larger tensor is a bucket of its own), gathered
+    (`DTensor.full_tensor()`, one all-gather per parameter) only when the bucket is reached; at most one bucket's
+    full tensors exist at once if the consumer drops them before asking for the next. A collective under FSDP:
+    every rank must walk all buckets in the same order. Tied weights (`lm_head.weight` of an embedding-tied model)
+    appear under each name, gathered once per name."""
+    bucket, size = [], 0
+    for name, t in model.state_dict().items():
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield [(n, to_full(x).detach()) for n, x in bucket]
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield [(n, to_full(x).detach()) for n, x in bucket]
+
+
+def full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> full (global) shape of every state-dict tensor; no communication (a DTensor knows its global shape)."""
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def export_full(model: nn.Module, path: Path | str, tokenizer=None) -> None:

@@ -22,8 +22,21 @@ import re
 import threading
 from dataclasses import dataclass
 
-from math_verify import parse, verify
-from math_verify.errors import TimeoutException
+# math-verify's parse, verify and TimeoutException, bound by `_load()` on the first reward (importing vibeperf.rewards,
+# and with it the RL trainer, must not need math-verify); module attributes so that tests can replace them.
+parse = verify = TimeoutException = None
+
+
+def _load() -> None:
+    global parse, verify, TimeoutException
+    if parse is None or verify is None or TimeoutException is None:
+        import math_verify
+        import math_verify.errors
+
+        parse = parse or math_verify.parse
+        verify = verify or math_verify.verify
+        TimeoutException = TimeoutException or math_verify.errors.TimeoutException
+
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _SHOW = 80
@@ -124,6 +137,7 @@ def math_reward(gold: str, completion: str, *, require_boxed: bool = True, timeo
     text (False). `timeout_s`: math-verify's per-parse / per-comparison limit in seconds, main thread only (see the
     module docstring); None disables it.
     """
+    _load()  # outside the catch-all below: a missing math-verify is an error, not a reward of 0
     try:
         return _math_reward(gold, completion, require_boxed, timeout_s)
     except TimeoutException:

@@ -37,6 +37,8 @@ class RolloutConfig:
     """vLLM context limit (default: the model's); must hold the longest prompt plus max_tokens."""
     seed: int = 0
     """Seed of the sampler and of vLLM; each step (and each static-filter pass) derives its own sampling seed."""
+    sync_bucket_mb: float = 256.0
+    """Under torchrun: the weight push to the engine gathers the sharded parameters this many MiB at a time."""
 
     def __post_init__(self):
         check(self.group_size >= 2, "group_size", f"must be >= 2 (a group of one has no advantage), got "
@@ -48,6 +50,7 @@ class RolloutConfig:
         check(self.kv_cache_gib > 0, "kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
         check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check(self.sync_bucket_mb > 0, "sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
 
 
 @dataclass

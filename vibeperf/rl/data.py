@@ -129,19 +129,28 @@ class FilterResult:
 
 def static_filter(
     engine: RolloutEngine, data: PhaseData, scorer: Scorer, *, samples: int, sampling: SamplingConfig,
-    batch_prompts: int,
+    batch_prompts: int, rank: int = 0, world: int = 1,
 ) -> FilterResult:  # fmt: skip
-    """Sample every prompt of `data` `samples` times; keep the prompts with accuracy strictly inside (0, 1)."""
+    """Sample every prompt of `data` `samples` times; keep the prompts with accuracy strictly inside (0, 1).
+
+    With `world` > 1 (under torchrun, a collective) process `rank` samples a contiguous block of the prompts and the
+    accuracies are gathered; prompt i samples with seed + i wherever it runs, so the result does not depend on
+    `world`."""
     items = [(s, i) for s in data.sources for i in range(len(s.records))]
+    lo, hi = len(items) * rank // world, len(items) * (rank + 1) // world
     acc: list[float] = []
-    for b0 in range(0, len(items), batch_prompts):
-        batch = items[b0 : b0 + batch_prompts]
+    for b0 in range(lo, hi, batch_prompts):
+        batch = items[b0 : min(b0 + batch_prompts, hi)]
         seed = None if sampling.seed is None else sampling.seed + b0
         groups = engine.generate([engine.chat_prompt(s.records[i].prompt) for s, i in batch], n=samples,
                                  sampling=SamplingConfig(sampling.temperature, sampling.top_p, sampling.max_tokens,
                                                          seed))  # fmt: skip
         rewards = scorer([(s.records[i], c.text) for (s, i), g in zip(batch, groups) for c in g.completions])
         acc += [sum(r == 1.0 for r in rewards[k * samples : (k + 1) * samples]) / samples for k in range(len(batch))]
+    if world > 1:
+        from vibeperf.distributed import gather_lists
+
+        acc = gather_lists({"acc": acc})["acc"]
     kept: dict[str, list[int]] = {s.name: [] for s in data.sources}
     accuracy: dict[str, list[float]] = {s.name: [] for s in data.sources}
     for (s, i), a in zip(items, acc):

@@ -31,12 +31,24 @@ Launch lines:
     python -m vibeperf rl recipes/rl_tiny.toml                                  # CPU, tiny model, about a minute
     python -m vibeperf rl recipes/rl_vibethinker.toml model.path=/ckpt/sft-final      # one GPU
     python -m vibeperf rl recipes/rl_vibethinker.toml checkpoint.resume=latest       # continue a run
-Multi-GPU (torchrun + FSDP2, one engine per rank) is not wired in yet: this trainer runs on one device.
+Multi-GPU (torchrun + FSDP2, `vibeperf.distributed`; the same script and recipe, nothing changes without torchrun):
+    torchrun --nproc-per-node 8 -m vibeperf rl recipes/rl_vibethinker.toml model.path=/ckpt/sft-final
+Under torchrun the run is data-parallel: every process draws the same prompts, takes its share of each minibatch's
+prompts (contiguous blocks, groups whole; prompt i of a step samples with seed + i wherever it runs, so the samples
+do not depend on the number of processes) and samples them with its own engine on its own GPU (colocated: the engine
+shares the GPU with that process's trainer shard). Blocks and the root are `fully_shard`-ed as in SFT, old
+log-probs and the MGPO loss go through the FSDP root (which gathers the LM-head weight), each row's loss is divided
+by the minibatch's normaliser summed over processes on the device (tokens, sequences, or sequences x longest), so
+the reduce-scattered gradient equals the one-process gradient. After each step every process gathers the new
+weights bucket by bucket (`rollout.sync_bucket_mb`) into its engine (`update_weights_bucketed`). Metrics are
+gathered to every process and written by rank 0; checkpoints add DCP shards (`dcp/`) and resume on any number of
+processes. Every minibatch needs at least one prompt per process (prompts_per_step / minibatches >= processes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -50,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vibeperf import distributed as vdist
 from vibeperf.config import config_to_dict
 from vibeperf.kernels import linear_logprob, mgpo_loss
 from vibeperf.rl.config import RLConfig
@@ -61,7 +74,6 @@ from vibeperf.rl.data import (
     group_advantages,
     load_phase,
     pack_sequences,
-    row_scales,
     static_filter,
 )
 from vibeperf.rollout import SamplingConfig, make_engine
@@ -78,6 +90,7 @@ from vibeperf.sft.trainer import (
     lr_at,
     make_optimizer,
     save_checkpoint,
+    save_checkpoint_sharded,
     set_rng_state,
 )
 
@@ -181,7 +194,17 @@ class RLTrainer:
 
         self.cfg = cfg
         self.out_dir = Path(cfg.output_dir)
-        self.device = resolve_device(cfg.train.device)
+        device = resolve_device(cfg.train.device)
+        self.device = vdist.init_distributed(device.type) or device
+        self.rank, self.world = vdist.rank(), vdist.world_size()
+        self.main = self.rank == 0
+        if not self.main:
+            log.setLevel(logging.WARNING)
+        ro, lc = cfg.rollout, cfg.loss
+        if ro.prompts_per_step // min(lc.minibatches, ro.prompts_per_step) < self.world:
+            raise ValueError(f"rollout.prompts_per_step={ro.prompts_per_step} split into loss.minibatches="
+                             f"{lc.minibatches} leaves fewer prompts per minibatch than the {self.world} processes: "
+                             "every process needs at least one group of every minibatch")  # fmt: skip
         self.precision = resolve_precision(cfg.train.precision, self.device)
         if self.device.type == "cpu":
             log.info("CPU threads: %d (OMP_NUM_THREADS)", set_cpu_threads(cfg.train.cpu_threads))
@@ -202,6 +225,9 @@ class RLTrainer:
         np.random.seed(seed)
         random.seed(seed)
         self.model = load_model(cfg.model, os.fspath(resume) if resume else src, self.device, self.precision)
+        self.fsdp_root = None
+        if vdist.is_distributed():
+            self.fsdp_root = vdist.shard_model(self.model, vdist.default_mp_policy(self.device))
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         base_lr = cfg.optim.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(self.plans, s) / base_lr)
@@ -213,7 +239,13 @@ class RLTrainer:
                     raise RuntimeError(f"{resume}: {key} changed since this checkpoint ({state[key]} -> {now}); an "
                                        "exact resume is impossible")  # fmt: skip
             blob = torch.load(resume / STATE_PT, weights_only=False)
-            self.optimizer.load_state_dict(blob["optimizer"])
+            if "optimizer" in blob and self.fsdp_root is None:
+                self.optimizer.load_state_dict(blob["optimizer"])
+            elif (resume / "dcp").is_dir():
+                vdist.load_sharded(resume / "dcp", self.model, self.optimizer)
+            else:
+                raise NotImplementedError(f"{resume}: a single-process checkpoint has no sharded optimizer state "
+                                          "(dcp/); resume it in one process")  # fmt: skip
             self.scheduler.load_state_dict(blob["scheduler"])
             set_rng_state(blob["rng"])
             self.step_count, self.filters, cursors = state["step"], state["filters"], state["cursors"]
@@ -222,19 +254,19 @@ class RLTrainer:
         self._cursors = cursors
         self.sampler: MixtureSampler | None = None
         self.autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None
-        ro = cfg.rollout
         self.engine = make_engine(ro.engine, os.fspath(resume) if resume else src, dtype=ro.dtype,
                                   vllm_options={"kv_cache_gib": ro.kv_cache_gib, "max_model_len": ro.max_model_len,
                                                 "seed": ro.seed},
                                   hf_options={"device": str(self.device)})  # fmt: skip
         self.scorer = Scorer(cfg.reward)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1) + "\n")
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        if self.step_count:
-            _trim_metrics(self.metrics_path, self.step_count)
-        else:
-            self.metrics_path.write_text("")
+        if self.main:
+            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1) + "\n")
+            if self.step_count:
+                _trim_metrics(self.metrics_path, self.step_count)
+            else:
+                self.metrics_path.write_text("")
 
     def signature(self) -> dict:
         """What fixes the prompts and their order; a resumed run must match it."""
@@ -253,14 +285,16 @@ class RLTrainer:
             samples = self.cfg.filter.samples or self.cfg.rollout.group_size
             sampling = self._sampling(pc, sampling_seed(self.cfg.train.seed, f"filter:{data.name}", 0))
             result = static_filter(self.engine, data, self.scorer, samples=samples, sampling=sampling,
-                                   batch_prompts=self.cfg.filter.batch_prompts)  # fmt: skip
+                                   batch_prompts=self.cfg.filter.batch_prompts, rank=self.rank,
+                                   world=self.world)  # fmt: skip
             self.filters[data.name] = result.kept
             log.info("static filter, phase %s: %d prompts x %d samples, kept %d, dropped %d never solved and %d "
                      "always solved (%.1f s)", data.name, result.stats["prompts"], samples, result.stats["kept"],
                      result.stats["all_wrong"], result.stats["all_right"], time.perf_counter() - t0)  # fmt: skip
-            (self.out_dir / "static_filter").mkdir(exist_ok=True)
-            report = {"samples": samples, "stats": result.stats, "accuracy": result.accuracy, "kept": result.kept}
-            (self.out_dir / "static_filter" / f"{data.name}.json").write_text(json.dumps(report) + "\n")
+            if self.main:
+                (self.out_dir / "static_filter").mkdir(exist_ok=True)
+                report = {"samples": samples, "stats": result.stats, "accuracy": result.accuracy, "kept": result.kept}
+                (self.out_dir / "static_filter" / f"{data.name}.json").write_text(json.dumps(report) + "\n")
         for s in data.sources:
             s.kept = self.filters[data.name][s.name] if data.name in self.filters else list(range(len(s.records)))
         state = None
@@ -276,82 +310,148 @@ class RLTrainer:
     def _ctx(self):
         return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
 
-    def _head(self, row: RLRow):
-        """(hidden [T, H], weight, bias) of the LM head for a row, in the autocast dtype when autocast is on."""
-        body = getattr(self.model, self.model.base_model_prefix)
-        hidden = body(**row.row.model_inputs()).last_hidden_state[0]
-        head = self.model.get_output_embeddings()
-        return head_inputs(hidden, head.weight, head.bias)
+    def _run_head(self, row: RLRow, fn):
+        """fn(hidden [T, H], weight, bias) on a row's final hidden states and the LM head (in the autocast dtype
+        when autocast is on). Under FSDP through the root's forward, which gathers the head weight (and registers the
+        reduce-scatter of its gradient); see vibeperf.distributed."""
+        with self._ctx():
+            if self.fsdp_root is not None:
+                return self.fsdp_root(row.row.model_inputs(), head_fn=fn)
+            body = getattr(self.model, self.model.base_model_prefix)
+            hidden = body(**row.row.model_inputs()).last_hidden_state[0]
+            head = self.model.get_output_embeddings()
+            return fn(*head_inputs(hidden, head.weight, head.bias))
 
     @torch.no_grad()
-    def _old_logprobs(self, rows: Sequence[RLRow]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Trainer log-probs of every row's targets before the update, plus entropy and the gap to the engine's."""
-        olds, ent, gap_sum, gap_max, count = [], 0.0, 0.0, torch.zeros(()), 0
-        for r in rows:
-            with self._ctx():
-                h, w, b = self._head(r)
-                logp, entropy = linear_logprob(h, w, r.row.targets, bias=b, return_entropy=True,
-                                               backend=self.cfg.loss.backend)  # fmt: skip
-            valid = r.row.targets != -100
+    def _old_logprobs(self, rows: Sequence[tuple[RLRow, bool]]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Trainer log-probs of every row's targets before the update, plus entropy and the gap to the engine's,
+        over all processes. `rows`: (row, real) pairs; a padding row (real False) runs only for FSDP's collectives."""
+        lc = self.cfg.loss
+        dev = self.device
+        olds, sums, gap_max = [], torch.zeros(3, device=dev), torch.zeros((), device=dev)
+        for r, real in rows:
+
+            def fn(h, w, b, t=r.row.targets):
+                return linear_logprob(h, w, t, bias=b, return_entropy=True, backend=lc.backend)
+
+            logp, entropy = self._run_head(r, fn)
+            valid = (r.row.targets != -100) & bool(real)
             gap = (logp - r.rollout_logp).abs()[valid]
             olds.append(logp)
-            ent = ent + entropy[valid].sum()
-            gap_sum = gap_sum + gap.sum()
-            gap_max = torch.maximum(gap_max.to(gap.device), gap.max() if gap.numel() else gap.new_zeros(()))
-            count += int(sum(r.num_valid))
-        n = max(count, 1)
-        return olds, {"entropy_mean": ent / n, "logp_gap_mean": gap_sum / n, "logp_gap_max": gap_max}
+            sums += torch.stack([entropy[valid].sum(), gap.sum(), valid.sum().to(torch.float32)])
+            gap_max = torch.maximum(gap_max, gap.max() if gap.numel() else gap.new_zeros(()))
+        sums, gap_max = vdist.all_reduce(sums), vdist.all_reduce(gap_max, "max")
+        n = sums[2].clamp_min(1)
+        return olds, {"entropy_mean": sums[0] / n, "logp_gap_mean": sums[1] / n, "logp_gap_max": gap_max}
 
-    def _update(self, groups, adv: torch.Tensor) -> dict:
-        """Old log-probs, then one optimizer step per minibatch of groups; returns the update's metrics."""
+    def _minibatch_rows(self, groups, parts: Sequence[Sequence[int]]) -> list[list[tuple[RLRow, bool]]]:
+        """Packed rows of each minibatch (`parts`: this process's group indices per minibatch), as (row, real) pairs;
+        under torchrun padded with zero-weight copies so every process runs as many rows as the busiest one."""
+        lc, size = self.cfg.loss, self.cfg.rollout.group_size
+        rows = [[r.to(self.device) for r in pack_sequences(groups, [g * size + j for g in part for j in range(size)],
+                                                           lc.token_budget)] for part in parts]  # fmt: skip
+        counts = [len(mb) for mb in rows]
+        if self.world > 1:  # one host read per step: the loop lengths must agree across processes
+            counts = vdist.all_reduce(torch.tensor(counts, device=self.device), "max").tolist()
+        return [[(r, True) for r in mb] + [(mb[0], False)] * (n - len(mb)) for mb, n in zip(rows, counts)]
+
+    def _row_scales(self, mb: Sequence[tuple[RLRow, bool]]) -> list[torch.Tensor]:
+        """`row_scales` with the minibatch's normaliser (tokens, sequences, or sequences x longest) summed over every
+        process on the device; padding rows get 0."""
+        agg = self.cfg.loss.aggregation
+        real = [r for r, ok in mb if ok]
+        den = torch.tensor([sum(sum(r.num_valid) for r in real), sum(n > 0 for r in real for n in r.num_valid),
+                            sum(len(r.num_valid) for r in real)], dtype=torch.float32, device=self.device)  # fmt: skip
+        den = vdist.all_reduce(den)
+        if agg == "token-mean":
+            return [den.new_tensor(float(sum(r.num_valid) * ok)) / den[0].clamp_min(1) for r, ok in mb]
+        if agg == "seq-mean-token-mean":
+            return [den.new_tensor(float(sum(n > 0 for n in r.num_valid) * ok)) / den[1].clamp_min(1) for r, ok in mb]
+        longest = den.new_tensor(float(max((max(r.num_valid) for r in real), default=0)))
+        longest = vdist.all_reduce(longest, "max").clamp_min(1)
+        return [den.new_tensor(float(len(r.num_valid) * max(max(r.num_valid), 1) * ok)) / (den[2] * longest)
+                for r, ok in mb]  # fmt: skip
+
+    def _update(self, groups, adv: torch.Tensor, parts: Sequence[Sequence[int]]) -> dict:
+        """Old log-probs, then one optimizer step per minibatch of groups; returns the update's metrics (over every
+        process). `parts`: this process's group indices of each minibatch."""
         cfg, lc = self.cfg, self.cfg.loss
-        size = cfg.rollout.group_size
-        parts = [p for p in np.array_split(np.arange(len(groups)), min(lc.minibatches, len(groups))) if len(p)]
-        minibatches = [[int(g) * size + j for g in part for j in range(size)] for part in parts]
-        rows = [[r.to(self.device) for r in pack_sequences(groups, ids, lc.token_budget)] for ids in minibatches]
-        olds, stats = self._old_logprobs([r for mb in rows for r in mb])
+        rows = self._minibatch_rows(groups, parts)
+        olds, stats = self._old_logprobs([x for mb in rows for x in mb])
         adv = adv.to(self.device, torch.float32)
-        sums = {k: torch.zeros((), device=self.device) for k in (*TOKEN_MEANS, "loss")}
+        sums = {k: torch.zeros((), device=self.device) for k in (*TOKEN_MEANS, "loss", "tokens", "rows")}
         ratio_max, gnorms, k = torch.zeros((), device=self.device), [], 0
         for mb in rows:
             self.optimizer.zero_grad(set_to_none=True)
-            for r, scale in zip(mb, row_scales(mb, lc.aggregation)):
-                with self._ctx():
-                    h, w, b = self._head(r)
+            for (r, real), scale in zip(mb, self._row_scales(mb)):
+
+                def fn(h, w, b, r=r, old=olds[k]):
                     out = mgpo_loss(h, w, r.row.targets, bias=b, seq_index=r.seq_index,
                                     group_index=torch.zeros(len(r.seq_ids), dtype=torch.int64, device=self.device),
-                                    advantages=adv[r.seq_ids], old_logp=olds[k],
+                                    advantages=adv[r.seq_ids], old_logp=old,
                                     rollout_logp=r.rollout_logp if lc.truncated_is else None, eps_low=lc.eps_low,
                                     eps_high=lc.eps_high, aggregation=lc.aggregation, tis_cap=lc.tis_cap,
                                     num_groups=1, backend=lc.backend)  # fmt: skip
-                (out.loss * scale).backward()
-                valid = sum(r.num_valid)
+                    return out.loss, out.metrics
+
+                loss, metrics = self._run_head(r, fn)
+                (loss * scale).backward()
+                valid = sum(r.num_valid) * real
                 for key in TOKEN_MEANS:
-                    sums[key] += out.metrics[key] * valid
-                sums["loss"] += out.loss.detach() * scale
-                ratio_max = torch.maximum(ratio_max, out.metrics["ratio_max"])
+                    sums[key] += metrics[key] * valid
+                sums["loss"] += loss.detach() * scale
+                sums["tokens"] += valid
+                sums["rows"] += real
+                if real:
+                    ratio_max = torch.maximum(ratio_max, metrics["ratio_max"])
                 k += 1
             gnorms.append(clip_gradients(self.model, cfg.optim.grad_clip))
             self.optimizer.step()
         self.scheduler.step()
-        tokens = max(sum(sum(r.num_valid) for mb in rows for r in mb), 1)
+        keys = list(sums)
+        total = vdist.all_reduce(torch.stack([sums[key] for key in keys]))
+        sums = dict(zip(keys, total))
+        tokens = sums["tokens"].clamp_min(1)
         metrics = {key: sums[key] / tokens for key in TOKEN_MEANS}
-        metrics |= {"loss": sums["loss"] / len(rows), "ratio_max": ratio_max, "grad_norm": torch.stack(gnorms).max(),
-                    "rows": sum(map(len, rows)), **stats}  # fmt: skip
+        metrics |= {"loss": sums["loss"] / len(rows), "ratio_max": vdist.all_reduce(ratio_max, "max"),
+                    "grad_norm": torch.stack(gnorms).max(), "rows": int(sums["rows"]), **stats}  # fmt: skip
         return metrics
 
+    def _my_blocks(self, n_prompts: int) -> list[tuple[int, int]]:
+        """This process's prompts of a step as contiguous [start, end) blocks, one per minibatch: the step's prompts
+        are split into minibatches as in one process, then each minibatch among the processes (groups stay whole)."""
+        m = min(self.cfg.loss.minibatches, n_prompts)
+        if self.world == 1:
+            return [(0, n_prompts)]
+        blocks = []
+        for part in np.array_split(np.arange(n_prompts), m):
+            mine = np.array_split(part, self.world)[self.rank]
+            blocks.append((int(mine[0]), int(mine[-1]) + 1))
+        return blocks
+
     def step(self) -> dict:
-        """One RL step (see the module docstring); returns its metrics record (host values)."""
+        """One RL step (see the module docstring); returns its metrics record (host values, over every process)."""
         cfg, s = self.cfg, self.step_count
         plan, _, _ = locate(self.plans, s)
         if self.sampler is None or self.sampler.phase != plan.index:
             self._enter_phase(plan.index)
         pc, data, size = cfg.phases[plan.index], self.phases[plan.index], cfg.rollout.group_size
         t0 = time.perf_counter()
-        picks = self.sampler.draw(s, cfg.rollout.prompts_per_step)
-        records = [data.sources[i].records[j] for i, j in picks]
+        picks = self.sampler.draw(s, cfg.rollout.prompts_per_step)  # the same on every process
+        every = [data.sources[i].records[j] for i, j in picks]
         sampling = self._sampling(pc, sampling_seed(cfg.train.seed, "step", s))
-        groups = self.engine.generate([self.engine.chat_prompt(r.prompt) for r in records], n=size, sampling=sampling)
+        blocks = self._my_blocks(len(every))
+        records, groups, parts = [], [], []
+        for a, b in blocks:
+            # prompt i of the step samples with seed + i, wherever it runs
+            seed = None if sampling.seed is None else sampling.seed + a
+            parts.append(list(range(len(groups), len(groups) + b - a)))
+            records += every[a:b]
+            groups += self.engine.generate([self.engine.chat_prompt(r.prompt) for r in every[a:b]], n=size,
+                                           sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
+        if self.world == 1:
+            m = min(cfg.loss.minibatches, len(groups))
+            parts = [[int(g) for g in p] for p in np.array_split(np.arange(len(groups)), m) if len(p)]
         t1 = time.perf_counter()
         completions = [c for g in groups for c in g.completions]
         rewards = torch.tensor(self.scorer([(r, c.text) for r, g in zip(records, groups) for c in g.completions]),
@@ -364,21 +464,27 @@ class RLTrainer:
                                               long2short_lambda=l2s)  # fmt: skip
         t2 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        upd = self._update(groups, adv)
+        upd = self._update(groups, adv, parts)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t3 = time.perf_counter()
-        self.engine.update_weights(self.model.state_dict().items())
+        self.push_weights()
         t4 = time.perf_counter()
         self.step_count += 1
-        grouped = rewards.view(len(groups), size)
+        local = {"rewards": rewards.tolist(), "used": used.tolist(), "weights": weights.tolist(),
+                 "lengths": lengths.tolist(),
+                 "truncated": [c.finish_reason == "length" for c in completions]}  # fmt: skip
+        glob = vdist.gather_lists(local)
+        rewards, used, weights = (torch.tensor(glob[k], dtype=torch.float64) for k in ("rewards", "used", "weights"))
+        lengths = torch.tensor(glob["lengths"])
+        grouped = rewards.view(-1, size)
         record = {
             "step": self.step_count, "phase": data.name, "lr": lr,
             "reward_mean": rewards.mean().item(), "pass_rate": (rewards == 1).double().mean().item(),
             "reward_used_mean": used.mean().item(), "mgpo_weight_mean": weights.mean().item(),
             "zero_adv_groups": (grouped.amax(1) == grouped.amin(1)).double().mean().item(),
             "response_length_mean": lengths.double().mean().item(), "response_length_max": int(lengths.max()),
-            "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "truncated_frac": sum(glob["truncated"]) / len(glob["truncated"]),
             **{k: (v.item() if torch.is_tensor(v) else v) for k, v in upd.items()},
             "completion_tokens": int(lengths.sum()), "time_generate_s": t1 - t0, "time_score_s": t2 - t1,
             "time_update_s": t3 - t2, "time_sync_s": t4 - t3, "time_step_s": t4 - t0,
@@ -388,6 +494,15 @@ class RLTrainer:
             raise FloatingPointError(f"non-finite loss or gradient norm at step {self.step_count}: {record}")
         return record
 
+    def push_weights(self) -> None:
+        """The new weights to this process's engine: the whole state dict in one process; under FSDP gathered one
+        bucket of `rollout.sync_bucket_mb` at a time (every process gathers every bucket for its own engine)."""
+        if self.fsdp_root is None:
+            self.engine.update_weights(self.model.state_dict().items())
+            return
+        buckets = vdist.full_tensor_buckets(self.model, int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        self.engine.update_weights_bucketed(buckets, vdist.full_shapes(self.model))
+
     def save(self) -> Path:
         plan, _, _ = locate(self.plans, min(self.step_count, self.total - 1))
         sampler = self.sampler
@@ -395,9 +510,10 @@ class RLTrainer:
                  "cursors": None if sampler is None else {"phase": sampler.phase, "position": sampler.state()},
                  "filters": self.filters, "data_fingerprint": self.fingerprint, "plan": self.signature(),
                  "config": config_to_dict(self.cfg)}  # fmt: skip
-        path = save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
-                               self.cfg.checkpoint.keep_last)  # fmt: skip
-        if self.cfg.logging.plot:
+        save = save_checkpoint_sharded if self.fsdp_root is not None else save_checkpoint
+        path = save(self.out_dir, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
+                    self.cfg.checkpoint.keep_last)  # fmt: skip
+        if self.cfg.logging.plot and self.main:
             plot_curves(self.metrics_path, self.out_dir)
         log.info("checkpoint %s", path)
         return path
@@ -410,15 +526,16 @@ class RLTrainer:
         from tqdm.auto import tqdm
 
         cfg, last, ckpt = self.cfg, None, None
-        bar = tqdm(total=self.stop, initial=self.step_count, disable=not cfg.logging.progress, dynamic_ncols=True,
-                   desc="rl")  # fmt: skip
+        bar = tqdm(total=self.stop, initial=self.step_count, disable=not (cfg.logging.progress and self.main),
+                   dynamic_ncols=True, desc="rl")  # fmt: skip
         while self.step_count < self.stop:
             record = self.step()
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", len=f"{record['response_length_mean']:.0f}")
             if self.step_count % cfg.logging.every == 0 or self.step_count == self.stop:
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if self.main:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 last = record
             if cfg.checkpoint.every and self.step_count % cfg.checkpoint.every == 0 and self.step_count < self.stop:
                 ckpt = self.save()
@@ -427,13 +544,15 @@ class RLTrainer:
         bar.close()
         if cfg.checkpoint.save_final and self.step_count > self.start:
             ckpt = self.save()
-        elif cfg.logging.plot and self.metrics_path.stat().st_size:
+        elif cfg.logging.plot and self.main and self.metrics_path.stat().st_size:
             plot_curves(self.metrics_path, self.out_dir)
         return RLResult(self.step_count, self.out_dir, ckpt, self.engine.name, last, self.filters)
 
     def close(self) -> None:
+        """Release the scorer workers and the engine, then the process group (under torchrun)."""
         self.scorer.close()
         self.engine.close()
+        vdist.destroy_distributed()
 
 
 def train(cfg: RLConfig) -> RLResult:

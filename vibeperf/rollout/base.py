@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +180,30 @@ class CheckpointWeights:
             raise ValueError(f"update_weights: {len(missing)} checkpoint weights missing ({shown}); send all of them")
         return weights
 
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """`collect`'s checks on a manifest (name -> full shape) of an update that will arrive in buckets."""
+        self.collect((name, torch.empty(shape, device="meta")) for name, shape in shapes.items())
+
+    @staticmethod
+    def stream(
+        buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], shapes: dict[str, tuple[int, ...]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The (name, tensor) pairs of `buckets`, each checked against the manifest `shapes` as it arrives; raises
+        after the last bucket if the buckets did not bring every name of the manifest exactly once."""
+        seen = set()
+        for bucket in buckets:
+            for name, tensor in bucket:
+                if name not in shapes or name in seen:
+                    raise ValueError(f"update_weights_bucketed: {name!r} is not in the manifest or comes twice")
+                if tuple(tensor.shape) != tuple(shapes[name]):
+                    raise ValueError(f"update_weights_bucketed: {name!r} has shape {tuple(tensor.shape)}, the "
+                                     f"manifest says {tuple(shapes[name])}")  # fmt: skip
+                seen.add(name)
+                yield name, tensor.detach()
+        if len(seen) != len(shapes):
+            raise ValueError(f"update_weights_bucketed: the buckets missed {len(shapes) - len(seen)} manifest "
+                             "weights; the engine holds a partial update")  # fmt: skip
+
 
 class RolloutEngine(ABC):
     """Samples completions with their log-probs and takes in-memory weight updates; see the module docstring."""
@@ -190,6 +214,7 @@ class RolloutEngine(ABC):
     tokenizer: object
     logprobs_mode: str
     stop_token_ids: list[int]
+    checkpoint: CheckpointWeights
 
     @abstractmethod
     def generate(
@@ -204,6 +229,23 @@ class RolloutEngine(ABC):
         The whole set is checked before anything changes (`CheckpointWeights.collect`); later `generate` calls
         use it.
         """
+
+    def update_weights_bucketed(
+        self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], shapes: dict[str, tuple[int, ...]]
+    ) -> None:
+        """`update_weights` for weights that arrive bucket by bucket, as a sharded trainer gathers them
+        (`vibeperf.distributed.full_tensor_buckets`), without holding every full tensor at once.
+
+        `shapes` (name -> full shape of every tensor that will come) is checked like a whole update before any weight
+        changes; then each tensor is checked against it as its bucket arrives and loaded, so a bucket can be freed
+        before the next one is gathered. This default collects every bucket and calls `update_weights`; the engines
+        load bucket by bucket.
+        """
+        self.checkpoint.check_shapes(shapes)
+        self._load_stream(self.checkpoint.stream(buckets, shapes))
+
+    def _load_stream(self, pairs: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self.update_weights(list(pairs))
 
     @abstractmethod
     def close(self) -> None:

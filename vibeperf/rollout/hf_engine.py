@@ -157,6 +157,13 @@ class HFEngine(RolloutEngine):
         for name, tensor in weights:
             state[name].copy_(tensor)
 
+    @torch.no_grad()
+    def _load_stream(self, pairs) -> None:
+        """Bucketed update: each tensor is copied into the model as it arrives (see `update_weights_bucketed`)."""
+        state = self.model.state_dict()
+        for name, tensor in pairs:
+            state[name].copy_(tensor)
+
     def close(self) -> None:
         """Drop the model."""
         self.model = None

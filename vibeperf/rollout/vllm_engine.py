@@ -218,6 +218,19 @@ class VLLMEngine(RolloutEngine):
         self.last_sync_s = time.perf_counter() - start
         logger.debug("vllm weight sync: %d tensors in %.3f s", len(weights), self.last_sync_s)
 
+    def _load_stream(self, pairs) -> None:
+        """Bucketed update: vLLM's `reload_weights` pulls the checked pairs one by one (the engine core is in this
+        process, so the generator, and the trainer's gathers behind it, run as vLLM consumes it), then the prefix
+        cache is dropped, as in `update_weights`."""
+        start = time.perf_counter()
+        weights = ((name, t) for name, t in pairs if name not in self.checkpoint.optional)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        for _ in weights:  # vLLM stopped early: finish the walk (the gathers are collectives) and the check
+            pass
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update (requests running?)")
+        self.last_sync_s = time.perf_counter() - start
+
     def close(self) -> None:
         """Shut the in-process engine down and drop it."""
         llm = getattr(self, "llm", None)
