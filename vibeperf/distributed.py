@@ -36,6 +36,8 @@ from torch import nn
 from vibeperf.kernels import linear_cross_entropy
 from vibeperf.sft.patch import head_inputs
 
+_OWNED = False  # whether init_distributed started the process group (destroy_distributed ends only that one)
+
 
 def is_distributed() -> bool:
     """True when the default process group is initialised (by `init_distributed` under torchrun, or by the caller)."""
@@ -67,13 +69,19 @@ def init_distributed(device_type: str | None = None) -> torch.device | None:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        global _OWNED
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        _OWNED = True
     return device
 
 
 def destroy_distributed() -> None:
-    if is_distributed():
+    """End the process group if `init_distributed` started it; a group the caller started is left to the caller
+    (who may run several trainers in it: re-creating a group in one torchrun launch reuses its store keys)."""
+    global _OWNED
+    if is_distributed() and _OWNED:
         dist.destroy_process_group()
+        _OWNED = False
 
 
 def default_mp_policy(device: torch.device):
