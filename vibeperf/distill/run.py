@@ -19,10 +19,17 @@ What a run does:
 
     python -m vibeperf distill recipes/distill_tiny.toml
     python -m vibeperf sft recipes/sft_distilled_tiny.toml          # SFT on the distilled set
+    torchrun --nproc-per-node 8 -m vibeperf distill RECIPE          # one engine and scorer per GPU
+
+Under torchrun each process samples, verifies and scores a contiguous block of the problems (problem i samples with
+seed + i wherever it runs, so the trajectories do not depend on the number of processes) on its own GPU; the
+candidates, their scores and the counters are gathered to rank 0, which selects and writes the files (each written
+atomically, once). Selection needs every score (bucket means), so it runs after the gather.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vibeperf import distributed as vdist
 from vibeperf.data import Message, SFTRecord, read_rl_jsonl, write_jsonl
 from vibeperf.distill.config import DistillConfig
 from vibeperf.distill.select import bucket_names, select_traces
@@ -55,6 +63,8 @@ class Candidate:
     generator: str
     text: str
     sampled_tokens: int
+    generator_index: int = 0
+    """Position of the generator in the run's list (two entries may name the same checkpoint)."""
 
 
 @dataclass
@@ -70,16 +80,22 @@ def _chat(cfg: DistillConfig, prompt: str, completion: str) -> SFTRecord:
     return SFTRecord((*system, Message("user", prompt), Message("assistant", completion)))
 
 
-def rejection_sample(cfg: DistillConfig, records, generators: list[str], make=None, progress: bool = True):
-    """(verified candidates, counters) over every generator (see step 2 of the module docstring)."""
+def rejection_sample(
+    cfg: DistillConfig, records, generators: list[str], make=None, progress: bool = True, first: int = 0
+):  # fmt: skip
+    """(verified candidates, counters) over every generator (see step 2 of the module docstring). `records` are the
+    problems `first`, `first` + 1, ... of the run: candidates carry run-wide problem indices and sampling seeds."""
     counts = {"sampled": 0, "verified": 0, "truncated": 0, "duplicate": 0}
     candidates: list[Candidate] = []
     seen: set[tuple[int, str]] = set()
     engines = CheckpointEngines(cfg.engine, make)
     try:
-        for gen in generators:
+        for k, gen in enumerate(generators):
+            sampling = sampling_config(cfg.sampling)
+            if sampling.seed is not None:
+                sampling = dataclasses.replace(sampling, seed=sampling.seed + first)
             results = sample_and_grade(
-                engines.load(gen), records, n_for=lambda r: cfg.num_samples, sampling=sampling_config(cfg.sampling),
+                engines.load(gen), records, n_for=lambda r: cfg.num_samples, sampling=sampling,
                 reward=cfg.reward, system_prompt=cfg.system_prompt, batch_prompts=cfg.engine.batch_prompts,
                 desc=f"sample {Path(gen).name}", progress=progress,
             )  # fmt: skip
@@ -96,7 +112,7 @@ def rejection_sample(cfg: DistillConfig, records, generators: list[str], make=No
                         counts["duplicate"] += 1
                         continue
                     seen.add((g.index, completion.text))
-                    candidates.append(Candidate(g.index, gen, completion.text, len(completion.token_ids)))
+                    candidates.append(Candidate(first + g.index, gen, completion.text, len(completion.token_ids), k))
     finally:
         engines.close()
     return candidates, counts
@@ -119,22 +135,44 @@ def run_distill(
     student = model_path(cfg.student) if cfg.student else generators[-1]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    candidates, counts = rejection_sample(cfg, records, generators, make, progress)
+    vdist.init_distributed()
+    rank, world = vdist.rank(), vdist.world_size()
+    lo, hi = len(records) * rank // world, len(records) * (rank + 1) // world
+    try:
+        candidates, counts = rejection_sample(cfg, records[lo:hi], generators, make, progress and rank == 0, lo)
+        s_lp, lengths = [], []
+        if candidates:
+            model, tokenizer = load_scorer(student, dtype=cfg.scoring.dtype, device=cfg.scoring.device,
+                                           attention=cfg.scoring.attention)  # fmt: skip
+            chats = [_chat(cfg, records[c.problem].prompt, c.text) for c in candidates]
+            samples = tokenize_records(chats, tokenizer, [f"candidate {i}" for i in range(len(chats))])
+            scores = score_samples(model, samples, token_budget=cfg.scoring.token_budget, backend=cfg.scoring.backend,
+                                   progress=progress and rank == 0)  # fmt: skip
+            del model
+            s_lp, lengths = [s.nll_mean for s in scores], [s.num_tokens for s in scores]
+        mine = {"candidates": [dataclasses.astuple(c) for c in candidates], "s_lp": s_lp, "lengths": lengths,
+                "counts": [counts]}  # fmt: skip
+        every = vdist.gather_lists(mine)
+    finally:
+        vdist.destroy_distributed()
+    # the one-process order (generator, problem, sample), so that the files do not depend on the number of processes
+    order = sorted(
+        range(len(every["candidates"])), key=lambda i: every["candidates"][i][4:5] + every["candidates"][i][:1]
+    )
+    candidates = [Candidate(*every["candidates"][i]) for i in order]
+    every["s_lp"] = [every["s_lp"][i] for i in order]
+    every["lengths"] = [every["lengths"][i] for i in order]
+    counts = {k: sum(c[k] for c in every["counts"]) for k in counts}
     counts["problems"] = len(records)
+    if rank != 0:  # rank 0 writes every file
+        return DistillResult(counts, 0, out / "distilled.jsonl", time.perf_counter() - t0)
     if not candidates:
         (out / "summary.json").write_text(json.dumps({"counts": counts, "kept": 0}, indent=1) + "\n")
         raise NothingToDistill(f"none of the {counts['sampled']} sampled trajectories is usable ({counts}); "
                                "nothing to distill (a stronger generator, more samples or easier prompts)")  # fmt: skip
-
-    model, tokenizer = load_scorer(student, dtype=cfg.scoring.dtype, device=cfg.scoring.device,
-                                   attention=cfg.scoring.attention)  # fmt: skip
     chats = [_chat(cfg, records[c.problem].prompt, c.text) for c in candidates]
-    samples = tokenize_records(chats, tokenizer, [f"candidate {i}" for i in range(len(chats))])
-    scores = score_samples(model, samples, token_budget=cfg.scoring.token_budget, backend=cfg.scoring.backend,
-                           progress=progress)  # fmt: skip
-    del model
-    s_lp = np.array([s.nll_mean for s in scores])
-    lengths = np.array([s.num_tokens for s in scores])
+    s_lp = np.array(every["s_lp"], dtype=np.float64)
+    lengths = np.array(every["lengths"], dtype=np.int64)
     sel = select_traces(s_lp, lengths, cfg.selection)
     names = bucket_names(cfg.selection.length_buckets)
 
@@ -160,8 +198,11 @@ def run_distill(
         mask = sel.bucket == b
         if mask.any():
             k = mask & sel.kept
-            per_bucket[name] = {"traces": int(mask.sum()), "kept": int(k.sum()),
-                                "s_lp_kept": [float(s_lp[k].min()), float(s_lp[k].max())] if k.any() else None}
+            per_bucket[name] = {
+                "traces": int(mask.sum()),
+                "kept": int(k.sum()),
+                "s_lp_kept": [float(s_lp[k].min()), float(s_lp[k].max())] if k.any() else None,
+            }
     seconds = time.perf_counter() - t0
     summary = {"counts": counts, "kept": len(distilled), "min_length": sel.min_length, "buckets": per_bucket,
                "student": student, "generators": generators, "seconds": round(seconds, 2)}  # fmt: skip
@@ -182,6 +223,8 @@ def cli_main(args) -> int:
         except NothingToDistill as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 holds the counts and wrote the files
+            return 0
         c = result.counts
         scored = c["kept"] + c["short"] + c["low"] + c["outlier"]
         print(f"distill: {c['problems']} prompts, {c['sampled']} sampled, {c['verified']} verified, "
@@ -191,4 +234,3 @@ def cli_main(args) -> int:
         return 0
 
     return run_recipe_command(DistillConfig, args, run, "distill")
-
