@@ -1,5 +1,7 @@
 #include "packing.h"
 
+#include "checks.h"
+
 #include <algorithm>
 #include <numeric>
 #include <set>
@@ -7,15 +9,16 @@
 #include <vector>
 
 torch::Tensor pack_best_fit_decreasing(const torch::Tensor& lengths, int64_t budget) {
-  TORCH_CHECK(lengths.dim() == 1, "lengths must be 1-D, got ", lengths.dim(), " dims");
+  TORCH_CHECK(lengths.dim() == 1, "lengths must be 1-D, got ", vibeperf::num(lengths.dim()), " dims");
   TORCH_CHECK(lengths.scalar_type() == torch::kInt64, "lengths must be int64");
   TORCH_CHECK(lengths.device().is_cpu(), "lengths must be on the CPU");
-  TORCH_CHECK(budget > 0, "budget must be positive, got ", budget);
+  TORCH_CHECK(budget > 0, "budget must be positive, got ", vibeperf::num(budget));
   const auto len = lengths.contiguous();
   const int64_t* l = len.data_ptr<int64_t>();
   const int64_t n = len.numel();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(l[i] >= 1 && l[i] <= budget, "lengths[", i, "] = ", l[i], " is outside [1, budget=", budget, "]");
+    TORCH_CHECK(l[i] >= 1 && l[i] <= budget, "lengths[", vibeperf::num(i), "] = ", vibeperf::num(l[i]),
+                " is outside [1, budget=", vibeperf::num(budget), "]");
   }
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);

@@ -1,5 +1,6 @@
 // Torch-facing entry points of the CUDA LM-head path: input checks, allocation through torch's caching allocator,
 // the current stream, and the chunk loop over the raw launchers of lmhead.cu.
+#include "../checks.h"
 #include "../lmhead.h"
 
 #include <c10/cuda/CUDAGuard.h>
@@ -42,8 +43,8 @@ lm::Dtype to_dtype(at::ScalarType t) {
 }
 
 void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "vibeperf lmhead (cuda): ", name, " must be [", n, "], got ",
-              t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "vibeperf lmhead (cuda): ", name, " must be [", vibeperf::num(n),
+              "], got ", vibeperf::shape(t.sizes()));
   TORCH_CHECK(t.device() == like.device(), "vibeperf lmhead (cuda): ", name, " must be on ", like.device(),
               ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), "vibeperf lmhead (cuda): ", name, " must be contiguous");
@@ -52,9 +53,10 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Te
 void check_head(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                 const std::optional<at::Tensor>& bias, double temperature, int64_t chunk) {
   TORCH_CHECK(hidden.is_cuda(), "vibeperf lmhead (cuda): hidden must be a CUDA tensor, got ", hidden.device());
-  TORCH_CHECK(hidden.dim() == 2, "vibeperf lmhead (cuda): hidden must be [N, H], got ", hidden.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
-              "vibeperf lmhead (cuda): weight must be [V, H=", hidden.size(1), "], got ", weight.sizes());
+  TORCH_CHECK(hidden.dim() == 2, "vibeperf lmhead (cuda): hidden must be [N, H], got ",
+              vibeperf::shape(hidden.sizes()));
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), "vibeperf lmhead (cuda): weight must be [V, H=",
+              vibeperf::num(hidden.size(1)), "], got ", vibeperf::shape(weight.sizes()));
   TORCH_CHECK(weight.size(0) > 0 && hidden.size(1) > 0, "vibeperf lmhead (cuda): V and H must be positive");
   TORCH_CHECK(weight.device() == hidden.device(), "vibeperf lmhead (cuda): weight must be on ", hidden.device());
   TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(),
@@ -71,8 +73,8 @@ void check_head(const at::Tensor& hidden, const at::Tensor& weight, const at::Te
     check_vector(*bias, "bias", weight.size(0), hidden);
   }
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "vibeperf lmhead (cuda): temperature must be > 0, got ",
-              temperature);
-  TORCH_CHECK(chunk >= 1, "vibeperf lmhead (cuda): chunk must be >= 1, got ", chunk);
+              vibeperf::num(temperature));
+  TORCH_CHECK(chunk >= 1, "vibeperf lmhead (cuda): chunk must be >= 1, got ", vibeperf::num(chunk));
 }
 
 struct Outputs {
@@ -181,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t chunk) {
   check_head(hidden, weight, targets, bias, temperature, chunk);
   TORCH_CHECK(loss == lm::kLossGiven || loss == lm::kLossNll,
-              "vibeperf lmhead (cuda): loss must be 0 (given upstream gradients) or 1 (weighted NLL), got ", loss);
+              "vibeperf lmhead (cuda): loss must be 0 (given upstream gradients) or 1 (weighted NLL), got ",
+              vibeperf::num(loss));
   TORCH_CHECK(g_logp.scalar_type() == at::kFloat, "vibeperf lmhead (cuda): g_logp must be fp32");
   check_vector(g_logp, "g_logp", hidden.size(0), hidden);
   if (g_entropy.has_value()) {
@@ -227,8 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (ref_logp.has_value()) check_f32(*ref_logp, "ref_logp");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == n &&
                   out.size(1) == lm::kMgpoOutputs && out.is_contiguous() && out.device() == hidden.device(),
-              "vibeperf lmhead (cuda): out must be a contiguous fp32 [", n, ", ", lm::kMgpoOutputs, "] tensor on ",
-              hidden.device(), ", got ", out.scalar_type(), " ", out.sizes());
+              "vibeperf lmhead (cuda): out must be a contiguous fp32 [", vibeperf::num(n), ", ",
+              vibeperf::num(int64_t{lm::kMgpoOutputs}), "] tensor on ", hidden.device(), ", got ", out.scalar_type(),
+              " ", vibeperf::shape(out.sizes()));
   const MgpoInputs mgpo{adv, old_logp, rollout_logp, ref_logp, out, clip_low, clip_high, tis_cap, beta};
   Outputs o = run_chunks(hidden, weight, targets, bias, token_weight, std::nullopt, temperature, ignore_index,
                          lm::kLossMgpo, true, need_dh, need_dw, chunk, &mgpo);
