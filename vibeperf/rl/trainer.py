@@ -107,8 +107,14 @@ def sampling_seed(seed: int, kind: str, index: int) -> int:
 def resolve_model_path(path: str) -> str:
     """`path`, "tiny" (the random tiny Qwen2) or "tiny-warm" (it after a format SFT, vibeperf.rl.synthetic)."""
     if path == "tiny-warm":
-        from vibeperf.rl.synthetic import get_tiny_warm_model
+        from vibeperf.rl.synthetic import get_tiny_warm_model, tiny_warm_dir
 
+        if vdist.launched_by_torchrun() and not (tiny_warm_dir() / ".vibeperf-tiny-warm.json").is_file():
+            # it is built by an SFT run in this process, which would join the torchrun process group
+            raise RuntimeError(
+                "model.path='tiny-warm' is not built yet; build it once outside torchrun first: python "
+                "-c 'from vibeperf.rl.synthetic import get_tiny_warm_model; get_tiny_warm_model()'"
+            )
         return os.fspath(get_tiny_warm_model())
     return model_path(path)
 
