@@ -361,22 +361,30 @@ class RLTrainer:
             counts = vdist.all_reduce(torch.tensor(counts, device=self.device), "max").tolist()
         return [[(r, True) for r in mb] + [(mb[0], False)] * (n - len(mb)) for mb, n in zip(rows, counts)]
 
-    def _row_scales(self, mb: Sequence[tuple[RLRow, bool]]) -> list[torch.Tensor]:
+    def _row_scales(self, mb: Sequence[tuple[RLRow, bool]]) -> list[float] | torch.Tensor:
         """`row_scales` with the minibatch's normaliser (tokens, sequences, or sequences x longest) summed over every
-        process on the device; padding rows get 0."""
+        process; padding rows get 0. One process: host floats. Under torchrun: a device tensor [rows], the counts
+        copied once (pinned, non-blocking on CUDA) and all-reduced on the device, no host sync."""
         agg = self.cfg.loss.aggregation
-        real = [r for r, ok in mb if ok]
-        den = torch.tensor([sum(sum(r.num_valid) for r in real), sum(n > 0 for r in real for n in r.num_valid),
-                            sum(len(r.num_valid) for r in real)], dtype=torch.float32, device=self.device)  # fmt: skip
-        den = vdist.all_reduce(den)
         if agg == "token-mean":
-            return [den.new_tensor(float(sum(r.num_valid) * ok)) / den[0].clamp_min(1) for r, ok in mb]
-        if agg == "seq-mean-token-mean":
-            return [den.new_tensor(float(sum(n > 0 for n in r.num_valid) * ok)) / den[1].clamp_min(1) for r, ok in mb]
-        longest = den.new_tensor(float(max((max(r.num_valid) for r in real), default=0)))
-        longest = vdist.all_reduce(longest, "max").clamp_min(1)
-        return [den.new_tensor(float(len(r.num_valid) * max(max(r.num_valid), 1) * ok)) / (den[2] * longest)
-                for r, ok in mb]  # fmt: skip
+            nums = [sum(r.num_valid) * ok for r, ok in mb]
+        elif agg == "seq-mean-token-mean":
+            nums = [sum(n > 0 for n in r.num_valid) * ok for r, ok in mb]
+        else:
+            nums = [len(r.num_valid) * max(max(r.num_valid), 1) * ok for r, ok in mb]
+        seqs = sum(len(r.num_valid) for r, ok in mb if ok)
+        longest = max((max(r.num_valid) for r, ok in mb if ok), default=0)
+        local = [float(sum(nums)) if agg != "seq-sum-norm" else float(seqs), float(longest)]
+        if self.world == 1:
+            den = max(local[0], 1.0) if agg != "seq-sum-norm" else max(local[0], 1.0) * max(local[1], 1.0)
+            return [n / den for n in nums]
+        host = torch.tensor([*nums, *local], dtype=torch.float32)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        t = host.to(self.device, non_blocking=True)
+        total, longest_all = vdist.all_reduce(t[-2:-1]), vdist.all_reduce(t[-1:], "max")
+        den = total.clamp_min(1) if agg != "seq-sum-norm" else total.clamp_min(1) * longest_all.clamp_min(1)
+        return t[: len(mb)] / den
 
     def _update(self, groups, adv: torch.Tensor, parts: Sequence[Sequence[int]]) -> dict:
         """Old log-probs, then one optimizer step per minibatch of groups; returns the update's metrics (over every
