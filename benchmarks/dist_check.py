@@ -30,8 +30,11 @@ The bounds (what "the same within bf16 rounding" means here), with u = 2^-8, the
   entries make that share non-zero even for fp32 noise). Adam amplifies: an entry whose gradient is a cancellation
   residue gets a step of up to lr in a direction that rounding picks, so such entries can differ by up to lr.
 - RL: the rollouts are part of the comparison (sampled with the same per-prompt seeds); after the first update a
-  one-ulp difference can change a sampled token, so the JSON says per step whether the sampled tokens were equal
-  (completion token counts and rewards equal); the loss bound applies to the steps before the first divergence.
+  one-ulp difference can change a sampled token, so the JSON says per step whether the samples were equal
+  (completion token counts and rewards equal). The MGPO loss is ~0 at ratio 1 (advantages sum to zero per group),
+  so its bound is absolute, |loss(2) - loss(1)| <= u (the advantage scale is 1), on the steps before the first
+  divergence; parameters are compared when every step's samples were equal. After every push (buckets of 4 MiB)
+  each process's engine (fp32) must hold exactly the trainer's weights, gathered again for the check.
 On the CPU (fp32 throughout) the same checks use u = 2^-16, between fp32 noise (~1e-7) and the O(lr) gaps a real
 error gives, and Adam uses eps = 1 (a step linear in the gradient; tests/test_distributed_rl.py says why): the CPU
 run checks the machinery, the GPU run the precision.
