@@ -24,6 +24,7 @@ TITLES = {
     "B4": "B4 packed SFT step",
     "B5": "B5 64K-token NLL scoring",
     "B6": "B6 CLR aggregation",
+    "D4": "D4 Qwen2.5-3B-shaped SFT step under FSDP2, 1 vs 2 GPUs (benchmarks.dist_check)",
 }
 
 
