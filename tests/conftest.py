@@ -14,6 +14,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.utils._device
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
@@ -32,6 +33,9 @@ def _poisoned(fn):
     return wrapper
 
 
+# `with torch.device(...)` finds factory functions by identity in a set it builds (and caches) on first use: build it
+# from the original functions first, or models created under it would land on the CPU (seen on the GPU machine).
+torch.utils._device._device_constructors()
 for _name in ("empty", "empty_like", "empty_strided"):
     setattr(torch, _name, _poisoned(getattr(torch, _name)))
 torch.Tensor.new_empty = _poisoned(torch.Tensor.new_empty)
