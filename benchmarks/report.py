@@ -24,6 +24,9 @@ TITLES = {
     "B4": "B4 packed SFT step",
     "B5": "B5 64K-token NLL scoring",
     "B6": "B6 CLR aggregation",
+    "P-forward": "Per-kernel device time, log-prob forward (benchmarks.profile_backends)",
+    "P-train": "Per-kernel device time, cross-entropy forward+backward (benchmarks.profile_backends)",
+    "P-mgpo": "Per-kernel device time, MGPO loss forward+backward (benchmarks.profile_backends)",
     "D4": "D4 Qwen2.5-3B-shaped SFT step under FSDP2, 1 vs 2 GPUs (benchmarks.dist_check)",
 }
 

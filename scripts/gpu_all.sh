@@ -8,6 +8,7 @@
 #   bench     B1-B3 (benchmarks.run, extra args passed on) + B6 (CLR aggregator)
 #   model     B4 (packed SFT step, 3B shape) + B5 (64K-token scoring, 3B shape)
 #   dist      multi-GPU checks (benchmarks.dist_check: FSDP2 SFT/RL 2 GPUs vs 1, resume 2 -> 1, scaling)
+#   profile   per-kernel device time of the Triton and CUDA backends (benchmarks.profile_backends)
 # Each step runs under its own time limit (=SECONDS, default 600) so one hang does not take the call's other steps
 # with it. Baseline wheels (Liger-Kernel 0.8.5, Cut Cross-Entropy 25.1.1) are taken from .whl/ when present.
 # Logs and results JSON go to $OUT (the device tool's output folder) when it is set. Exit status: non-zero when any
@@ -70,7 +71,8 @@ for spec in "${steps[@]}"; do
     model) run_step "$secs" model.log python3 -m benchmarks.b4_sft --pad-batch 1
            run_step "$secs" model.log python3 -m benchmarks.b5_score ;;
     dist) run_step "$secs" dist.log python3 -m benchmarks.dist_check ;;
-    *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, model, dist, all)"; rc=1 ;;
+    profile) run_step "$secs" profile.log python3 -m benchmarks.profile_backends ;;
+    *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, model, dist, profile, all)"; rc=1 ;;
   esac
 done
 # The device tool returns at most 8 files: everything goes back as one archive (new results + logs).

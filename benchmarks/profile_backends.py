@@ -1,0 +1,113 @@
+"""Where the time goes, Triton vs CUDA backend: per-kernel GPU time of one LM-head call under torch.profiler.
+
+    python -m benchmarks.profile_backends [--n 32768 65536] [--work forward train mgpo] [--repeats 3]
+
+For the Qwen2.5-3B head (H = 2048, V = 151,936, bf16) and each backend ("triton", "cuda"), one warm-up call and then
+`--repeats` profiled calls of the work (forward: `linear_logprob` without grad, B1; train: `linear_cross_entropy`
+forward + backward, B2; mgpo: `mgpo_loss` forward + backward on B3's inputs). Every CUDA kernel's device time is
+summed per class: GEMM (cuBLAS / cuBLASLt / CUTLASS kernels), row kernel (ours: `lmhead_row_grad*` in either backend),
+other (casts, fills, reductions). Printed per call in ms, with the wall time of the same calls; the JSON goes to
+benchmarks/results/<gpu>_<date>_profile.json. The outputs are checked against each other (Triton vs CUDA) before
+anything is profiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
+
+from .common import Row, format_table, relative_error, write_results_extra
+from .registry import B3_GROUP, B3_LAMBDA, B3_SEQS, TOL, _b3_inputs, head_inputs
+
+GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "sm90", "cublas")
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    if "lmhead_row_grad" in low:
+        return "row"
+    if any(m in low for m in GEMM_MARKERS):
+        return "gemm"
+    return "other"
+
+
+def make_call(work: str, x: dict, backend: str):
+    """A zero-argument callable doing the work once; returns what is compared between backends."""
+    if work == "forward":
+        return lambda: linear_logprob(x["hidden"], x["weight"], x["targets"], backend=backend)
+
+    def train():
+        x["hidden"].grad = x["weight"].grad = None
+        if work == "train":
+            loss = linear_cross_entropy(x["hidden"], x["weight"], x["targets"], backend=backend)
+        else:
+            loss = mgpo_loss(x["hidden"], x["weight"], x["targets"], seq_index=x["seq_index"],
+                             group_index=x["group_index"], rewards=x["rewards"], old_logp=x["old_logp"],
+                             mgpo_lambda=B3_LAMBDA, num_groups=B3_SEQS // B3_GROUP, backend=backend).loss  # fmt: skip
+        loss.backward()
+        return x["weight"].grad
+
+    return train
+
+
+def profile(fn, repeats: int) -> tuple[dict[str, float], float]:
+    """(device ms per call by kernel class, wall ms per call) over `repeats` calls after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / repeats
+    per_class: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if dev_us and evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_class[kernel_class(evt.key)] += dev_us / 1e3 / repeats
+    return dict(per_class), wall
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[32768, 65536])
+    ap.add_argument("--work", nargs="+", default=["forward", "train", "mgpo"], choices=["forward", "train", "mgpo"])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_backends needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows, detail = [], []
+    for work in args.work:
+        for n in args.n:
+            if work == "mgpo" and n % B3_SEQS:
+                continue
+            x = _b3_inputs(n) if work == "mgpo" else head_inputs(n, grad=work != "forward")
+            outs = {b: make_call(work, x, b)().float().clone() for b in ("triton", "cuda")}
+            err = relative_error(outs["cuda"], outs["triton"])
+            ok = err <= TOL
+            for backend in ("triton", "cuda"):
+                if not ok:
+                    note = f"WRONG: cuda vs triton {err:.1e}"
+                    rows.append(Row(f"P-{work}", backend, n, None, None, None, False, note))
+                    continue
+                classes, wall = profile(make_call(work, x, backend), args.repeats)
+                note = " ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items())) + " (device ms per call)"
+                rows.append(Row(f"P-{work}", backend, n, wall, None, None, True, note))
+                detail.append({"work": work, "n": n, "backend": backend, "wall_ms": wall, "device_ms": classes,
+                               "cuda_vs_triton_rel_err": err})  # fmt: skip
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+            del x, outs
+            torch.cuda.empty_cache()
+    path = write_results_extra(rows, None, {"profiles": detail, "kernel_classes": list(GEMM_MARKERS)}, tag="profile")
+    print(f"results: {path}\n" + format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
