@@ -61,7 +61,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "sft": Subcommand("packed-sequence SFT with a curriculum of stages", _recipe_arguments, _run_sft),
-    "demo": Subcommand("the end-to-end job on the tiny local model (see vibeperf/demo.py)", _demo_arguments, _run_demo),
+    "demo": Subcommand("the end-to-end job on the tiny local model (see vibeperf/demo/)", _demo_arguments, _run_demo),
     "rl": Subcommand("MGPO RL in phases", _recipe_arguments, lambda a: __import__("vibeperf.rl").rl.run_cli(a)),
     "clr": Subcommand("CLR answer selection", _recipe_arguments, lambda a: __import__("vibeperf.clr").clr.run_cli(a)),
     "eval": Subcommand("pass@k evaluation per domain and subdomain", _recipe_arguments,
