@@ -15,7 +15,7 @@ cat >"$script" <<'PY'
 import torch
 from vibeperf import _ext
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
-from vibeperf.kernels.linear_logprob import cuda_backend
+from vibeperf.kernels.linear_logprob import cuda_backend, triton_rows
 
 assert _ext.HAS_CUDA_EXT, f"vibeperf._C has no CUDA part ({_ext.EXT_ERROR})"
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -34,7 +34,7 @@ for n, v, h, dtype, with_bias in cases:
     (logp.sum() + ent.sum()).backward()
     for chunk in (13, 1):
         cuda_backend.lmhead_chunked(hidden.detach(), weight.detach(), targets, None if bias is None else bias.detach(),
-                                    temperature=1.0, ignore_index=-100, loss=cuda_backend.LOSS_NLL,
+                                    temperature=1.0, ignore_index=-100, loss=triton_rows.LOSS_NLL,
                                     g_logp=torch.ones(n, device="cuda"), want_entropy=True, chunk=chunk)
     # MGPO closed form in the row kernel: TIS, KL, ignored rows; with gradients and without
     seq = torch.arange(n, device="cuda") * 4 // n

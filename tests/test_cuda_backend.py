@@ -30,6 +30,7 @@ from vibeperf.kernels.linear_logprob import (
     linear_cross_entropy_reference,
     linear_logprob_reference,
     ops,
+    triton_rows,
 )
 from vibeperf.kernels.mgpo import mgpo_loss_reference as mgpo_reference
 
@@ -169,7 +170,7 @@ def test_cuda_chunking_and_unaligned_rows(dtype):
     hidden, weight, targets, bias = _cuda(*make_case(70, 131, 40, dtype, bias=True, ignore_every=6))
     g = torch.Generator().manual_seed(2)
     g_logp, g_ent = _cuda(torch.randn(70, generator=g), torch.randn(70, generator=g))
-    kw = dict(temperature=0.9, ignore_index=-100, loss=cuda_backend.LOSS_GIVEN, g_logp=g_logp, g_ent=g_ent,
+    kw = dict(temperature=0.9, ignore_index=-100, loss=triton_rows.LOSS_GIVEN, g_logp=g_logp, g_ent=g_ent,
               want_entropy=True)  # fmt: skip
     ref = chunked.lmhead_chunked(hidden.float(), weight.float(), targets, bias.float(), backend="torch", **kw)
     tol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps / 2

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import chunked
-
-LOSS_GIVEN, LOSS_NLL = 0, 1  # as triton_rows.LOSS_GIVEN / LOSS_NLL (MGPO has its own entry point: `mgpo_chunked`)
+from . import chunked, triton_rows
 
 
 def require_cuda_ext() -> None:
@@ -63,50 +61,30 @@ def lmhead_chunked(
     need_dh: bool = True,
     need_dw: bool = True,
     chunk: int | None = None,
+    mgpo: triton_rows.MGPOTokens | None = None,
 ):
-    """Same contract as `chunked.lmhead_chunked` (loss LOSS_GIVEN or LOSS_NLL): returns (logp [N], entropy [N] or None,
-    lse [N], dh [N, H] or None, dW [V, H] or None, db [V] or None)."""
-    require_cuda_ext()
-    if loss not in (LOSS_GIVEN, LOSS_NLL):
-        raise NotImplementedError(f"backend='cuda' has no row-kernel loss {loss} (only LOSS_GIVEN and LOSS_NLL)")
-    from vibeperf._ext import C
-
-    logp, lse, ent, dh, dw, db = C.lmhead_chunked_cuda(
-        hidden, weight, targets, bias, g_logp.float().contiguous(),
-        None if g_ent is None else g_ent.float().contiguous(), float(temperature), int(ignore_index), int(loss),
-        bool(want_entropy), bool(need_dh), bool(need_dw), _chunk(hidden.shape[0], weight, chunk),
-    )  # fmt: skip
-    return (logp, ent if want_entropy else None, lse, dh if need_dh else None, dw if need_dw else None,
-            db if (need_dw and bias is not None) else None)  # fmt: skip
-
-
-def mgpo_chunked(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    mgpo,
-    token_weight: torch.Tensor,
-    *,
-    temperature: float,
-    ignore_index: int,
-    need_dh: bool,
-    need_dw: bool,
-    chunk: int | None = None,
-):
-    """The MGPO loss's chunked engine (the closed form of `triton_rows.mgpo_token_grad` in the CUDA row kernel).
-
-    mgpo: a `triton_rows.MGPOTokens` (its `out` [N, 6] is written); token_weight: [N] fp32 w_t of
-    loss = -sum_t w_t objective_t. Returns (logp [N], entropy [N], lse [N], dh or None, dW or None, db or None)."""
+    """Same contract as `chunked.lmhead_chunked` (every loss: LOSS_GIVEN, LOSS_NLL, and LOSS_MGPO with `mgpo`, whose
+    `out` is written): returns (logp [N], entropy [N] or None, lse [N], dh [N, H] or None, dW [V, H] or None,
+    db [V] or None)."""
     require_cuda_ext()
     from vibeperf._ext import C
 
     f32 = lambda t: None if t is None else t.float().contiguous()
-    logp, lse, ent, dh, dw, db = C.lmhead_mgpo_cuda(
-        hidden, weight, targets, bias, f32(token_weight), f32(mgpo.adv), f32(mgpo.old_logp), f32(mgpo.rollout_logp),
-        f32(mgpo.ref_logp), mgpo.out, float(mgpo.clip_low), float(mgpo.clip_high), float(mgpo.tis_cap),
-        float(mgpo.beta), float(temperature), int(ignore_index), bool(need_dh), bool(need_dw),
-        _chunk(hidden.shape[0], weight, chunk),
-    )  # fmt: skip
-    return (logp, ent, lse, dh if need_dh else None, dw if need_dw else None,
+    c = _chunk(hidden.shape[0], weight, chunk)
+    if loss == triton_rows.LOSS_MGPO:
+        m = mgpo
+        logp, lse, ent, dh, dw, db = C.lmhead_mgpo_cuda(
+            hidden, weight, targets, bias, f32(g_logp), f32(m.adv), f32(m.old_logp), f32(m.rollout_logp),
+            f32(m.ref_logp), m.out, float(m.clip_low), float(m.clip_high), float(m.tis_cap), float(m.beta),
+            float(temperature), int(ignore_index), bool(need_dh), bool(need_dw), c,
+        )  # fmt: skip
+        want_entropy = True  # the MGPO entry point always returns it (the loss's metrics need it)
+    elif loss in (triton_rows.LOSS_GIVEN, triton_rows.LOSS_NLL):
+        logp, lse, ent, dh, dw, db = C.lmhead_chunked_cuda(
+            hidden, weight, targets, bias, f32(g_logp), f32(g_ent), float(temperature), int(ignore_index), int(loss),
+            bool(want_entropy), bool(need_dh), bool(need_dw), c,
+        )  # fmt: skip
+    else:
+        raise NotImplementedError(f"backend='cuda' has no row-kernel loss {loss}")
+    return (logp, ent if want_entropy else None, lse, dh if need_dh else None, dw if need_dw else None,
             db if (need_dw and bias is not None) else None)  # fmt: skip

@@ -51,7 +51,7 @@ def _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want
     return logp, lse, ent
 
 
-def _chunked_engine(backend: str):
+def chunked_engine(backend: str):
     """The three-pass engine of a backend: vibeperf._C for "cuda", else chunked.py's (Triton or torch row epilogue)."""
     if backend == "cuda":
         return cuda_backend.lmhead_chunked
@@ -106,7 +106,7 @@ def linear_logprob_bwd_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute backward. Returns (dh [N, H], dW [V, H], db [V]); an unneeded one is an empty [0] tensor."""
-    _, _, _, dh, dw, db = _chunked_engine(backend)(
+    _, _, _, dh, dw, db = chunked_engine(backend)(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
         loss=triton_rows.LOSS_GIVEN, g_logp=grad_logp.float().contiguous(),
         g_ent=None if grad_entropy is None else grad_entropy.float().contiguous(), need_dh=need_dh, need_dw=need_dw,
@@ -161,7 +161,7 @@ def linear_nll_fused_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """loss = sum_t token_weight_t * nll_t and its gradients, in one sweep. Returns (loss [], dh, dW, db)."""
-    logp, _, _, dh, dw, db = _chunked_engine(backend)(
+    logp, _, _, dh, dw, db = chunked_engine(backend)(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
         loss=triton_rows.LOSS_NLL, g_logp=token_weight, need_dh=need_dh, need_dw=need_dw,
     )  # fmt: skip

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linear_logprob import chunked, cuda_backend, triton_rows
+from ..linear_logprob import ops as lp_ops
+from ..linear_logprob import triton_rows
 from .reference import AGGREGATIONS, STD_EPS
 
 MGPO_OUTPUTS = triton_rows.MGPO_OUTPUTS
@@ -96,17 +97,11 @@ def mgpo_loss_fwd(
         adv=token_adv, old_logp=old_logp, rollout_logp=rollout_logp, ref_logp=ref_logp, out=terms,
         clip_low=1.0 - eps_low, clip_high=1.0 + eps_high, tis_cap=tis_cap, beta=beta,
     )  # fmt: skip
-    if backend == "cuda":
-        _, entropy, _, dh, dw, db = cuda_backend.mgpo_chunked(
-            hidden, weight, targets, bias, mgpo, token_weight, temperature=temperature, ignore_index=ignore_index,
-            need_dh=need_dh, need_dw=need_dw,
-        )  # fmt: skip
-    else:
-        _, entropy, _, dh, dw, db = chunked.lmhead_chunked(
-            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-            loss=triton_rows.LOSS_MGPO, g_logp=token_weight, want_entropy=True, need_dh=need_dh, need_dw=need_dw,
-            backend=backend, mgpo=mgpo,
-        )  # fmt: skip
+    _, entropy, _, dh, dw, db = lp_ops.chunked_engine(backend)(
+        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+        loss=triton_rows.LOSS_MGPO, g_logp=token_weight, want_entropy=True, need_dh=need_dh, need_dw=need_dw,
+        mgpo=mgpo,
+    )  # fmt: skip
     loss = -(token_weight * terms[:, 0]).sum()
     return loss, terms, entropy, dh, dw, db
 
