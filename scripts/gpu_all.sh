@@ -21,6 +21,9 @@ while (($#)); do
   steps+=("$1"); shift
 done
 ((${#steps[@]})) || steps=(all)
+expanded=(); for spec in "${steps[@]}"; do  # all = test + bench (with all's time limit, if it has one)
+  if [[ "${spec%%=*}" == all ]]; then expanded+=("test${spec#all}" "bench${spec#all}"); else expanded+=("$spec"); fi
+done; steps=("${expanded[@]}")
 OUT="${OUT:-/tmp/vibeperf-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -55,9 +58,6 @@ backtrace() {  # backtrace LOG CMD...: the command under cuda-gdb, printing the 
 for spec in "${steps[@]}"; do
   name="${spec%%=*}"; secs=600; [[ "$spec" == *=* ]] && secs="${spec#*=}"
   case "$name" in
-    all) run_step "$secs" gpu_tests.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/
-         run_step "$secs" bench.log python3 -m benchmarks.run "${bench_args[@]}"
-         run_step "$secs" bench.log python3 -m benchmarks.b6_clr ;;
     build) ;;
     cuda) run_step "$secs" cuda.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_backend.py -rf \
             -k "not torch_checks"
