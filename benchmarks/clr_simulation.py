@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vibeperf.bench.common import machine_info
 from vibeperf.clr import clr_aggregate
-
-from .common import machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NOISE_LEVELS = tuple(round(0.05 * i, 2) for i in range(11))

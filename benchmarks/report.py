@@ -12,9 +12,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .common import RESULTS_DIR
-
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 TITLES = {
@@ -24,10 +23,10 @@ TITLES = {
     "B4": "B4 packed SFT step",
     "B5": "B5 64K-token NLL scoring",
     "B6": "B6 CLR aggregation",
-    "P-forward": "Per-kernel device time, log-prob forward (benchmarks.profile_backends)",
-    "P-train": "Per-kernel device time, cross-entropy forward+backward (benchmarks.profile_backends)",
-    "P-mgpo": "Per-kernel device time, MGPO loss forward+backward (benchmarks.profile_backends)",
-    "D4": "D4 Qwen2.5-3B-shaped SFT step under FSDP2, 1 vs 2 GPUs (benchmarks.dist_check)",
+    "P-forward": "Per-kernel device time, log-prob forward (vibeperf.bench.profile_backends)",
+    "P-train": "Per-kernel device time, cross-entropy forward+backward (vibeperf.bench.profile_backends)",
+    "P-mgpo": "Per-kernel device time, MGPO loss forward+backward (vibeperf.bench.profile_backends)",
+    "D4": "D4 Qwen2.5-3B-shaped SFT step under FSDP2, 1 vs 2 GPUs (vibeperf.bench.dist_check)",
 }
 
 

@@ -5,10 +5,10 @@
 #   build     set-up + build of vibeperf._C (always run first, whatever the list says)
 #   cuda      backend="cuda" GPU tests + compute-sanitizer memcheck over the CUDA path
 #   test      every `-m gpu` test (perf-regression floors included)
-#   bench     B1-B3 (benchmarks.run, extra args passed on) + B6 (CLR aggregator)
+#   bench     B1-B3 (vibeperf.bench.run, extra args passed on) + B6 (CLR aggregator)
 #   model     B4 (packed SFT step, 3B shape) + B5 (64K-token scoring, 3B shape)
-#   dist      multi-GPU checks (benchmarks.dist_check: FSDP2 SFT/RL 2 GPUs vs 1, resume 2 -> 1, scaling)
-#   profile   per-kernel device time of the Triton and CUDA backends (benchmarks.profile_backends)
+#   dist      multi-GPU checks (vibeperf.bench.dist_check: FSDP2 SFT/RL 2 GPUs vs 1, resume 2 -> 1, scaling)
+#   profile   per-kernel device time of the Triton and CUDA backends (vibeperf.bench.profile_backends)
 # Each step runs under its own time limit (=SECONDS, default 600) so one hang does not take the call's other steps
 # with it. Baseline wheels (Liger-Kernel 0.8.5, Cut Cross-Entropy 25.1.1) are taken from .whl/ when present.
 # Logs and results JSON go to $OUT (the device tool's output folder) when it is set. Exit status: non-zero when any
@@ -66,12 +66,12 @@ for spec in "${steps[@]}"; do
             tests/test_cuda_backend.py -k torch_checks
           run_step "$secs" cuda.log bash scripts/sanitize_cuda.sh memcheck ;;
     test) run_step "$secs" gpu_tests.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/ ;;
-    bench) run_step "$secs" bench.log python3 -m benchmarks.run "${bench_args[@]}"
-           run_step "$secs" bench.log python3 -m benchmarks.b6_clr ;;
-    model) run_step "$secs" model.log python3 -m benchmarks.b4_sft --pad-batch 1
-           run_step "$secs" model.log python3 -m benchmarks.b5_score ;;
-    dist) run_step "$secs" dist.log python3 -m benchmarks.dist_check ;;
-    profile) run_step "$secs" profile.log python3 -m benchmarks.profile_backends ;;
+    bench) run_step "$secs" bench.log python3 -m vibeperf.bench.run "${bench_args[@]}"
+           run_step "$secs" bench.log python3 -m vibeperf.bench.b6_clr ;;
+    model) run_step "$secs" model.log python3 -m vibeperf.bench.b4_sft --pad-batch 1
+           run_step "$secs" model.log python3 -m vibeperf.bench.b5_score ;;
+    dist) run_step "$secs" dist.log python3 -m vibeperf.bench.dist_check ;;
+    profile) run_step "$secs" profile.log python3 -m vibeperf.bench.profile_backends ;;
     *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, model, dist, profile, all)"; rc=1 ;;
   esac
 done

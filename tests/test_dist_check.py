@@ -1,4 +1,4 @@
-"""benchmarks/dist_check.py, the multi-GPU check, in its --cpu mode (gloo, tiny model): the whole script as the GPU
+"""vibeperf/bench/dist_check.py, the multi-GPU check, in its --cpu mode (gloo, tiny model): the whole script as the GPU
 machine runs it, so that it is known to work before its one run there; and its failure isolation (a launch that dies
 inside a part is reported and restarted with the parts after it)."""
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import dist_check
+from vibeperf.bench import dist_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dist_check_cpu_mode(tmp_path):
     out = tmp_path / "dist.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.dist_check", "--cpu", "--json", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "vibeperf.bench.dist_check", "--cpu", "--json", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
     doc = json.loads(out.read_text())

@@ -204,7 +204,7 @@ def test_distill_keeps_verified_unique_traces(tmp_path):
 
 
 def test_b5_tiny(tmp_path):
-    from benchmarks import b5_score
+    from vibeperf.bench import b5_score
 
     out = tmp_path / "b5.json"
     assert b5_score.main(["--tiny", "--tokens", "256", "--repeats", "1", "--backend", "torch", "--out", str(out)]) == 0
@@ -286,7 +286,7 @@ def test_pipeline_eval_spectrum_distill_sft(arith_checkpoints, tmp_path, capsys,
 @pytest.mark.gpu
 def test_b5_gpu_short(tmp_path):
     """B5's code at the 3B width (2 layers, 16K tokens) on a GPU: both methods correct, scoring needs less memory."""
-    from benchmarks import b5_score
+    from vibeperf.bench import b5_score
 
     out = tmp_path / "b5.json"
     assert b5_score.main(["--tokens", "16384", "--layers", "2", "--repeats", "1", "--out", str(out)]) == 0

@@ -20,9 +20,9 @@ CASES = [(gpu, bid) for gpu, by_id in FLOORS.items() if not gpu.startswith("_") 
 def test_performance_floor(gpu, bid):
     if torch.cuda.get_device_name() != gpu:
         pytest.skip(f"floors are for {gpu}, this is {torch.cuda.get_device_name()}")
-    from benchmarks import registry
-    from benchmarks.common import peak_matmul_tflops
-    from benchmarks.run import run_case
+    from vibeperf.bench import registry
+    from vibeperf.bench.common import peak_matmul_tflops
+    from vibeperf.bench.run import run_case
 
     floor = FLOORS[gpu][bid]
     bench = registry.BENCHMARKS[bid]

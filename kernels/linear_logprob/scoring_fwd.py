@@ -7,7 +7,7 @@ Two schedules, both exact (fp32 softmax state, running max from -inf), chosen by
 - "tiled" (low memory): [TILE_N, TILE_V] tiles (32 MiB, 8192 x 2048 bf16) so the logits of a tile mostly stay in
   L2; a Triton kernel folds each tile into per-token state in four [N] fp32 vectors. Extra memory: the workspace
   plus 16 bytes per token. Measured: 75 ms at N = 65,536 (more, smaller GEMMs and launches).
-`benchmarks/lmhead_passes.py` re-measures both and the single-kernel fused variant of `triton_fwd.py`.
+`vibeperf/bench/lmhead_passes.py` re-measures both and the single-kernel fused variant of `triton_fwd.py`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where the LM-head time goes: per-pass timings and forward-variant sweep (GPU only).
 
-    python -m benchmarks.lmhead_passes [--n 65536]
+    python -m vibeperf.bench.lmhead_passes [--n 65536]
 
 Prints, for the Qwen2.5-3B head (H = 2048, V = 151,936, bf16): the fused Triton forward (and its autotuned
 config), the L2-tiled forward at several tile shapes, and the chunked training path split into its passes
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
 from vibeperf.kernels.linear_logprob import chunked, scoring_fwd, triton_fwd, triton_rows
 

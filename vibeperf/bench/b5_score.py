@@ -1,8 +1,8 @@
 """B5: NLL scoring of one 65,536-token sequence through a Qwen2.5-3B-shaped model, against a transformers forward
 that materialises the logits.
 
-    python -m benchmarks.b5_score [--tokens 65536] [--layers 36] [--repeats 3] [--check-tokens 4096] [--out PATH]
-    python -m benchmarks.b5_score --tiny --backend torch --out /tmp/b5.json     # CPU-sized run of the same code
+    python -m vibeperf.bench.b5_score [--tokens 65536] [--layers 36] [--repeats 3] [--check-tokens 4096] [--out PATH]
+    python -m vibeperf.bench.b5_score --tiny --backend torch --out /tmp/b5.json     # CPU-sized run of the same code
 
 1. Model: Qwen2 with hidden 2048, 36 layers, 16 heads, 2 KV heads, intermediate 11,008, vocab 151,936, tied
    embeddings (Qwen2.5-3B's shape), random init, bf16 on the GPU. `--tiny`: hidden 128, 2 layers, 4 heads, 2 KV
@@ -23,7 +23,7 @@ that materialises the logits.
    peak <= weights + 8 GiB. Tokens/s = T / median time. FLOPs per forward 2 * P * T + 2 * n_layers * n_heads *
    head_dim * T^2 (P: parameters in matmuls, causal attention), as a fraction of a bf16 matmul peak measured in the
    same run (GPU only).
-A table is printed last; the JSON goes to --out or benchmarks/results/<gpu>_<date>_B5.json.
+A table is printed last; the JSON goes to --out or <results dir>/<gpu>_<date>_B5.json.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the timed logits baseline")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "cuda"),
                         help="linear_logprob backend")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/..._B5.json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default <results dir>/..._B5.json)")
     args = parser.parse_args(argv)
     result = run(args)
     path = write_results(result["rows"], result["peak"], "B5", path=args.out)

@@ -1,12 +1,13 @@
 """Registry-driven benchmark runner.
 
-    python -m benchmarks.run --only B1,B2 [--sizes 8192,32768,65536] [--quick] [--tag NAME]
+    python -m vibeperf.bench.run --only B1,B2 [--sizes 8192,32768,65536] [--quick] [--tag NAME]
 
 For every benchmark id and token count: inputs are built outside the timed region (random weights of the
 Qwen2.5-3B LM head: H = 2048, V = 151,936, bf16), every implementation is run once and checked against an fp32
 reference (a wrong result is reported and never timed), warmed up (autotuning included), then timed with
 triton.testing.do_bench medians. The peak is a plain 8192^3 bf16 matmul measured in the same run. A short table is
-printed last and the full JSON goes to benchmarks/results/<gpu>_<date>.json.
+printed last and the full JSON goes to <results dir>/<gpu>_<date>.json
+(`common.results_dir()`: benchmarks/results/ in a source checkout, else ./vibeperf-results/).
 """
 
 from __future__ import annotations

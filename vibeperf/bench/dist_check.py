@@ -1,12 +1,12 @@
 """Multi-GPU check (issue 10): torchrun + FSDP2 on 2 GPUs against 1 GPU, for the SFT and RL trainers.
 
-    python -m benchmarks.dist_check                  # a machine with 2 GPUs (bash scripts/gpu_all.sh dist)
-    python -m benchmarks.dist_check --cpu            # gloo on the CPU, tiny model and sizes (tests/test_dist_check.py)
+    python -m vibeperf.bench.dist_check          # a machine with 2 GPUs (bash scripts/gpu_all.sh dist)
+    python -m vibeperf.bench.dist_check --cpu    # gloo on the CPU, tiny model and sizes (tests/test_dist_check.py)
 
 What it does:
 1. Builds a small random Qwen2 checkpoint (GPU: 6 layers, hidden 512, 8 heads, 2 KV heads, intermediate 1536, the
    tiny 1,024-token tokenizer; CPU: the 2-layer tiny model) and synthetic SFT / RL data in a temporary directory.
-2. Launches `torchrun --standalone --nproc-per-node 2 -m benchmarks.dist_check --worker ...`, then the same with 1
+2. Launches `torchrun --standalone --nproc-per-node 2 -m vibeperf.bench.dist_check --worker ...`, then the same with 1
    process (FSDP2 with one shard, so both runs use the same mixed precision: bf16 parameters and compute, fp32
    gradient reduction on CUDA; fp32 on the CPU). Each part runs in both and catches its own failure; a part that
    kills or hangs its launch is reported and the launch is restarted with the parts after it.
@@ -20,7 +20,7 @@ What it does:
       vocab 151,936, tied embeddings, random init, activation checkpointing, fused AdamW) on 4 packed rows of 16,384
       tokens per step: 1 warm-up step, then 3 timed; tokens/s with 1 and 2 GPUs and the scaling efficiency
       tps(2) / (2 tps(1)).
-3. Compares and prints a table; the JSON goes to benchmarks/results/<gpu>_<date>_dist.json (GPU) or --json PATH.
+3. Compares and prints a table; the JSON goes to <results dir>/<gpu>_<date>_dist.json (GPU) or --json PATH.
 
 The bounds (what "the same within bf16 rounding" means here), with u = 2^-8, the unit roundoff of bf16:
 - loss: |loss(2) - loss(1)| <= u |loss(1)| at every step (the same loss up to one bf16 rounding).
@@ -57,7 +57,7 @@ import traceback
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+PKG_PARENT = Path(__file__).resolve().parents[2]  # the folder holding the vibeperf package (checkout or site-packages)
 PARTS = ("sft", "rl", "resume", "scale")
 ENV_FIXED = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 U_BF16, U_CPU = 2.0**-8, 2.0**-16
@@ -311,15 +311,16 @@ def prepare(work: Path, s: dict, cpu: bool) -> None:
 
 def launch(work: Path, world: int, parts: list[str], cpu: bool, timeout: float, log) -> int | str:
     """One torchrun launch of the worker; its return code, or "timeout" (its process group killed)."""
-    env = {**os.environ, **ENV_FIXED, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(PKG_PARENT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, **ENV_FIXED, "PYTHONPATH": path}
     env.pop("TRITON_INTERPRET", None)
     if cpu:
         env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), "-m",
-           "benchmarks.dist_check", "--worker", "--work", str(work), "--parts", ",".join(parts)]  # fmt: skip
+           "vibeperf.bench.dist_check", "--worker", "--work", str(work), "--parts", ",".join(parts)]  # fmt: skip
     if cpu:
         cmd.append("--cpu")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         return proc.wait(timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
@@ -506,7 +507,7 @@ def table(res: dict, checks: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="gloo on the CPU with the tiny model and sizes")
-    ap.add_argument("--json", help="write the JSON here (default: benchmarks/results/<gpu>_<date>_dist.json on GPUs)")
+    ap.add_argument("--json", help="write the JSON here (default: <results dir>/<gpu>_<date>_dist.json on GPUs)")
     ap.add_argument("--budget-s", type=float, default=460.0, help="wall-clock budget of all launches")
     ap.add_argument("--keep", help="keep the work directory (checkpoints, logs) here instead of a temporary one")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -561,7 +562,7 @@ def main(argv=None) -> int:
                            f"u = {'16 * 2^-23 (fp32, CPU)' if args.cpu else '2^-8 (bf16)'}"}  # fmt: skip
     path = None
     if args.json or not args.cpu:
-        from benchmarks.common import Row, write_results
+        from vibeperf.bench.common import Row, write_results
 
         rows = []
         for w in (1, 2):

@@ -12,13 +12,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from vibeperf import _ext
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
 from vibeperf.kernels.linear_logprob import scoring_fwd, triton_fwd
 from vibeperf.kernels.mgpo import mgpo_loss_reference
 from vibeperf.kernels.mgpo import ops as mgpo_ops
 from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_weight_reference
-
-from vibeperf import _ext
 
 from .common import relative_error
 

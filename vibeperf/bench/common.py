@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+def results_dir() -> Path:
+    """Where results JSON goes by default: $VIBEPERF_RESULTS_DIR, else the checkout's committed `benchmarks/results/`
+    when this package runs from a source checkout, else `vibeperf-results/` in the current directory."""
+    if os.environ.get("VIBEPERF_RESULTS_DIR"):
+        return Path(os.environ["VIBEPERF_RESULTS_DIR"])
+    checkout = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    return checkout if checkout.is_dir() else Path.cwd() / "vibeperf-results"
 
 
 def machine_info() -> dict:
@@ -84,7 +91,7 @@ def write_results(rows: list[Row], peak: float | None, tag: str | None = None, p
     info = machine_info()
     if path is None:
         gpu = info["gpu"].replace(" ", "-").replace("/", "-")
-        path = RESULTS_DIR / f"{gpu}_{info['date']}{'_' + tag if tag else ''}.json"
+        path = results_dir() / f"{gpu}_{info['date']}{'_' + tag if tag else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"machine": info, "peak_tflops": peak, "results": [dataclasses.asdict(r) for r in rows]}
     tmp = path.with_suffix(".tmp")

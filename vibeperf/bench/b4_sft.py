@@ -1,10 +1,10 @@
 """B4: one packed-sequence SFT step of a Qwen2.5-3B-shaped model (random init) on one GPU, against a padded
 transformers baseline on the same length mix.
 
-    python -m benchmarks.b4_sft [--samples 64] [--steps 3] [--budget 16384] [--max-len 8192] [--pad-batch 2]
+    python -m vibeperf.bench.b4_sft [--samples 64] [--steps 3] [--budget 16384] [--max-len 8192] [--pad-batch 2]
                                 [--layers 36] [--precision bf16-autocast|bf16] [--liger auto|on|off] [--no-write]
 
-1. Peak: a plain 8192^3 bf16 matmul measured in this run (benchmarks.common.peak_matmul_tflops).
+1. Peak: a plain 8192^3 bf16 matmul measured in this run (vibeperf.bench.common.peak_matmul_tflops).
 2. Model: Qwen2 with hidden 2048, 36 layers, 16 heads, 2 KV heads, intermediate 11008, vocab 151,936, tied
    embeddings (Qwen2.5-3B's shape; 3.09B parameters), random init on the GPU. Precision "bf16-autocast" (the
    trainer's CUDA default: fp32 weights, grads and AdamW state, bf16 matmuls) or "bf16" (everything bf16). Activation
@@ -30,7 +30,7 @@ transformers baseline on the same length mix.
    peak memory (max_memory_allocated during the timed steps) and extra memory above what the weights and optimizer
    state hold; N in the table is the mean real tokens of a timed step. Targets: MFU >= 0.45 and packed >= 2x the
    padded tokens/s.
-A table is printed last; the JSON goes to benchmarks/results/<gpu>_<date>_B4.json.
+A table is printed last; the JSON goes to <results dir>/<gpu>_<date>_B4.json.
 """
 
 from __future__ import annotations

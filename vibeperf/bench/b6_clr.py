@@ -1,6 +1,6 @@
 """B6: CLR aggregation of 4,096 queries x 32 candidates x 5 claims, vectorised vs a plain Python loop.
 
-    python -m benchmarks.b6_clr [--queries 4096] [--no-write]
+    python -m vibeperf.bench.b6_clr [--queries 4096] [--no-write]
 
 Checks the vectorised result against the Python reference first, then times: the reference loop (CPU), the
 vectorised aggregator on the CPU, and on the GPU when there is one (CUDA-event medians via do_bench). Target:

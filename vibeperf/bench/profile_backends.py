@@ -1,13 +1,13 @@
 """Where the time goes, Triton vs CUDA backend: per-kernel GPU time of one LM-head call under torch.profiler.
 
-    python -m benchmarks.profile_backends [--n 32768 65536] [--work forward train mgpo] [--repeats 3]
+    python -m vibeperf.bench.profile_backends [--n 32768 65536] [--work forward train mgpo] [--repeats 3]
 
 For the Qwen2.5-3B head (H = 2048, V = 151,936, bf16) and each backend ("triton", "cuda"), one warm-up call and then
 `--repeats` profiled calls of the work (forward: `linear_logprob` without grad, B1; train: `linear_cross_entropy`
 forward + backward, B2; mgpo: `mgpo_loss` forward + backward on B3's inputs). Every CUDA kernel's device time is
 summed per class: GEMM (cuBLAS / cuBLASLt / CUTLASS kernels), row kernel (ours: `lmhead_row_grad*` in either backend),
 other (casts, fills, reductions). Printed per call in ms, with the wall time of the same calls; the JSON goes to
-benchmarks/results/<gpu>_<date>_profile.json. The outputs are checked against each other (Triton vs CUDA) before
+<results dir>/<gpu>_<date>_profile.json. The outputs are checked against each other (Triton vs CUDA) before
 anything is profiled.
 """
 
@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 
 import torch
+
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
 
 from .common import Row, format_table, relative_error, write_results_extra
