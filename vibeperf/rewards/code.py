@@ -1,12 +1,20 @@
-"""Code reward: run a model's Python program on stdin/stdout test cases inside a sandbox.
+"""Code reward: run a model's Python program on test cases inside a sandbox.
 
-`code_reward(tests, completion)` takes the last fenced code block of the completion, runs it once per test
-(`{"input": str, "output": str}`) with the test input on stdin, and compares stdout with the expected output after
-normalising whitespace (surrounding blank lines dropped, trailing spaces of each line dropped). The reward is the
-fraction of tests passed, or 1/0 when `SandboxConfig.all_or_nothing` (which stops at the first failure). Every
-failing test gets a reason: wrong output, runtime error (with the last stderr line, e.g. `MemoryError`), wall
-timeout, CPU time limit, output limit, killed by a signal. Only infrastructure problems raise (`SandboxError`):
-the sandbox cannot be built, the interpreter is missing; never anything the program does.
+`code_reward(tests, completion)` takes the last fenced code block of the completion and runs it on every test: stdin/
+stdout tests, functional (call-based: a function or `class Solution` method, LiveCodeBench / APPS) and assert-based
+(HumanEval / MBPP) ones, as `vibeperf.rewards.code_tests` defines them. The reward is the fraction of tests passed,
+or 1/0 when `SandboxConfig.all_or_nothing` (which stops at the first failure). Every failing test gets a reason: wrong
+output or return value, runtime error (with the last stderr line, e.g. `MemoryError`), wall timeout, CPU time limit,
+output limit, killed by a signal. Only infrastructure problems raise (`SandboxError`): the sandbox cannot be built,
+the interpreter is missing; never anything the program does.
+
+One sandbox per completion (`run_tests`, "root" isolation): the namespaces below are built once and
+`sandbox_main.py` runs every test in a fresh process forked from its clean interpreter, with the per-test limits of
+step 3, the wall timeout and output cap per test, /tmp wiped and every leftover process killed between tests. The
+program's process is the same as in a single run except that it is forked rather than exec'd (the runner's standard
+modules are already imported). `SandboxConfig(sandbox_per_test=True)` runs each test in its own sandbox instead, as
+do the "userns" and "none" levels (there the runner would share the program's uid, or have no PID namespace to
+clear). The expected outputs never enter the sandbox: the host compares.
 
 How one program runs (the "root" isolation, used when this process is root; measured on Linux 6.18):
 
@@ -59,99 +67,43 @@ thread pool.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 import re
-import selectors
+import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+from vibeperf.data.jsonl import CodeTest
+from vibeperf.rewards.code_tests import as_test, judge_output
 from vibeperf.rewards.math import RewardResult
+from vibeperf.rewards.sandbox_proc import (
+    RunnerChannel,
+    SandboxError,
+    popen,
+    pump,
+    reap,
+    sandbox_spec,
+    unshare_cmd,
+)
 
 logger = logging.getLogger(__name__)
 
 ISOLATION_LEVELS = ("root", "userns", "none")
-_SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
-_UNSHARE_FLAGS = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _SHOW = 60
 
-# Runs as pid 1 of the sandbox (python -I -S -c); argv[1] is a JSON config. See the module docstring, steps 2-4.
-_LAUNCHER = r"""
-import ctypes, fcntl, json, os, resource, sys
-SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MS_NOSUID, MS_NODEV, PR_SET_NO_NEW_PRIVS = 0x1, 0x2, 0x2, 0x4, 38
-cfg = json.loads(sys.argv[1])
-status = cfg["status_fd"]
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-def report(**kw):
-    os.write(status, (json.dumps(kw) + "\n").encode())
-def check(rc, what):
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, what + ": " + os.strerror(err))
-try:
-    with open(cfg["program"], "rb") as f:
-        source = f.read()
-    work = cfg["workdir"]
-    if cfg["namespaces"]:
-        attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
-        rc = libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr))
-        check(rc, "mount_setattr(/, rdonly, recursive)")
-        opts = ("size=%dm,mode=1777" % cfg["tmpfs_mb"]).encode()
-        check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount tmpfs on /tmp")
-        os.mkdir(work, 0o700)
-    with open(os.path.join(work, "main.py"), "wb") as f:
-        f.write(source)
-    if cfg["uid"] is not None:
-        os.chown(work, cfg["uid"], cfg["gid"])
-        os.chown(os.path.join(work, "main.py"), cfg["uid"], cfg["gid"])
-    if cfg["probe"]:
-        report(probe="ok")
-        os._exit(0)
-    pid = os.fork()
-except BaseException as e:
-    report(setup_error="%s: %s" % (type(e).__name__, e))
-    os._exit(125)
-if pid == 0:
-    try:
-        fcntl.fcntl(status, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
-        for name, value in cfg["rlimits"].items():
-            resource.setrlimit(getattr(resource, name), tuple(value))
-        check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        if cfg["uid"] is not None:
-            os.setgroups([])
-            os.setgid(cfg["gid"])
-            os.setuid(cfg["uid"])
-        os.chdir(work)
-        os.execve(cfg["python"], [cfg["python"], "-I", "main.py"], cfg["env"])
-    except BaseException as e:
-        report(setup_error="exec %s: %s: %s" % (cfg["python"], type(e).__name__, e))
-    os._exit(127)
-while True:
-    try:
-        done, st, ru = os.wait4(-1, 0)
-    except ChildProcessError:
-        os._exit(0)
-    if done == pid:
-        report(exit=os.WEXITSTATUS(st) if os.WIFEXITED(st) else None,
-               signal=os.WTERMSIG(st) if os.WIFSIGNALED(st) else None,
-               cpu_s=ru.ru_utime + ru.ru_stime)
-        os._exit(0)
-"""
-
-
-class SandboxError(RuntimeError):
-    """The sandbox could not run a program (unavailable, refused, misconfigured): never the program's fault."""
+# Runs as pid 1 of the sandbox (`-c`; argv[1] is a JSON config). See the module docstring, steps 2-4.
+_SANDBOX_MAIN = (Path(__file__).parent / "sandbox_main.py").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -185,6 +137,8 @@ class SandboxConfig:
     """Reward 1 only if every test passes (stops at the first failure); else the fraction of tests passed."""
     allow_unsandboxed: bool = False
     """Run even where namespaces are not permitted (isolation "none": rlimits and process-group kill only)."""
+    sandbox_per_test: bool = False
+    """One sandbox per test (the slower way) instead of one per completion with a fresh process per test."""
 
     def __post_init__(self):
         for name in ("wall_timeout_s", "cpu_time_s", "memory_mb", "file_size_mb", "tmpfs_mb", "max_processes",
@@ -223,7 +177,9 @@ class RunResult:
         if self.output_exceeded:
             return f"output limit exceeded ({config.max_output_bytes} bytes)"
         if self.signal is not None:
-            if self.signal in (signal.SIGXCPU, signal.SIGKILL) and (self.cpu_s or 0.0) >= config.cpu_time_s - 0.05:
+            # SIGXCPU comes only from the soft limit (rusage may read a few ticks short of it); SIGKILL at the hard one.
+            cpu_kill = self.signal == signal.SIGKILL and (self.cpu_s or 0.0) >= config.cpu_time_s - 0.05
+            if self.signal == signal.SIGXCPU or cpu_kill:
                 return f"CPU time limit ({config.cpu_time_s} s)"
             return f"killed by {signal.Signals(self.signal).name}"
         if self.exit_code != 0:
@@ -246,15 +202,6 @@ def _short(text: str) -> str:
     return text if len(text) <= _SHOW else text[: _SHOW - 3] + "..."
 
 
-def _probe_cmd(level: str) -> list[str]:
-    unshare = shutil.which("unshare", path=_SYSTEM_PATH + ":/usr/sbin:/sbin")
-    if unshare is None:
-        raise SandboxError("the `unshare` binary (util-linux) is not installed")
-    if level == "root":
-        return [unshare, *_UNSHARE_FLAGS]
-    return [unshare, "--user", "--map-root-user", *_UNSHARE_FLAGS]
-
-
 @functools.cache
 def isolation_level() -> tuple[str, str]:
     """The strongest isolation this machine permits, probed once: ("root" | "userns" | "none", why).
@@ -266,171 +213,31 @@ def isolation_level() -> tuple[str, str]:
     for level in ("root", "userns") if os.geteuid() == 0 else ("userns",):
         try:
             _execute("", "", SandboxConfig(), level, probe=True)
-            return level, f"unshare {' '.join(_probe_cmd(level)[1:])} works"
+            return level, f"unshare {' '.join(unshare_cmd(level)[1:])} works"
         except SandboxError as e:
             tried.append(f"{level}: {e}")
     return "none", "; ".join(tried) or "no isolation level to try"
 
 
-def _resolve_python(name: str) -> str:
-    path = name if os.path.isabs(name) else shutil.which(name, path=_SYSTEM_PATH)
-    if path is None or not os.path.isfile(path):
-        raise SandboxError(f"interpreter {name!r} not found in {_SYSTEM_PATH}")
-    return path
-
-
-def _children(pid: int) -> list[int]:
-    """Pids whose parent is `pid` (a /proc scan: /proc/<pid>/task/<tid>/children is not always compiled in)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _reap(proc: subprocess.Popen, killed: bool) -> None:
-    """Wait for the runner's child, killing the namespace's init first if asked; then kill its process group.
-
-    The child is waited on with WNOWAIT before the group kill, so its pid (the group id) cannot be reused meanwhile.
-    """
-    if killed:
-        for child in _children(proc.pid):
-            _kill(child)
-    deadline = time.monotonic() + 5.0
-    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        if time.monotonic() > deadline:
-            for child in _children(proc.pid):
-                _kill(child)
-            _kill(proc.pid)
-            deadline = time.monotonic() + 5.0
-        time.sleep(0.001)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-def _pump(proc: subprocess.Popen, stdin: bytes, status_fd: int, config: SandboxConfig):
-    """Feed stdin, collect stdout/stderr/status until all close, the wall timeout, or the output cap."""
-    sel = selectors.DefaultSelector()
-    bufs: dict[int, bytearray] = {}
-    for fd in (proc.stdout.fileno(), proc.stderr.fileno(), status_fd):
-        os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ)
-        bufs[fd] = bytearray()
-    stdin_fd, sent = proc.stdin.fileno(), 0
-    if stdin:
-        os.set_blocking(stdin_fd, False)
-        sel.register(stdin_fd, selectors.EVENT_WRITE)
-    else:
-        proc.stdin.close()
-    deadline = time.monotonic() + config.wall_timeout_s
-    timed_out = exceeded = False
-    while sel.get_map() and not (timed_out or exceeded):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            timed_out = True
-            break
-        for key, _ in sel.select(remaining):
-            fd = key.fd
-            if fd == stdin_fd:
-                try:
-                    sent += os.write(fd, stdin[sent : sent + 65536])
-                except BlockingIOError:
-                    continue
-                except BrokenPipeError:
-                    sent = len(stdin)
-                if sent >= len(stdin):
-                    sel.unregister(fd)
-                    proc.stdin.close()
-                continue
-            data = os.read(fd, 65536)
-            if not data:
-                sel.unregister(fd)
-                continue
-            bufs[fd] += data
-            if fd != status_fd and len(bufs[fd]) > config.max_output_bytes:
-                exceeded = True
-    sel.close()
-    return bufs[proc.stdout.fileno()], bufs[proc.stderr.fileno()], bytes(bufs[status_fd]), timed_out, exceeded
-
-
 def _execute(source: str, stdin: str, config: SandboxConfig, level: str, probe: bool = False) -> RunResult:
     """One run of `source` at isolation `level`; raises SandboxError when the sandbox itself fails."""
-    as_root = os.geteuid() == 0
-    python = _resolve_python(config.python)
     host_dir = tempfile.mkdtemp(prefix="vibeperf-sandbox-")
     status_r, status_w = os.pipe()
     proc = None
     killed = False
     try:
-        program = os.path.join(host_dir, "main.py")
-        with open(program, "w", encoding="utf-8") as f:
+        with open(os.path.join(host_dir, "main.py"), "w", encoding="utf-8") as f:
             f.write(source)
-        namespaces = level != "none"
-        drop = (level == "root") or (level == "none" and as_root)
-        mb = 1 << 20
-        launcher = {
-            "status_fd": status_w,
-            "program": program,
-            "workdir": "/tmp/work" if namespaces else host_dir,
-            "namespaces": namespaces,
-            "probe": probe,
-            "tmpfs_mb": config.tmpfs_mb,
-            "python": python,
-            "uid": config.uid if drop else None,
-            "gid": config.gid if drop else None,
-            "rlimits": {
-                "RLIMIT_CORE": (0, 0),
-                "RLIMIT_CPU": (config.cpu_time_s, config.cpu_time_s + 1),
-                "RLIMIT_AS": (config.memory_mb * mb, config.memory_mb * mb),
-                "RLIMIT_FSIZE": (config.file_size_mb * mb, config.file_size_mb * mb),
-                "RLIMIT_NOFILE": (config.max_open_files, config.max_open_files),
-                "RLIMIT_NPROC": (config.max_processes, config.max_processes),
-            },
-            "env": {
-                "PATH": _SYSTEM_PATH,
-                "HOME": "/tmp/work" if namespaces else host_dir,
-                "TMPDIR": "/tmp",
-                "LANG": "C.UTF-8",
-                "LC_ALL": "C.UTF-8",
-                "OMP_NUM_THREADS": "1",
-                "OPENBLAS_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1",
-            },
-        }
-        wrapper = _probe_cmd(level) if namespaces else []
-        cmd = [*wrapper, sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(launcher)]
+        spec = {**sandbox_spec(config, level, host_dir, "single", status_w), "probe": probe}
+        wrapper = unshare_cmd(level) if spec["namespaces"] else []
         start = time.monotonic()
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(status_w,),
-            cwd=host_dir,
-            env={"PATH": _SYSTEM_PATH, "LANG": "C.UTF-8"},
-            start_new_session=True,
-        )
+        cmd = [*wrapper, sys.executable, "-I", "-S", "-c", _SANDBOX_MAIN, json.dumps(spec)]
+        proc = popen(cmd, host_dir, pass_fds=(status_w,))
         os.close(status_w)
         status_w = -1
-        out, err, status, timed_out, exceeded = _pump(proc, stdin.encode("utf-8", "replace"), status_r, config)
+        out, err, status, timed_out, exceeded = pump(proc, stdin.encode("utf-8", "replace"), status_r, config)
         killed = timed_out or exceeded
-        _reap(proc, killed)
+        reap(proc, killed)
         wall = time.monotonic() - start
         lines = status.decode("utf-8", "replace").strip().splitlines()
         report = json.loads(lines[-1]) if lines else {}
@@ -456,7 +263,7 @@ def _execute(source: str, stdin: str, config: SandboxConfig, level: str, probe: 
         )
     finally:
         if proc is not None and proc.returncode is None:
-            _reap(proc, True)
+            reap(proc, True)
         for fd in (status_r, status_w):
             if fd >= 0:
                 os.close(fd)
@@ -484,34 +291,87 @@ def run_program(source: str, stdin: str = "", config: SandboxConfig | None = Non
     return _execute(source, stdin, config, level)
 
 
-def normalize_output(text: str) -> list[str]:
-    """Lines of `text` with trailing whitespace removed, without leading/trailing blank lines."""
-    return [line.rstrip() for line in text.strip().splitlines()]
+def _run_batch(source: str, tests: list[CodeTest], config: SandboxConfig) -> list[TestOutcome]:
+    """Every test in one sandbox ("root" isolation): `sandbox_main.py` in batch mode, one fork per test."""
+    host_dir = tempfile.mkdtemp(prefix="vibeperf-sandbox-")
+    proc = None
+    healthy = False
+    outcomes: list[TestOutcome] = []
+    try:
+        with open(os.path.join(host_dir, "main.py"), "w", encoding="utf-8") as f:
+            f.write(source)
+        spec = sandbox_spec(config, "root", host_dir, "batch")
+        proc = popen([*unshare_cmd("root"), spec["python"], "-I", "-c", _SANDBOX_MAIN, json.dumps(spec)], host_dir)
+        runner = RunnerChannel(proc)
+        hello = runner.exchange(b"", 30.0)
+        if hello is None or "setup_error" in hello:
+            why = hello["setup_error"] if hello else runner.why_stopped()
+            raise SandboxError(f"batch sandbox set-up failed (root): {why}")
+        for test in tests:
+            nonce = secrets.token_hex(8)
+            command = {"kind": test.kind, "input": test.input, "fn_name": test.fn_name, "nonce": nonce}
+            report = runner.exchange((json.dumps(command) + "\n").encode(), config.wall_timeout_s + 30.0)
+            if report is None:
+                why = f"the sandbox runner stopped ({runner.why_stopped()})"
+                logger.warning("%s; the remaining %d tests count as failed", why, len(tests) - len(outcomes))
+                failed = RunResult("", "", None, None, None, 0.0, False, False)
+                outcomes += [TestOutcome(False, why, failed) for _ in tests[len(outcomes) :]]
+                return outcomes
+            run = RunResult(report["stdout"], report["stderr"], report["exit"], report["signal"], report["cpu_s"],
+                            report["wall_s"], report["timed_out"], report["output_exceeded"])  # fmt: skip
+            result = report["result"]
+            result = result[len(nonce) + 1 :] if result and result.startswith(nonce + " ") else None
+            why = run.failure(config) or judge_output(test, run.stdout, result)
+            outcomes.append(TestOutcome(why is None, why or "passed", run))
+            if why is not None and config.all_or_nothing:
+                break
+        healthy = True
+        return outcomes
+    finally:
+        if proc is not None:
+            proc.stdin.close()
+            reap(proc, not healthy)
+            proc.stdout.close()
+            proc.stderr.close()
+        shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def _test_fields(test) -> tuple[str, str]:
-    if isinstance(test, Mapping):
-        return test["input"], test["output"]
-    return test.input, test.output
+def _run_one(source: str, test: CodeTest, config: SandboxConfig) -> TestOutcome:
+    """One test in its own sandbox (`run_program`); functional and assert tests through the harness program."""
+    if test.kind == "stdin":
+        run = run_program(source, test.input, config)
+        result = None
+    else:
+        nonce = secrets.token_hex(8)
+        command = {"kind": test.kind, "input": test.input, "fn_name": test.fn_name, "nonce": nonce, "source": source}
+        harness = _SANDBOX_MAIN + "\nrun_single_test()\n"
+        run = run_program(harness, json.dumps(command), config)
+        head, _, last = run.stdout.rstrip("\n").rpartition("\n")
+        result = last[len(nonce) + 1 :] if last.startswith(nonce + " ") else None
+        run = dataclasses.replace(run, stdout=head if result is not None else run.stdout)
+    why = run.failure(config) or judge_output(test, run.stdout, result)
+    return TestOutcome(why is None, why or "passed", run)
 
 
 def run_tests(source: str, tests: Iterable, config: SandboxConfig | None = None) -> list[TestOutcome]:
-    """Run `source` on each test (`{"input", "output"}` mappings or `CodeTest`s); one sandboxed run per test.
+    """Run `source` on each test (CodeTests or mappings, any kind of `vibeperf.rewards.code_tests`).
 
-    With `config.all_or_nothing` it stops after the first failure.
+    Under "root" isolation all tests run in one sandbox, each in a fresh process with its own limits (see
+    `sandbox_main.py`); with `config.sandbox_per_test`, or at the other isolation levels (where the runner could not
+    be kept apart from the program: same uid, or no PID namespace), each test gets its own sandbox. With
+    `config.all_or_nothing` it stops after the first failure.
     """
     config = config or SandboxConfig()
+    cases = [as_test(t) for t in tests]
+    if not cases:
+        return []
+    level, _ = isolation_level()
+    if level == "root" and not config.sandbox_per_test:
+        return _run_batch(source, cases, config)
     outcomes = []
-    for test in tests:
-        stdin, expected = _test_fields(test)
-        run = run_program(source, stdin, config)
-        why = run.failure(config)
-        if why is None:
-            got, want = normalize_output(run.stdout), normalize_output(expected)
-            if got != want:
-                why = f"wrong output: expected '{_short(chr(10).join(want))}', got '{_short(chr(10).join(got))}'"
-        outcomes.append(TestOutcome(why is None, why or "passed", run))
-        if why is not None and config.all_or_nothing:
+    for test in cases:
+        outcomes.append(_run_one(source, test, config))
+        if not outcomes[-1].passed and config.all_or_nothing:
             break
     return outcomes
 
@@ -526,7 +386,7 @@ def extract_code(completion: str) -> str | None:
 
 
 def code_reward(tests, completion: str, config: SandboxConfig | None = None) -> RewardResult:
-    """Reward of a completion on stdin/stdout tests: fraction passed (or all-or-nothing), with a reason per failure.
+    """Reward of a completion on its tests (any kind): fraction passed (or all-or-nothing), a reason per failure.
 
     No code block gives 0. Raises SandboxError only when the sandbox itself cannot run (see the module docstring).
     """
