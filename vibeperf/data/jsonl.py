@@ -1,4 +1,4 @@
-"""Readers and a writer for local JSONL data files (one JSON object per line).
+"""Readers and a writer for local JSONL data files (one JSON object per line); the readers take parquet files too.
 
 SFT lines: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` with at least one assistant
 message, or `{"prompt": str, "response": str}` (read as a user and an assistant message); optional `"weight"` (a loss
@@ -176,7 +176,14 @@ def _parse_rl(obj: Mapping[str, Any]) -> RLRecord:
 
 
 def _read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
-    """Parse every non-blank line of `path` with `parse`; DataError naming `file:line` at the first bad one."""
+    """Parse every non-blank line of `path` with `parse`; DataError naming `file:line` at the first bad one.
+
+    A `.parquet` path is read row by row instead (`vibeperf.data.parquet`).
+    """
+    if os.fspath(path).endswith(".parquet"):
+        from vibeperf.data.parquet import read_parquet  # it builds on this module's field checks
+
+        return read_parquet(path, parse)
     records = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -203,12 +210,12 @@ def _read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]
 
 
 def read_sft_jsonl(path: str | os.PathLike) -> list[SFTRecord]:
-    """Read an SFT JSONL file (see the module docstring for the format); DataError on any malformed line."""
+    """Read an SFT JSONL (or parquet) file (see the module docstring); DataError on any malformed line."""
     return _read_jsonl(path, _parse_sft)
 
 
 def read_rl_jsonl(path: str | os.PathLike) -> list[RLRecord]:
-    """Read an RL JSONL file (see the module docstring for the format); DataError on any malformed line."""
+    """Read an RL JSONL (or parquet) file (see the module docstring); DataError on any malformed line."""
     return _read_jsonl(path, _parse_rl)
 
 
