@@ -7,6 +7,8 @@ an unparseable gold answer, a math-verify error or timeout all give 0.0 and say 
 - The answer is the content of the last `\\boxed{...}` (or `\\fbox{...}`) of the completion, found by brace
   matching. Without one, the reward is 0 ("no \\boxed{} answer") unless `require_boxed=False`, in which case
   math-verify extracts the final answer from the whole text.
+- The gold answer is first rewritten where datasets write answers that math-verify misreads (unicode math, money,
+  digit grouping, E notation, repeating decimals: `vibeperf.rewards.answers`).
 - Both sides go through math-verify as `\\boxed{...}` (a bare gold such as `2\\sqrt{3}` is parsed as LaTeX, not as the
   plain number 2), then `verify(gold, pred)`, gold first: verify is not symmetric (e.g. for intervals vs sets).
 - Timeouts. math-verify bounds `parse` and `verify` with `signal.alarm`, which works only in the main thread of the
@@ -21,6 +23,8 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
+
+from vibeperf.rewards.answers import normalize_answer
 
 # math-verify's parse, verify and TimeoutException, bound by `_load()` on the first reward (importing vibeperf.rewards,
 # and with it the RL trainer, must not need math-verify); module attributes so that tests can replace them.
@@ -104,7 +108,7 @@ def _parse_gold(gold: str, timeout: int | None) -> list:
 
 def _math_reward(gold: str, completion: str, require_boxed: bool, timeout_s: int | None) -> RewardResult:
     timeout = _timeouts(timeout_s)
-    gold_parsed = _parse_gold(gold, timeout)
+    gold_parsed = _parse_gold(normalize_answer(gold), timeout)
     if not gold_parsed:
         return RewardResult(0.0, f"gold answer '{_short(gold)}' could not be parsed")
     try:
