@@ -105,8 +105,8 @@ def test_slp_fused_packed_equals_reference_nll(tiny, backend):
     fp32 forward, plus one fp32 epsilon. The budget packs the two short samples into one row and leaves the long one
     alone in its own (longer than the budget, never truncated).
     """
+    from vibeperf.model import tokenize_records
     from vibeperf.score import plan_rows, score_samples
-    from vibeperf.sft.packing import tokenize_records
 
     model, tok = tiny
     samples = tokenize_records(CHATS, tok)
@@ -223,7 +223,8 @@ def arith_checkpoints(tmp_path_factory):
     """The tiny model after 12 and 24 SFT steps on additions whose sum is 4 (answered "\\boxed{4}"): checkpoints that
     solve those problems sometimes, then always, and never one whose sum is not 4."""
     from vibeperf.config import SFTConfig, load_config
-    from vibeperf.sft.trainer import list_checkpoints, train
+    from vibeperf.sft.trainer import train
+    from vibeperf.train import list_checkpoints
 
     root = tmp_path_factory.mktemp("arith")
     write_jsonl(root / "train.jsonl", [{"prompt": f"What is {a} plus {b}?", "response": "The answer is \\boxed{4}."}

@@ -14,21 +14,20 @@ from safetensors.torch import load_file
 from vibeperf import cli
 from vibeperf.config import SFTConfig, load_config
 from vibeperf.data import DataError, Message, SFTRecord, write_jsonl
-from vibeperf.sft import (
+from vibeperf.model import (
     ATTENTION_CALLS,
-    forward_backward,
+    apply_liger,
     make_row,
     pack_rows,
     patch_causal_lm,
-    prepare_stages,
     resolve_attention,
+    step_flops,
     tokenize_records,
-    train,
     unpatch_causal_lm,
     use_varlen_attention,
 )
+from vibeperf.sft import forward_backward, prepare_stages, train
 from vibeperf.sft import trainer as trainer_mod
-from vibeperf.sft.model import apply_liger, step_flops
 from vibeperf.sft.synthetic import synthetic_records
 from vibeperf.tiny_model import get_tiny_model
 
@@ -256,16 +255,6 @@ def test_malformed_line_fails_before_training(tmp_path, monkeypatch, which, line
         train(cfg)
     assert f"{data if which == 'data' else verdicts}{needle}" in str(e.value)
     assert not (tmp_path / "run").exists()
-
-
-def test_schedule_warmup_cosine_per_stage():
-    p = trainer_mod.StagePlan
-    plans = [p(0, "a", 100, 20, 1, 0, 1e-3, 1e-5, 2), p(1, "b", 50, 10, 1, 20, 5e-4, 0.0, 1)]
-    lrs = [trainer_mod.lr_at(plans, s) for s in range(30)]
-    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
-    assert lrs[19] == pytest.approx(1e-5) and all(x >= y for x, y in zip(lrs[1:20], lrs[2:20]))
-    assert lrs[20] == pytest.approx(5e-4) and lrs[29] == pytest.approx(0.0, abs=1e-12)
-    assert trainer_mod.locate(plans, 25)[0].name == "b"
 
 
 def test_step_flops_formula(tiny_path):

@@ -299,7 +299,7 @@ class ModelConfig:
     path: str = "tiny"
     """Hugging Face checkpoint directory (config, safetensors, tokenizer); "tiny" is the locally built tiny Qwen2."""
     attention: Literal["auto", "varlen", "flex", "exact"] = "auto"
-    """Packed-row attention backend (vibeperf.sft.attention): auto picks varlen_attn on CUDA, exact on the CPU."""
+    """Packed-row attention backend (vibeperf.model.attention): auto picks varlen_attn on CUDA, exact on the CPU."""
     liger: bool = False
     """Swap in liger_kernel's RMSNorm, RoPE and SwiGLU (Qwen2 only; an error if liger_kernel is not installed)."""
     activation_checkpointing: bool = False

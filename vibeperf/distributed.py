@@ -8,14 +8,11 @@ process was not started by torchrun.
   Reduce-scatter sums (divide factor 1, plain SUM: gloo has no PREMUL_SUM): the loss is already divided by the
   global loss-token count.
 - LM head and the fused loss: the loss kernel takes `lm_head.weight` directly, outside the HF module's forward, so
-  the loss is computed inside `FusedLossLM.forward`. Calling the FSDP root through `__call__` all-gathers the root
-  group (embeddings, norm, head) before the body runs and registers the post-backward reduce-scatter of their
-  gradients; calling `model.model(...)` and reading `lm_head.weight` by hand would see a sharded DTensor and would
-  leave the head's gradient unreduced. The alternative (each rank keeps a vocabulary shard and the kernel's
-  log-sum-exp pieces are all-reduced) saves the head all-gather but needs a vocab-parallel kernel; not done.
+  the loss is computed inside `vibeperf.model.FusedLossLM.forward`, the FSDP root (see vibeperf.model.fused for
+  why). The alternative (each rank keeps a vocabulary shard and the kernel's log-sum-exp pieces are all-reduced)
+  saves the head all-gather but needs a vocab-parallel kernel; not done.
 - `global_loss_tokens(n)`: all-reduce (SUM) of the step's loss-token count on the device, before the micro-batches.
-- `clip_gradients`: `clip_grad_norm_(foreach=True)` works on DTensor gradients (the norm is a DTensor; its full value
-  is taken for logging).
+- `to_full(t)`: the full value of a DTensor (e.g. the grad norm `vibeperf.train.clip_gradients` returns).
 - `save_sharded` / `load_sharded`: `torch.distributed.checkpoint` of model + optimizer (`get_state_dict` /
   `set_state_dict`), loadable by any number of processes, including one without a process group.
   `export_full(model, path)`: gathers the full state dict and writes the Hugging Face checkpoint from rank 0.
@@ -33,8 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vibeperf.kernels import linear_cross_entropy
-from vibeperf.sft.patch import head_inputs
+from vibeperf.model.fused import FusedLossLM
 
 _OWNED = False  # whether init_distributed started the process group (destroy_distributed ends only that one)
 
@@ -91,28 +87,6 @@ def default_mp_policy(device: torch.device):
     if device.type != "cuda":
         return None
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-
-
-class FusedLossLM(nn.Module):
-    """The FSDP root: body + fused LM-head cross-entropy in one forward (see the module docstring for why)."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, model_inputs: dict, targets: torch.Tensor | None = None, token_weight: torch.Tensor | None = None,
-                backend: str = "auto", head_fn=None):  # fmt: skip
-        """The summed, token-weighted cross-entropy of `targets` (SFT); or, with `head_fn`, whatever
-        `head_fn(hidden [T, H], weight [V, H], bias)` returns (RL: log-probs, the MGPO loss). Return tensors, or
-        tuples / dicts of them, so that FSDP's backward hooks see every output."""
-        body = getattr(self.lm, self.lm.base_model_prefix)
-        head = self.lm.get_output_embeddings()
-        hidden = body(**model_inputs).last_hidden_state[0]  # [T, H]
-        h, w, b = head_inputs(hidden, head.weight, head.bias)
-        if head_fn is not None:
-            return head_fn(h, w, b)
-        return linear_cross_entropy(h, w, targets, bias=b, reduction="sum", token_weight=token_weight,
-                                    backend=backend)  # fmt: skip
 
 
 def shard_model(model: nn.Module, mp_policy=None) -> FusedLossLM:
@@ -174,16 +148,6 @@ def rank_rows(rows: Sequence, r: int | None = None, world: int | None = None) ->
 def to_full(t: torch.Tensor) -> torch.Tensor:
     """The full value of a DTensor (a collective), the tensor itself otherwise."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global grad norm [] over (possibly sharded) parameters; grads scaled to `max_norm` when it is > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    return to_full(norm)
 
 
 def save_sharded(path: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -34,8 +34,8 @@ from vibeperf.data import SFTRecord, write_jsonl
 from vibeperf.data.jsonl import _field, _parse_sft, _read_jsonl
 from vibeperf.reference import learning_potential
 
-if TYPE_CHECKING:  # vibeperf.sft imports transformers: loaded when scoring, not when the CLI builds its parser
-    from vibeperf.sft.packing import PackedRow, Sample
+if TYPE_CHECKING:  # vibeperf.model imports transformers: loaded when scoring, not when the CLI builds its parser
+    from vibeperf.model import PackedRow, Sample
 
 log = logging.getLogger("vibeperf.score")
 
@@ -64,8 +64,7 @@ def load_scorer(path: str, *, dtype: str = "auto", device: str = "auto", attenti
     """(model, tokenizer) of a local checkpoint ("tiny": the tiny Qwen2) in eval mode with varlen attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vibeperf.sft.attention import use_varlen_attention
-    from vibeperf.sft.model import model_path, resolve_device
+    from vibeperf.model import model_path, resolve_device, use_varlen_attention
 
     src = model_path(path)
     dev = resolve_device(device)
@@ -77,7 +76,7 @@ def load_scorer(path: str, *, dtype: str = "auto", device: str = "auto", attenti
 
 def plan_rows(samples: Sequence[Sample], token_budget: int) -> list[PackedRow]:
     """Rows of at most `token_budget` tokens (best-fit decreasing); a longer sample alone in its own row."""
-    from vibeperf.sft.packing import make_row, pack_rows
+    from vibeperf.model import make_row, pack_rows
 
     long = [i for i, s in enumerate(samples) if s.length > token_budget]
     short = [i for i, s in enumerate(samples) if s.length <= token_budget]
@@ -96,7 +95,7 @@ def score_rows(model, rows: Sequence[PackedRow], *, temperature: float = 1.0, en
     from tqdm.auto import tqdm
 
     from vibeperf.kernels import linear_logprob
-    from vibeperf.sft.patch import head_inputs
+    from vibeperf.model import head_inputs
 
     device = next(model.parameters()).device
     body, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
@@ -123,7 +122,7 @@ def score_samples(
     progress: bool = False,
 ) -> list[SequenceScore]:
     """One `SequenceScore` per sample, in order (see the module docstring)."""
-    from vibeperf.sft.packing import IGNORE_INDEX
+    from vibeperf.model import IGNORE_INDEX
 
     if token_budget < 2:
         raise ValueError(f"token_budget must be >= 2, got {token_budget}")
@@ -158,7 +157,7 @@ def score_samples(
 
 def text_sample(tokenizer, text: str, source: str = "") -> Sample:
     """A raw-text sample (no chat template, no special tokens added): every token after the first is scored."""
-    from vibeperf.sft.packing import Sample
+    from vibeperf.model import Sample
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return Sample(torch.tensor(ids, dtype=torch.int32), torch.ones(len(ids), dtype=torch.bool), 1.0, source)
@@ -194,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """`vibeperf score`: read, tokenise, score, write (see the module docstring)."""
-    from vibeperf.sft.packing import tokenize_records
+    from vibeperf.model import tokenize_records
 
     items = read_score_jsonl(args.input)
     model, tokenizer = load_scorer(args.model, dtype=args.dtype, device=args.device, attention=args.attention)

@@ -44,10 +44,9 @@ import time
 
 import torch
 
-from vibeperf.sft import attention
-from vibeperf.sft.model import apply_liger, matmul_params, step_flops
-from vibeperf.sft.packing import IGNORE_INDEX, Sample, pack_rows
-from vibeperf.sft.trainer import clip_gradients, forward_backward
+from vibeperf.model import IGNORE_INDEX, Sample, apply_liger, attention, matmul_params, pack_rows, step_flops
+from vibeperf.sft import forward_backward
+from vibeperf.train import clip_gradients
 
 from .common import Row, format_table, peak_matmul_tflops, write_results_extra
 
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
         return 2
     from transformers import Qwen2ForCausalLM
 
-    from vibeperf.sft.attention import use_varlen_attention
+    from vibeperf.model import use_varlen_attention
 
     peak = peak_matmul_tflops()
     print(f"peak bf16 matmul (8192^3): {peak:.1f} TFLOP/s", flush=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from vibeperf.sft.model import matmul_params, step_flops
+from vibeperf.model import matmul_params, step_flops
 
 from .common import Row, format_table, machine_info, peak_matmul_tflops, relative_error, write_results
 
@@ -88,9 +88,8 @@ def measure(fn, device: torch.device, repeats: int) -> tuple[object, float, floa
 def run(args) -> dict:
     from transformers import Qwen2ForCausalLM
 
+    from vibeperf.model import Sample, use_varlen_attention
     from vibeperf.score import score_samples
-    from vibeperf.sft.attention import use_varlen_attention
-    from vibeperf.sft.packing import Sample
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -175,7 +175,7 @@ def part_rl(work: Path, world: int, s: dict, cpu: bool) -> dict:
 def _scale_rows(s: dict):
     import torch
 
-    from vibeperf.sft.packing import Sample, pack_rows
+    from vibeperf.model import Sample, pack_rows
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.exp(math.log(1500) + torch.randn(256, generator=g)).round().clamp(16, s["scale_max_len"])
@@ -196,9 +196,9 @@ def part_scale(work: Path, world: int, s: dict, cpu: bool) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from vibeperf import distributed as vdist
-    from vibeperf.sft.attention import use_varlen_attention
-    from vibeperf.sft.model import matmul_params, measure_peak_tflops, step_flops
-    from vibeperf.sft.trainer import clip_gradients, forward_backward
+    from vibeperf.model import matmul_params, measure_peak_tflops, step_flops, use_varlen_attention
+    from vibeperf.sft import forward_backward
+    from vibeperf.train import clip_gradients
 
     device = vdist.init_distributed("cpu" if cpu else "cuda")
     cfg = Qwen2Config(**s["scale"], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,

@@ -23,7 +23,7 @@ class ScoringConfig:
     backend: Literal["auto", "triton", "torch", "cuda"] = "auto"
     """Backend of the fused LM-head scoring kernel (vibeperf.kernels.linear_logprob)."""
     attention: Literal["auto", "varlen", "flex", "exact"] = "auto"
-    """Packed-row attention of the student (vibeperf.sft.attention)."""
+    """Packed-row attention of the student (vibeperf.model.attention)."""
 
     def __post_init__(self):
         check(self.token_budget >= 2, "token_budget", f"must be >= 2, got {self.token_budget}")

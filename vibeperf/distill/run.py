@@ -122,9 +122,8 @@ def run_distill(
     cfg: DistillConfig, *, make: Callable[[str], RolloutEngine] | None = None, progress: bool = True
 ) -> DistillResult:
     """Run the distillation pipeline of the module docstring; `make(model_dir)` overrides how engines are built."""
+    from vibeperf.model import model_path, tokenize_records
     from vibeperf.score import load_scorer, score_samples
-    from vibeperf.sft.model import model_path
-    from vibeperf.sft.packing import tokenize_records
 
     t0 = time.perf_counter()
     records = [r for path in cfg.data for r in read_rl_jsonl(path)]

@@ -165,7 +165,7 @@ class EvalResult:
 
 def run_eval(cfg: EvalConfig, *, engine: RolloutEngine | None = None, progress: bool = True) -> EvalResult:
     """Evaluate `cfg.model` (or the given, already built `engine`, which is left open) as the module docstring says."""
-    from vibeperf.sft.model import model_path
+    from vibeperf.model import model_path
 
     t0 = time.perf_counter()
     records = [r for path in cfg.data for r in read_rl_jsonl(path)]

@@ -11,7 +11,7 @@
 - `group_advantages`: A'_i = w_ME(p_c) * A_i. p_c counts the correct completions (reward 1); with Long2Short the
   advantages A come from the shifted rewards (`vibeperf.reference.long2short_shift`, already vectorised over groups
   in fp64; the rewards live on the host, so its host reads cost nothing here) while w_ME keeps the unshifted p_c.
-- `pack_sequences`: prompt + completion sequences packed into rows (`vibeperf.sft.packing`), loss on completion
+- `pack_sequences`: prompt + completion sequences packed into rows (`vibeperf.model.pack_rows`), loss on completion
   tokens only, with the per-token tensors the MGPO loss needs (sequence ids, rollout log-probs) in the row layout.
 """
 
@@ -26,12 +26,12 @@ import torch
 
 from vibeperf.data import DataError, RLRecord, read_rl_jsonl
 from vibeperf.kernels.mgpo.ops import group_statistics
+from vibeperf.model import PackedRow, Sample, pack_rows
 from vibeperf.reference import long2short_shift
 from vibeperf.rewards import domain_kind
 from vibeperf.rl.config import PhaseConfig
 from vibeperf.rl.scoring import Scorer
 from vibeperf.rollout import RolloutEngine, RolloutGroup, SamplingConfig
-from vibeperf.sft.packing import PackedRow, Sample, pack_rows
 
 
 @dataclass

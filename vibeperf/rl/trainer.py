@@ -3,10 +3,10 @@
 What a run does, in order:
 1. Reads the recipe (TOML/JSON plus `key=value` overrides) into `vibeperf.rl.config.RLConfig`, then reads and checks
    every RL JSONL file of every phase (`vibeperf.rl.data.load_phase`): a bad line stops the run before any model.
-2. Loads the policy (a Hugging Face checkpoint, or "tiny-warm") for training (`vibeperf.sft.model.load_model`:
+2. Loads the policy (a Hugging Face checkpoint, or "tiny-warm") for training (`vibeperf.model.load_model`:
    varlen attention over packed rows, fp32 weights, bf16 autocast on CUDA) and AdamW with a per-phase warm-up and
-   cosine (the SFT trainer's helpers). On the CPU it fixes the torch thread count first and exports it as
-   OMP_NUM_THREADS, because vLLM lowers the count to 1 and then freezes it for the whole process.
+   cosine (`vibeperf.train`: one schedule segment per phase). On the CPU it fixes the torch thread count first and
+   exports it as OMP_NUM_THREADS, because vLLM lowers the count to 1 and then freezes it for the whole process.
 3. Starts the rollout engine on the same checkpoint (`vibeperf.rollout.make_engine`: "auto" is vLLM when it imports,
    in this process with VLLM_ENABLE_V1_MULTIPROCESSING=0, else transformers generate).
 4. Before each phase, the static filter samples every prompt G times with the phase's starting weights and drops
@@ -64,7 +64,9 @@ import torch
 
 from vibeperf import distributed as vdist
 from vibeperf.config import config_to_dict
+from vibeperf.files import write_text
 from vibeperf.kernels import linear_logprob, mgpo_loss
+from vibeperf.model import FusedLossLM, load_model, model_path, resolve_device, resolve_precision
 from vibeperf.rl.config import RLConfig
 from vibeperf.rl.data import (
     MixtureSampler,
@@ -77,22 +79,7 @@ from vibeperf.rl.data import (
     static_filter,
 )
 from vibeperf.rollout import SamplingConfig, make_engine
-from vibeperf.sft.model import load_model, model_path, resolve_device, resolve_precision
-from vibeperf.sft.patch import head_inputs
-from vibeperf.sft.trainer import (
-    STATE_JSON,
-    STATE_PT,
-    StagePlan,
-    _resume_dir,
-    _trim_metrics,
-    clip_gradients,
-    locate,
-    lr_at,
-    make_optimizer,
-    save_checkpoint,
-    save_checkpoint_sharded,
-    set_rng_state,
-)
+from vibeperf.train import Checkpointer, MetricsWriter, Schedule, clip_gradients, make_optimizer
 
 log = logging.getLogger("vibeperf.rl")
 TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "tis_frac")
@@ -127,16 +114,9 @@ def set_cpu_threads(requested: int) -> int:
     return n
 
 
-def make_plans(cfg: RLConfig) -> list[StagePlan]:
-    """The SFT trainer's StagePlan per phase (one epoch of `steps` steps), for its warm-up + cosine `lr_at`."""
-    plans, first = [], 0
-    for i, p in enumerate(cfg.phases):
-        lr = p.lr if p.lr is not None else cfg.optim.lr
-        min_lr = p.min_lr if p.min_lr is not None else min(cfg.optim.min_lr, lr)
-        warmup = int(np.ceil(cfg.optim.warmup_frac * p.steps))
-        plans.append(StagePlan(i, p.name, 0, p.steps, 1, first, lr, min_lr, warmup))
-        first += p.steps
-    return plans
+def make_schedule(cfg: RLConfig) -> Schedule:
+    """One schedule segment per phase (its warm-up + cosine)."""
+    return Schedule.build([(p.name, p.steps, p.lr, p.min_lr) for p in cfg.phases], cfg.optim)
 
 
 def data_fingerprint(phases: Sequence[PhaseData]) -> str:
@@ -149,35 +129,13 @@ def data_fingerprint(phases: Sequence[PhaseData]) -> str:
     return h.hexdigest()[:16]
 
 
-def plot_curves(metrics_path: Path, out_dir: Path) -> None:
+def plot_curves(metrics: MetricsWriter) -> None:
     """reward.png (reward mean, pass rate) and length.png (mean and max response length) against the step."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    panels = {"reward.png": [("reward_mean", "reward mean"), ("pass_rate", "pass rate")],
-              "length.png": [("response_length_mean", "mean"), ("response_length_max", "max")]}  # fmt: skip
-    for name, curves in panels.items():
-        fig = Figure(figsize=(8, 4))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        for key, label in curves:
-            ax.plot(steps, [r[key] for r in rows], lw=1.2, label=label)
-        for prev, cur in zip(rows, rows[1:]):
-            if cur["phase"] != prev["phase"]:
-                ax.axvline(cur["step"], color="gray", ls="--", lw=0.8)
-                ax.text(cur["step"], ax.get_ylim()[1], f" {cur['phase']}", va="top", fontsize=8)
-        ax.set_xlabel("RL step")
-        ax.set_ylabel("reward" if name == "reward.png" else "response length (tokens)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = out_dir / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out_dir / name)
+    for name, ylabel, curves in (
+        ("reward.png", "reward", [("reward_mean", "reward mean"), ("pass_rate", "pass rate")]),
+        ("length.png", "response length (tokens)", [("response_length_mean", "mean"), ("response_length_max", "max")]),
+    ):
+        metrics.plot(name, [(ylabel, curves)], segment_key="phase", xlabel="RL step", size=(8, 4))
 
 
 @dataclass
@@ -217,15 +175,16 @@ class RLTrainer:
         src = resolve_model_path(cfg.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(src)
         self.phases = [load_phase(p) for p in cfg.phases]
-        self.plans = make_plans(cfg)
+        self.schedule = make_schedule(cfg)
         self.fingerprint = data_fingerprint(self.phases)
-        self.total = self.plans[-1].first_step + self.plans[-1].num_steps
+        self.total = self.schedule.total_steps
         self.stop = min(self.total, cfg.train.max_steps) if cfg.train.max_steps else self.total
         for ph in self.phases:
             log.info("phase %s: %s", ph.name, ", ".join(f"{s.name} {len(s.records)} prompts (weight {s.weight:g})"
                                                          for s in ph.sources))  # fmt: skip
 
-        resume = _resume_dir(cfg)
+        self.checkpointer = Checkpointer(self.out_dir, cfg.checkpoint, sharded=vdist.is_distributed())
+        resume = self.checkpointer.resume_dir()
         seed = cfg.train.seed
         torch.manual_seed(seed)
         np.random.seed(seed)
@@ -234,26 +193,14 @@ class RLTrainer:
         self.fsdp_root = None
         if vdist.is_distributed():
             self.fsdp_root = vdist.shard_model(self.model, vdist.default_mp_policy(self.device))
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
-        base_lr = cfg.optim.lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(self.plans, s) / base_lr)
+        self.root = self.fsdp_root if self.fsdp_root is not None else FusedLossLM(self.model)
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = self.schedule.scheduler(self.optimizer, cfg.optim.lr)
         self.step_count, self.filters, cursors = 0, {}, None
         if resume is not None:
-            state = json.loads((resume / STATE_JSON).read_text())
-            for key, now in (("data_fingerprint", self.fingerprint), ("plan", self.signature())):
-                if state[key] != now:
-                    raise RuntimeError(f"{resume}: {key} changed since this checkpoint ({state[key]} -> {now}); an "
-                                       "exact resume is impossible")  # fmt: skip
-            blob = torch.load(resume / STATE_PT, weights_only=False)
-            if "optimizer" in blob and self.fsdp_root is None:
-                self.optimizer.load_state_dict(blob["optimizer"])
-            elif (resume / "dcp").is_dir():
-                vdist.load_sharded(resume / "dcp", self.model, self.optimizer)
-            else:
-                raise NotImplementedError(f"{resume}: a single-process checkpoint has no sharded optimizer state "
-                                          "(dcp/); resume it in one process")  # fmt: skip
-            self.scheduler.load_state_dict(blob["scheduler"])
-            set_rng_state(blob["rng"])
+            must_match = {"data_fingerprint": (self.fingerprint, "the data"),
+                          "plan": (self.signature(), "seed, batch or phases")}  # fmt: skip
+            state = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, must_match)
             self.step_count, self.filters, cursors = state["step"], state["filters"], state["cursors"]
             log.info("resumed from %s at step %d (phase %s)", resume, self.step_count, state["phase_name"])
         self.start = self.step_count
@@ -266,13 +213,9 @@ class RLTrainer:
                                   hf_options={"device": str(self.device)})  # fmt: skip
         self.scorer = Scorer(cfg.reward)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics = MetricsWriter(self.out_dir, enabled=self.main, resume_step=self.step_count)
         if self.main:
-            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1) + "\n")
-            if self.step_count:
-                _trim_metrics(self.metrics_path, self.step_count)
-            else:
-                self.metrics_path.write_text("")
+            write_text(self.out_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1) + "\n")
 
     def signature(self) -> dict:
         """What fixes the prompts and their order; a resumed run must match it."""
@@ -318,15 +261,10 @@ class RLTrainer:
 
     def _run_head(self, row: RLRow, fn):
         """fn(hidden [T, H], weight, bias) on a row's final hidden states and the LM head (in the autocast dtype
-        when autocast is on). Under FSDP through the root's forward, which gathers the head weight (and registers the
-        reduce-scatter of its gradient); see vibeperf.distributed."""
+        when autocast is on), through `FusedLossLM` (under FSDP the root, which gathers the head weight and registers
+        the reduce-scatter of its gradient; see vibeperf.model.fused)."""
         with self._ctx():
-            if self.fsdp_root is not None:
-                return self.fsdp_root(row.row.model_inputs(), head_fn=fn)
-            body = getattr(self.model, self.model.base_model_prefix)
-            hidden = body(**row.row.model_inputs()).last_hidden_state[0]
-            head = self.model.get_output_embeddings()
-            return fn(*head_inputs(hidden, head.weight, head.bias))
+            return self.root(row.row.model_inputs(), head_fn=fn)
 
     @torch.no_grad()
     def _old_logprobs(self, rows: Sequence[tuple[RLRow, bool]]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -446,10 +384,10 @@ class RLTrainer:
     def step(self) -> dict:
         """One RL step (see the module docstring); returns its metrics record (host values, over every process)."""
         cfg, s = self.cfg, self.step_count
-        plan, _, _ = locate(self.plans, s)
-        if self.sampler is None or self.sampler.phase != plan.index:
-            self._enter_phase(plan.index)
-        pc, data, size = cfg.phases[plan.index], self.phases[plan.index], cfg.rollout.group_size
+        phase, _ = self.schedule.locate(s)
+        if self.sampler is None or self.sampler.phase != phase:
+            self._enter_phase(phase)
+        pc, data, size = cfg.phases[phase], self.phases[phase], cfg.rollout.group_size
         t0 = time.perf_counter()
         picks = self.sampler.draw(s, cfg.rollout.prompts_per_step)  # the same on every process
         every = [data.sources[i].records[j] for i, j in picks]
@@ -518,17 +456,15 @@ class RLTrainer:
         self.engine.update_weights_bucketed(buckets, vdist.full_shapes(self.model))
 
     def save(self) -> Path:
-        plan, _, _ = locate(self.plans, min(self.step_count, self.total - 1))
+        phase, _ = self.schedule.locate(self.step_count)
         sampler = self.sampler
-        state = {"step": self.step_count, "phase": plan.index, "phase_name": plan.name,
+        state = {"step": self.step_count, "phase": phase, "phase_name": self.cfg.phases[phase].name,
                  "cursors": None if sampler is None else {"phase": sampler.phase, "position": sampler.state()},
                  "filters": self.filters, "data_fingerprint": self.fingerprint, "plan": self.signature(),
                  "config": config_to_dict(self.cfg)}  # fmt: skip
-        save = save_checkpoint_sharded if self.fsdp_root is not None else save_checkpoint
-        path = save(self.out_dir, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
-                    self.cfg.checkpoint.keep_last)  # fmt: skip
-        if self.cfg.logging.plot and self.main:
-            plot_curves(self.metrics_path, self.out_dir)
+        path = self.checkpointer.save(self.model, self.tokenizer, self.optimizer, self.scheduler, state)
+        if self.cfg.logging.plot:
+            plot_curves(self.metrics)
         log.info("checkpoint %s", path)
         return path
 
@@ -547,9 +483,7 @@ class RLTrainer:
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", len=f"{record['response_length_mean']:.0f}")
             if self.step_count % cfg.logging.every == 0 or self.step_count == self.stop:
-                if self.main:
-                    with open(self.metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                self.metrics.write(record)
                 last = record
             if cfg.checkpoint.every and self.step_count % cfg.checkpoint.every == 0 and self.step_count < self.stop:
                 ckpt = self.save()
@@ -558,8 +492,8 @@ class RLTrainer:
         bar.close()
         if cfg.checkpoint.save_final and self.step_count > self.start:
             ckpt = self.save()
-        elif cfg.logging.plot and self.main and self.metrics_path.stat().st_size:
-            plot_curves(self.metrics_path, self.out_dir)
+        elif cfg.logging.plot:
+            plot_curves(self.metrics)
         return RLResult(self.step_count, self.out_dir, ckpt, self.engine.name, last, self.filters)
 
     def close(self) -> None:

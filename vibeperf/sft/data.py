@@ -3,7 +3,7 @@
 `prepare_stages(cfg, tokenizer)` first reads and validates every file of every stage (SFT JSONL through
 `vibeperf.data.read_sft_jsonl`, verdict files here), so a malformed line fails with `file:line: field ...` before any
 tokenising or training. Then, per stage, in file order:
-1. tokenise with the chat template (`vibeperf.sft.packing.tokenize_records`; loss on assistant tokens only);
+1. tokenise with the chat template (`vibeperf.model.tokenize_records`; loss on assistant tokens only);
 2. drop samples shorter than `min_tokens` (the long-sample stage);
 3. the difficulty filter, when configured: keep a problem when the reference model's error rate over
    `num_samples` samples, 1 - mean(verdicts), is at least `min_error_rate`. The rollout engine does not exist yet,
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from vibeperf.config import SFTConfig, StageConfig
 from vibeperf.data import DataError, SFTRecord, read_sft_jsonl
-from vibeperf.sft.packing import Sample, tokenize_records, truncate
+from vibeperf.model import Sample, tokenize_records, truncate
 
 log = logging.getLogger("vibeperf.sft")
 

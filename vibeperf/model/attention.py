@@ -83,8 +83,10 @@ def resolve_attention(backend: str, device: torch.device | str, dtype: torch.dty
     if backend == "varlen":
         fn, _, _, why = varlen_attn_info()
         if fn is None or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-            raise RuntimeError(f"attention backend 'varlen' cannot run on {device.type} in {dtype}: needs CUDA "
-                               f"fp16/bf16 and a usable varlen_attn ({why}); use 'auto', 'flex' or 'exact'")
+            raise RuntimeError(
+                f"attention backend 'varlen' cannot run on {device.type} in {dtype}: needs CUDA "
+                f"fp16/bf16 and a usable varlen_attn ({why}); use 'auto', 'flex' or 'exact'"
+            )
         return "varlen", why
     if backend == "flex":
         return "flex", "FlexAttention with a document mask" + (" (compiled)" if device.type == "cuda" else " (eager)")
@@ -166,8 +168,9 @@ def varlen_attention_forward(
     if attention_mask is not None:
         raise ValueError("varlen attention takes sample boundaries (cu_seq_lens_q), not an attention mask")
     if dropout or sliding_window:
-        raise NotImplementedError(f"varlen attention has no dropout or sliding window (got {dropout=}, "
-                                  f"{sliding_window=})")
+        raise NotImplementedError(
+            f"varlen attention has no dropout or sliding window (got {dropout=}, {sliding_window=})"
+        )
     if key.shape[2] != query.shape[2]:
         raise NotImplementedError("varlen attention does not take a KV cache; switch the model to 'sdpa' to generate")
     cu = kwargs.get("cu_seq_lens_q")

@@ -1,13 +1,22 @@
-"""Make a Hugging Face causal LM compute its training loss through vibeperf's fused LM-head cross-entropy.
+"""The model body + the fused LM-head loss, without [tokens x vocab] logits: `FusedLossLM` and `patch_causal_lm`.
 
-`patch_causal_lm(model)` replaces `model.forward` on that instance (the class is untouched). With `labels`, the
-patched forward runs the model body (`model.model`, found through `base_model_prefix`) to the final hidden states and
-feeds them with the LM-head weight to `vibeperf.kernels.linear_cross_entropy`: the [tokens x vocab] logits are never
-formed, and the output carries `logits=None`. Labels are shifted as transformers does (position t predicts
-labels[t+1]; -100 is ignored), or taken as given from `shift_labels`. Reduction: mean over the non-ignored targets,
-or sum / `num_items_in_batch` when that is passed (transformers' Trainer does, for gradient accumulation). Without
-`labels` the original forward runs (logits, generation). Under autocast the hidden states and head weight are cast
-to the autocast dtype, as `nn.Linear` would be. Models whose logits are rescaled or soft-capped are refused.
+`FusedLossLM(model)` is how every trainer runs a packed row: `root(row.model_inputs(), targets, token_weight)` runs
+the body (`model.model`, found through `base_model_prefix`) to the final hidden states [T, H] and feeds them with the
+LM-head weight to `vibeperf.kernels.linear_cross_entropy` (SFT); `root(inputs, head_fn=fn)` returns whatever
+`fn(hidden, weight, bias)` computes instead (RL: log-probs, the policy loss). One process calls it as a plain
+module; under torchrun the same wrapper is the FSDP root (`vibeperf.distributed.shard_model`), and calling it
+through `__call__` all-gathers the root group (embeddings, norm, head) before the body runs and registers the
+reduce-scatter of their gradients: reading `lm_head.weight` by hand would see a sharded DTensor.
+
+`head_inputs(hidden, weight, bias)`: the tensors in the dtype the LM head would compute in (the autocast dtype
+inside autocast, as `nn.Linear` would be).
+
+`patch_causal_lm(model)` replaces `model.forward` on that instance (the class is untouched) for callers that go
+through the Hugging Face API (transformers' Trainer): with `labels`, the patched forward runs the body and the fused
+cross-entropy and returns `logits=None`. Labels are shifted as transformers does (position t predicts labels[t+1];
+-100 is ignored), or taken as given from `shift_labels`. Reduction: mean over the non-ignored targets, or sum /
+`num_items_in_batch` when that is passed (transformers' Trainer does, for gradient accumulation). Without `labels`
+the original forward runs (logits, generation). Models whose logits are rescaled or soft-capped are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vibeperf.kernels import linear_cross_entropy
 
@@ -26,8 +36,10 @@ def _check_supported(model) -> None:
     cfg = model.config
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"patch_causal_lm: {type(model).__name__} rescales its logits ({attr}="
-                                      f"{getattr(cfg, attr)}); the fused loss would differ from the model's")
+            raise NotImplementedError(
+                f"patch_causal_lm: {type(model).__name__} rescales its logits ({attr}="
+                f"{getattr(cfg, attr)}); the fused loss would differ from the model's"
+            )
     if model.get_output_embeddings() is None or not hasattr(model, model.base_model_prefix):
         raise NotImplementedError(f"patch_causal_lm: {type(model).__name__} has no LM head or base model")
 
@@ -40,6 +52,28 @@ def head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     return hidden, weight, bias
+
+
+class FusedLossLM(nn.Module):
+    """Body + fused LM-head loss in one forward (see the module docstring); the FSDP root under torchrun."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, model_inputs: dict, targets: torch.Tensor | None = None, token_weight: torch.Tensor | None = None,
+                backend: str = "auto", head_fn=None):  # fmt: skip
+        """The summed, token-weighted cross-entropy of `targets` (SFT); or, with `head_fn`, whatever
+        `head_fn(hidden [T, H], weight [V, H], bias)` returns (RL: log-probs, the policy loss). Return tensors, or
+        tuples / dicts of them, so that FSDP's backward hooks see every output."""
+        body = getattr(self.lm, self.lm.base_model_prefix)
+        head = self.lm.get_output_embeddings()
+        hidden = body(**model_inputs).last_hidden_state[0]  # [T, H]
+        h, w, b = head_inputs(hidden, head.weight, head.bias)
+        if head_fn is not None:
+            return head_fn(h, w, b)
+        return linear_cross_entropy(h, w, targets, bias=b, reduction="sum", token_weight=token_weight,
+                                    backend=backend)  # fmt: skip
 
 
 def _patched_forward(
