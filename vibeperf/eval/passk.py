@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 from vibeperf.data import read_rl_jsonl, write_jsonl
 from vibeperf.eval.config import EvalConfig
 from vibeperf.eval.sampling import Graded, build_engine, sample_and_grade, samples_for, sampling_config
+from vibeperf.files import save_figure
 from vibeperf.reference import pass_at_k
 from vibeperf.rollout import RolloutEngine
 
@@ -147,9 +147,7 @@ def plot_pass_at_k(summaries: Sequence[GroupSummary], path: Path, title: str = "
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 @dataclass

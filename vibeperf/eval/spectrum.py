@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from vibeperf.data import read_rl_jsonl, write_jsonl
 from vibeperf.eval.config import SpectrumConfig
 from vibeperf.eval.sampling import CheckpointEngines, sample_and_grade, sampling_config, subdomain_of
+from vibeperf.files import atomic_dir
 from vibeperf.reference import pass_at_k
 from vibeperf.rollout import RolloutEngine
 
@@ -129,9 +129,7 @@ def merge_checkpoints(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         handles = {}
         for p, h in zip(sources, heads):
             for fname in {v[0] for v in h.values()}:
@@ -167,13 +165,6 @@ def merge_checkpoints(
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "merge.json").write_text(json.dumps({"sources": [os.fspath(p) for p in paths],
                                                     "weights": [w / sum(weights) for w in weights]}, indent=1))
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
