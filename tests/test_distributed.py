@@ -19,6 +19,7 @@ from vibeperf.model import pack_rows, tokenize_records, use_varlen_attention
 from vibeperf.sft import forward_backward, train
 from vibeperf.sft.synthetic import synthetic_records
 from vibeperf.tiny_model import get_tiny_model
+from vibeperf.train import clip_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, CLIP = 1e-3, 0.5
@@ -66,7 +67,7 @@ def _worker(out: Path) -> None:
         loss.backward()
         total += loss.detach()
     torch.distributed.all_reduce(total)
-    gnorm = vdist.clip_gradients(model, CLIP)
+    gnorm = clip_gradients(model, CLIP)
     optimizer.step()
     vdist.save_sharded(out / "dcp", model, optimizer)
     vdist.export_full(model, out / "hf", tokenizer)
