@@ -31,6 +31,7 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-5")
     parser.add_argument("--describe", action="store_true", help="list every config key and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--recipe-list", action="store_true", help="list the recipes shipped with vibeperf and exit")
 
 
 def _run_sft(args: argparse.Namespace) -> int:
@@ -71,6 +72,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "distill": Subcommand("offline self-distillation: rejection sampling, learning-potential weights",
                           _recipe_arguments,
                           lambda a: __import__("vibeperf.distill.run").distill.run.cli_main(a)),
+    "env": Subcommand("versions, GPUs, the extension and which backend each `auto` picks here (for bug reports)",
+                      lambda p: __import__("vibeperf.env").env.add_arguments(p),
+                      lambda a: __import__("vibeperf.env").env.cli_main(a)),
     "score": Subcommand("NLL, log-probs and entropy of texts (JSONL in, JSONL out; 64K-token sequences)",
                         lambda p: __import__("vibeperf.score").score.add_arguments(p),
                         lambda a: __import__("vibeperf.score").score.cli_main(a)),
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vibeperf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=__import__("vibeperf.env").env.version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in SUBCOMMANDS.items():
         cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))

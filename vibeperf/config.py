@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from vibeperf.packaged import list_recipes, rebase_shipped_paths, resolve_recipe
+
 T = TypeVar("T")
 
 
@@ -238,7 +240,7 @@ def apply_overrides(cls: type, data: dict, overrides: Sequence[str]) -> dict:
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from the recipe at `path` (None: the class defaults) plus `key=value` overrides."""
-    data = read_config_file(path) if path is not None else {}
+    data = rebase_shipped_paths(Path(path), read_config_file(path)) if path is not None else {}
     source = os.fspath(path) if path is not None else "defaults"
     if overrides:
         try:
@@ -479,9 +481,12 @@ def run_recipe_command(cls: type[T], args: argparse.Namespace, run: Callable[[T]
     if args.describe:
         print("\n".join(describe_config(cls)))
         return 0
+    if getattr(args, "recipe_list", False):
+        print("\n".join(f"{path}\n    {summary}" for path, summary in list_recipes(name)))
+        return 0
     if args.recipe is None:
-        raise SystemExit(f"vibeperf {name}: a recipe file is needed (e.g. recipes/{name}_tiny.toml)")
-    cfg = load_config(cls, args.recipe, args.overrides)
+        raise SystemExit(f"vibeperf {name}: a recipe file is needed (e.g. recipes/{name}_tiny.toml; --recipe-list)")
+    cfg = load_config(cls, resolve_recipe(args.recipe), args.overrides)
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return 0
