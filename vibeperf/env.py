@@ -67,7 +67,7 @@ def _lmhead_choices(gpu: str | None) -> list[dict]:
 def collect() -> dict:
     """The report as a dict (what `--json` prints)."""
     from vibeperf import __version__, _ext
-    from vibeperf.sft.attention import resolve_attention
+    from vibeperf.model.attention import resolve_attention
 
     cuda = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
