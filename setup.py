@@ -29,7 +29,7 @@ PACKAGES = find_packages(include=["vibeperf", "vibeperf.*"]) + [
 ]
 PACKAGE_DIR = {"vibeperf.kernels": "kernels", "vibeperf.recipes": "recipes"}
 PACKAGE_DATA = {
-    "vibeperf.kernels.linear_logprob": ["backend_table.json"],
+    "vibeperf.kernels.lmhead": ["backend_table.json"],
     "vibeperf.recipes": ["*.toml", "data/*.jsonl"],
 }
 BUILD_INFO = "_C_build.json"

@@ -1,4 +1,4 @@
-"""Writes the table behind backend="auto" (kernels/linear_logprob/backend_table.json) from the benchmark results.
+"""Writes the table behind backend="auto" (kernels/lmhead/backend_table.json) from the benchmark results.
 
     python -m benchmarks.backend_table            # rewrite the table from benchmarks/results/*.json
     python -m benchmarks.backend_table --check    # exit 1 when the committed table is stale (used by the tests)
@@ -6,7 +6,7 @@
 For every GPU, the newest results of B1 (scoring forward, work "forward"), B2 (cross-entropy forward+backward, work
 "train") and B3 (MGPO loss, work "mgpo"): one entry per token count at which both `vibeperf-triton` and
 `vibeperf-cuda` ran and passed their correctness check in the same run, with both times and the winner ("cuda" only
-when at least `autoselect.CUDA_MARGIN` faster). The rule that reads it: kernels/linear_logprob/autoselect.py.
+when at least `autoselect.CUDA_MARGIN` faster). The rule that reads it: kernels/lmhead/autoselect.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from vibeperf.kernels.linear_logprob import autoselect
+from vibeperf.kernels.lmhead import autoselect
 
 from .report import latest_rows, load_results
 

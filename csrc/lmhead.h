@@ -7,7 +7,7 @@
 #include <optional>
 #include <tuple>
 
-// Chunked three-pass engine (the twin of kernels/linear_logprob/chunked.py's lmhead_chunked).
+// Chunked three-pass engine (the twin of kernels/lmhead/chunked.py's lmhead_chunked).
 // hidden [N, H], weight [V, H] (CUDA, contiguous, one of fp32 / fp16 / bf16, same dtype), targets [N] int64,
 // bias [V] or None, g_logp [N] fp32 (loss 0: upstream dL/dlogp; loss 1: token weights of sum_t w_t * nll_t),
 // g_entropy [N] fp32 or None (upstream dL/dentropy, loss 0 only). chunk: tokens per chunk, the [chunk, V] logits
@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmhead_logprob_fwd_cuda(const at:
                                                                       double temperature, int64_t ignore_index,
                                                                       bool want_entropy, int64_t chunk);
 
-// MGPO clipped policy loss (the closed form of kernels/linear_logprob/triton_rows.mgpo_token_grad) in the row kernel:
+// MGPO clipped policy loss (the PPO-clip subset of kernels/policy/token_loss.py) in the row kernel:
 // token_weight [N] (w_t of loss = -sum_t w_t objective_t), adv / old_logp [N] and rollout_logp / ref_logp [N] or None,
 // all fp32; out [N, 6] fp32 receives the per-token terms (objective, ratio, kl, clipped low, clipped high, IS capped;
 // 0 on ignored rows). Returns (logp, lse, entropy, dh or [0], dW or [0], db or [0]) as lmhead_chunked_cuda.

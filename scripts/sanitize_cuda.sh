@@ -15,7 +15,7 @@ cat >"$script" <<'PY'
 import torch
 from vibeperf import _ext
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
-from vibeperf.kernels.linear_logprob import cuda_backend, triton_rows
+from vibeperf.kernels.lmhead import cuda_backend, triton_rows
 
 assert _ext.HAS_CUDA_EXT, f"vibeperf._C has no CUDA part ({_ext.EXT_ERROR})"
 g = torch.Generator(device="cuda").manual_seed(0)

@@ -23,15 +23,8 @@ from test_linear_logprob import (
     rel_err,
 )
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
-from vibeperf.kernels.linear_logprob import (
-    autoselect,
-    chunked,
-    cuda_backend,
-    linear_cross_entropy_reference,
-    linear_logprob_reference,
-    ops,
-    triton_rows,
-)
+from vibeperf.kernels.ce import linear_cross_entropy_reference, linear_logprob_reference, ops
+from vibeperf.kernels.lmhead import autoselect, chunked, cuda_backend, triton_rows
 from vibeperf.kernels.mgpo import mgpo_loss_reference as mgpo_reference
 
 from vibeperf import _ext
@@ -314,7 +307,7 @@ def test_cuda_mgpo_qwen_head_matches_reference(agg):
     assert max(errs.values()) <= 4 * mk.U_BF16, errs
 
 
-# --- backend="auto": the measured table (kernels/linear_logprob/autoselect.py) ---
+# --- backend="auto": the measured table (kernels/lmhead/autoselect.py) ---
 
 ENTRIES = [
     {"gpu": "G", "work": "train", "dtype": "bfloat16", "H": 64, "V": 1000, "N": 1024, "winner": "cuda"},
@@ -342,7 +335,7 @@ def test_auto_table_rule(work, gpu, dtype, n, want):
 
 
 def test_auto_resolution_on_cuda_and_cpu_devices(monkeypatch):
-    from vibeperf.kernels.linear_logprob import resolve_backend
+    from vibeperf.kernels.lmhead import resolve_backend
 
     cuda = torch.device("cuda")
     assert resolve_backend("auto", cuda, has_cuda_path=True, auto=lambda: "cuda") == "cuda"

@@ -13,14 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
-from vibeperf.kernels.linear_logprob import (
-    chunked,
-    linear_cross_entropy_reference,
-    linear_logprob_reference,
-    ops,
-    scoring_fwd,
-    triton_fwd,
-)
+from vibeperf.kernels.ce import linear_cross_entropy_reference, linear_logprob_reference, ops
+from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

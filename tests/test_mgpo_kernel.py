@@ -18,11 +18,12 @@ import dataclasses
 
 import pytest
 import torch
-from vibeperf.kernels import mgpo_loss
-from vibeperf.kernels.linear_logprob import chunked, linear_logprob
-from vibeperf.kernels.linear_logprob.reference import linear_logprob_reference
-from vibeperf.kernels.mgpo import mgpo_loss_reference, ops
+from vibeperf.kernels import linear_logprob, mgpo_loss
+from vibeperf.kernels.ce.reference import linear_logprob_reference
+from vibeperf.kernels.lmhead import chunked
+from vibeperf.kernels.mgpo import mgpo_loss_reference, mgpo_options
 from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_weight_reference
+from vibeperf.kernels.policy import group_statistics, ops, token_weights
 
 BACKENDS = ["triton", "torch"]
 AGGS = ["seq-mean-token-mean", "token-mean", "seq-sum-norm"]
@@ -315,8 +316,8 @@ def test_group_statistics_trace_without_graph_breaks():
     """fullgraph=True fails on a host sync (.item(), .tolist(), nonzero, data-dependent shapes): there is none."""
 
     def stats(rewards, group_index, seq_index, valid):
-        adv, w = ops.group_statistics(rewards, group_index, num_groups=3, mgpo_lambda=1.5, scale="group")
-        return adv, w, *[ops.token_weights(valid, seq_index, 7, agg) for agg in AGGS]
+        adv, w = group_statistics(rewards, group_index, num_groups=3, mgpo_lambda=1.5, scale="group")
+        return adv, w, *[token_weights(valid, seq_index, 7, agg) for agg in AGGS]
 
     c = make_case(**BASE, ignored=(0, 4), masked=(1, 2, 3))
     valid = (c.targets != -100) & c.loss_mask
@@ -354,9 +355,11 @@ def test_opcheck_custom_op():
     c = make_case([2, 3, 2], [0, 0, 0], [1.0, 0.0, 1.0], vocab=23, dim=8, bias=True, clip=True, rollout=True, ref=True)
     hidden, weight, bias = (t.clone().requires_grad_(True) for t in (c.hidden, c.weight, c.bias))
     n = hidden.shape[0]
+    options = mgpo_options(eps_low=0.2, eps_high=0.28, tis_cap=2.0, beta=0.1, with_rollout=True)
     args = (hidden, weight, c.targets, bias, torch.randn(n), c.old_logp, c.rollout_logp, c.ref_logp,
-            torch.full((n,), 1 / n), 0.2, 0.28, 2.0, 0.1, 0.9, -100, True, True, "torch")  # fmt: skip
-    torch.library.opcheck(ops.mgpo_loss_fused_op, args)
+            torch.full((n,), 1 / n), c.seq_index, 3, ops.encode_options(options), 0.9, -100, True, True,
+            "torch")  # fmt: skip
+    torch.library.opcheck(ops.policy_loss_fused_op, args)
 
 
 def reference_by_sequences(c: Case, *, aggregation: str, seqs_per_piece: int, **kw):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from vibeperf.kernels.linear_logprob.reference import linear_logprob_reference
+from vibeperf.kernels.ce.reference import linear_logprob_reference
 from vibeperf.kernels.mgpo.reference import (
     group_advantages_reference,
     group_success_rate_reference,

@@ -93,7 +93,7 @@ def test_wheel_and_sdist_contents(built):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"vibeperf", f"vibeperf-{vibeperf.__version__}.dist-info"}, tops
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) or "/results/" in n for n in names)
-    for needed in ("vibeperf/kernels/linear_logprob/backend_table.json", "vibeperf/recipes/sft_tiny.toml",
+    for needed in ("vibeperf/kernels/lmhead/backend_table.json", "vibeperf/recipes/sft_tiny.toml",
                    "vibeperf/recipes/data/sft_tiny_broad.jsonl", "vibeperf/bench/run.py", "vibeperf/_C_build.json"):
         assert needed in names, needed
     assert any(n.startswith("vibeperf/_C.") and n.endswith(".so") for n in names)

@@ -3,7 +3,7 @@ line.
 
 Versions of vibeperf and what it runs on, the GPUs, whether `vibeperf._C` loaded (and with its CUDA part, built for
 which torch), and which backend each `auto` rule picks on this machine and why: the LM-head ops (by
-`kernels/linear_logprob/autoselect.py`, asked for the Qwen2.5-3B head in bf16 at 8K and 64K tokens, the shapes the
+`kernels/lmhead/autoselect.py`, asked for the Qwen2.5-3B head in bf16 at 8K and 64K tokens, the shapes the
 table was measured at), sequence packing, varlen attention and the rollout engine. Nothing is imported that is not
 needed for the report (vLLM is looked up, never imported: importing it takes seconds and sets process state).
 """
@@ -44,7 +44,7 @@ def version_line() -> str:
 
 def _lmhead_choices(gpu: str | None) -> list[dict]:
     from vibeperf import _ext
-    from vibeperf.kernels.linear_logprob import autoselect
+    from vibeperf.kernels.lmhead import autoselect
 
     rows = []
     for op, work in LMHEAD_OPS:

@@ -1,5 +1,5 @@
 // LM-head kernels: the row epilogue (log-sum-exp, log-prob, entropy, dL/dz in place) and the cuBLASLt GEMMs of the
-// chunked three-pass engine (see kernels/linear_logprob/chunked.py for the schedule; this is its CUDA twin).
+// chunked three-pass engine (see kernels/lmhead/chunked.py for the schedule; this is its CUDA twin).
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -118,8 +118,8 @@ __device__ __forceinline__ void unpack(const uint4& raw, const float* bias, int6
   }
 }
 
-// MGPO terms of one token (the closed form of triton_rows.mgpo_token_grad): writes the row's kMgpoOutputs terms and
-// returns d objective / d logp. objective = min(ratio A', clip(ratio) A') * is_w - beta * kl, ratio =
+// MGPO terms of one token (the PPO-clip subset of kernels/policy/token_loss.py): writes the row's kMgpoOutputs
+// terms and returns d objective / d logp. objective = min(ratio A', clip(ratio) A') * is_w - beta * kl, ratio =
 // exp(logp - old_logp), is_w = min(exp(old_logp - rollout_logp), tis_cap) (a constant), kl = exp(ref - logp) -
 // (ref - logp) - 1. The clipped side of the min is the smaller one exactly when a clip flag is set; it is flat in logp.
 __device__ __forceinline__ float mgpo_token_grad(const MgpoTokens& m, int64_t row, float logp, bool valid) {

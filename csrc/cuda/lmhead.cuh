@@ -12,9 +12,10 @@ namespace vibeperf::lmhead {
 
 enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// The per-token gradient coefficient g = dLoss/dlogp of the row kernel; the values match triton_rows.LOSS_*.
+// The per-token gradient coefficient g = dLoss/dlogp of the row kernel; the values match
+// kernels/lmhead/triton_rows.LOSS_* and kernels/lmhead/cuda_backend.LOSS_MGPO.
 enum Loss : int { kLossGiven = 0, kLossNll = 1, kLossMgpo = 2 };
-constexpr int kMgpoOutputs = 6;  // triton_rows.MGPO_OUTPUTS: objective, ratio, kl, clip_low, clip_high, tis_capped
+constexpr int kMgpoOutputs = 6;  // cuda_backend.MGPO_OUTPUTS: objective, ratio, kl, clip_low, clip_high, tis_capped
 
 // Per-token inputs of kLossMgpo (all [rows] fp32) and its [rows, kMgpoOutputs] fp32 output (0 on ignored rows).
 struct MgpoTokens {

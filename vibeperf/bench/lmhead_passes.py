@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
-from vibeperf.kernels.linear_logprob import chunked, scoring_fwd, triton_fwd, triton_rows
+from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_rows
 
 from .common import do_bench_ms, peak_matmul_tflops, relative_error
 from .registry import TOL, H, V, head_inputs

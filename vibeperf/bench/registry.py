@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from vibeperf import _ext
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
-from vibeperf.kernels.linear_logprob import scoring_fwd, triton_fwd
+from vibeperf.kernels.lmhead import scoring_fwd, triton_fwd
 from vibeperf.kernels.mgpo import mgpo_loss_reference
-from vibeperf.kernels.mgpo import ops as mgpo_ops
 from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_weight_reference
+from vibeperf.kernels.policy import group_statistics
 
 from .common import relative_error
 
@@ -201,7 +201,7 @@ def _b3_inputs(n: int) -> dict:
     x["seq_index"] = torch.arange(B3_SEQS, device="cuda").repeat_interleave(n // B3_SEQS)
     x["group_index"] = torch.arange(B3_SEQS, device="cuda") // B3_GROUP
     x["rewards"] = torch.tensor(B3_REWARDS, device="cuda", dtype=torch.float32)
-    x["advantages"], _ = mgpo_ops.group_statistics(x["rewards"], x["group_index"], num_groups=B3_SEQS // B3_GROUP,
+    x["advantages"], _ = group_statistics(x["rewards"], x["group_index"], num_groups=B3_SEQS // B3_GROUP,
                                                    mgpo_lambda=B3_LAMBDA)  # fmt: skip
     x["liger_mask"] = torch.ones(B3_SEQS, n // B3_SEQS, device="cuda", dtype=torch.int64)
     return x

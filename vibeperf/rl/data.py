@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from vibeperf.data import DataError, RLRecord, read_rl_jsonl
-from vibeperf.kernels.mgpo.ops import group_statistics
+from vibeperf.kernels.policy import group_statistics
 from vibeperf.model import PackedRow, Sample, pack_rows
 from vibeperf.reference import long2short_shift
 from vibeperf.rewards import domain_kind

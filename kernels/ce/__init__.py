@@ -1,72 +1,20 @@
-"""Token log-prob / NLL / entropy of an LM head, fused: `linear_logprob` and `linear_cross_entropy`.
+"""Token log-prob / NLL / entropy of an LM head on the engine of `lmhead/`: `linear_logprob`, `linear_cross_entropy`.
 
 backend="auto": on CUDA tensors "triton" or "cuda" (the vibeperf._C path: cuBLASLt GEMMs and a CUDA row kernel,
-`cuda_backend.py`) by the measured table of `autoselect.py` (Triton wherever the table has no entry or the extension
-has no CUDA part); on the CPU "torch" (chunked plain PyTorch), or "triton" when TRITON_INTERPRET=1 (the test
-set-up). An explicit "cuda" needs the extension built with CUDA and CUDA tensors.
+`lmhead/cuda_backend.py`) by the measured table of `lmhead/autoselect.py` (Triton wherever the table has no entry
+or the extension has no CUDA part); on the CPU "torch" (chunked plain PyTorch), or "triton" when
+TRITON_INTERPRET=1 (the test set-up). An explicit "cuda" needs the extension built with CUDA and CUDA tensors.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import autoselect, cuda_backend, ops
+from ..lmhead import autoselect, check_head_inputs, prepare_head_inputs, resolve_backend
+from . import ops
 from .reference import linear_cross_entropy_reference, linear_logprob_reference
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "linear_logprob_reference", "linear_cross_entropy_reference"]
-
-BACKENDS = ("auto", "triton", "torch", "cuda")
-
-
-def resolve_backend(backend: str, device: torch.device, has_cuda_path: bool = False, auto=None) -> str:
-    """The backend that runs; has_cuda_path says whether the calling op has a "cuda" (vibeperf._C) implementation;
-    auto: a zero-argument callable giving "auto"'s choice on CUDA tensors (`autoselect.auto_backend` of the call)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "cuda":
-        if not has_cuda_path:
-            raise NotImplementedError("backend='cuda' is not built for this op yet (no vibeperf._C path); use 'triton'")
-        cuda_backend.require_cuda_ext()
-        if device.type != "cuda":
-            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got {device}")
-        return backend
-    if backend == "auto":
-        if device.type == "cuda":
-            return auto() if (has_cuda_path and auto is not None) else "triton"
-        return "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-    return backend
-
-
-def check_head_inputs(hidden, weight, targets, bias, temperature):
-    """Shapes, dtypes and devices of an LM-head op; raises ValueError naming the argument."""
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got shape {tuple(weight.shape)}")
-    if targets.shape != (hidden.shape[0],):
-        raise ValueError(f"targets must be [N={hidden.shape[0]}], got shape {tuple(targets.shape)}")
-    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden and weight must share a float dtype (bf16/fp16/fp32), got {hidden.dtype}, "
-                         f"{weight.dtype}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be [V={weight.shape[0]}], got shape {tuple(bias.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    devices = {t.device for t in (hidden, weight, targets, bias) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-
-
-def _prepare(hidden, weight, targets, bias):
-    return (hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous(),
-            None if bias is None else bias.contiguous())  # fmt: skip
-
 
 def linear_logprob(
     hidden: torch.Tensor,
@@ -89,7 +37,7 @@ def linear_logprob(
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     backend = resolve_backend(backend, hidden.device, has_cuda_path=True,
                               auto=lambda: autoselect.auto_backend("train" if grad else "forward", hidden, weight))
-    hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
+    hidden, weight, targets, bias = prepare_head_inputs(hidden, weight, targets, bias)
     logp, _, ent = ops.linear_logprob_op(
         hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy), backend
     )
@@ -128,7 +76,7 @@ def linear_cross_entropy(
     work = "train" if (need_dh or need_dw) else "forward"
     backend = resolve_backend(backend, hidden.device, has_cuda_path=True,
                               auto=lambda: autoselect.auto_backend(work, hidden, weight))  # fmt: skip
-    hidden, weight, targets, bias = _prepare(hidden, weight, targets, bias)
+    hidden, weight, targets, bias = prepare_head_inputs(hidden, weight, targets, bias)
     n = hidden.shape[0]
     w = torch.ones(n, device=hidden.device, dtype=torch.float32)
     if token_weight is not None:

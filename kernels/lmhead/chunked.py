@@ -5,14 +5,16 @@ For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspa
   2. row epilogue                lse, log-prob, entropy, the gradient coefficient g = dLoss/dlogp, and dz in place
   3. dh_c = dz W ; dW += dz^T h_c   (dW accumulated in fp32)
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
-The same loop serves a loss whose per-token gradient is known in the forward (NLL with token weights; the MGPO
-loss plugs its closed form in the same place) and the recompute backward for arbitrary upstream gradients.
+The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
+recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
+log-prob (`TokenStep`: the policy losses), formed per chunk between the row statistics and the dz write.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Protocol
 
 import torch
 
@@ -27,33 +29,46 @@ def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int 
     return min(c, n_tokens) if n_tokens > 0 else 1
 
 
-def mgpo_token_grad_torch(logp: torch.Tensor, valid: torch.Tensor, m: triton_rows.MGPOTokens) -> torch.Tensor:
-    """Plain-torch twin of `triton_rows.mgpo_token_grad` on [C] rows: writes m.out, returns d objective / d logp."""
-    zero = torch.zeros_like(logp)
-    ratio = torch.exp(torch.where(valid, logp - m.old_logp, zero))
-    low = valid & (ratio < m.clip_low) & (m.adv < 0)
-    high = valid & (ratio > m.clip_high) & (m.adv > 0)
-    objective = torch.minimum(ratio * m.adv, ratio.clamp(m.clip_low, m.clip_high) * m.adv)
-    d_objective = torch.where(low | high, zero, ratio * m.adv)
-    capped = torch.zeros_like(valid)
-    if m.rollout_logp is not None:
-        is_raw = torch.exp(torch.where(valid, m.old_logp - m.rollout_logp, zero))
-        is_w = is_raw.clamp(max=m.tis_cap)
-        objective, d_objective = objective * is_w, d_objective * is_w
-        capped = valid & (is_raw > m.tis_cap)
-    kl = zero
-    if m.ref_logp is not None:
-        delta = torch.where(valid, m.ref_logp - logp, zero)
-        kl = torch.exp(delta) - delta - 1
-        objective = objective - m.beta * kl
-        d_objective = d_objective - m.beta * (1 - torch.exp(delta))
-    terms = (objective, ratio, kl, low.float(), high.float(), capped.float())  # MGPO_OUTPUTS, in order
-    m.out.copy_(torch.where(valid[:, None], torch.stack(terms, dim=1), 0.0))
-    return d_objective
+def scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
+    """Chunked plain-torch forward (the CPU path and the twin of the Triton kernel)."""
+    n = hidden.shape[0]
+    c = chunk_rows(n, weight.shape[0], 4)
+    logp = hidden.new_empty(n, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if want_entropy else logp.new_empty(0)
+    valid = targets != ignore_index
+    for i0 in range(0, n, c):
+        sl = slice(i0, min(n, i0 + c))
+        z = (hidden[sl] @ weight.T).float()  # [C, V]
+        if bias is not None:
+            z += bias.float()
+        z /= temperature
+        lse[sl] = torch.logsumexp(z, dim=-1)
+        safe = torch.where(valid[sl], targets[sl], 0)
+        logp[sl] = torch.where(valid[sl], z.gather(1, safe[:, None]).squeeze(1) - lse[sl], 0.0)
+        if want_entropy:
+            logq = z - lse[sl, None]
+            ent[sl] = torch.where(valid[sl], -(logq.exp() * logq).sum(-1), 0.0)
+    return logp, lse, ent
 
 
-def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss, want_entropy, mgpo=None):
-    """Plain-torch twin of `triton_rows.lmhead_row_grad` (same signature and in-place contract)."""
+class TokenStep(Protocol):
+    """A loss's per-token step, run on each chunk between the row statistics and the dz write.
+
+    Called with the chunk's row range [i0, i1) and its fp32 [i1 - i0] log-probs and entropies (0 on ignored rows); it
+    returns g = dLoss/dlogp of those rows ([i1 - i0] fp32; ignored rows are zeroed by the row kernel). It may write
+    per-token terms of its own (the loss value, metrics) for the same rows.
+    """
+
+    def __call__(self, i0: int, i1: int, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor: ...
+
+
+def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss, want_entropy, step=None):
+    """Plain-torch twin of the Triton row epilogue, in place on z [C, V]: statistics, then dz.
+
+    g_logp holds the coefficient of `loss` (triton_rows.LOSS_*), or is None when `step` (a callable of the chunk's
+    (logp, entropy) returning dLoss/dlogp) forms it from the statistics. Returns (logp, entropy or None, lse).
+    """
     zf = z.float()
     if bias is not None:
         zf = zf + bias.float()
@@ -65,9 +80,9 @@ def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, l
     p = torch.exp(logq)
     logp = torch.where(valid, logq.gather(1, safe[:, None]).squeeze(1), 0.0)
     neg_ent = (p * logq).sum(-1)  # E_p[z] - lse
-    ent = torch.where(valid, -neg_ent, 0.0) if want_entropy else None
-    if loss == triton_rows.LOSS_MGPO:
-        g = -g_logp * mgpo_token_grad_torch(logp, valid, mgpo)
+    ent = torch.where(valid, -neg_ent, 0.0) if want_entropy or step is not None else None
+    if step is not None:
+        g = step(logp, ent)
     else:
         g = g_logp if loss == triton_rows.LOSS_GIVEN else -g_logp
     g = torch.where(valid, g, 0.0)
@@ -77,6 +92,18 @@ def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, l
         dz += torch.where(valid, g_ent, 0.0)[:, None] * p * (neg_ent[:, None] - logq)
     z.copy_(dz / temperature)
     return logp, ent, lse
+
+
+def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss, want_entropy, step=None):
+    """The Triton row epilogue with the contract of `row_grad_torch`: one launch, or two around `step`."""
+    if step is None:
+        return triton_rows.lmhead_row_grad(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss,
+                                           want_entropy)  # fmt: skip
+    stats = triton_rows.lmhead_row_grad(z, targets, bias, None, None, temperature, ignore_index, loss, True,
+                                        phase=triton_rows.PHASE_STATS)  # fmt: skip
+    g = step(stats[0], stats[1]).float().contiguous()
+    return triton_rows.lmhead_row_grad(z, targets, bias, g, g_ent, temperature, ignore_index, triton_rows.LOSS_GIVEN,
+                                       True, phase=triton_rows.PHASE_GRAD, stats=stats)  # fmt: skip
 
 
 _DTYPE_OUT_ADDMM: bool | None = None
@@ -112,19 +139,20 @@ def lmhead_chunked(
     temperature: float,
     ignore_index: int,
     loss: int,
-    g_logp: torch.Tensor,
+    g_logp: torch.Tensor | None,
     g_ent: torch.Tensor | None = None,
     want_entropy: bool = False,
     need_dh: bool = True,
     need_dw: bool = True,
     backend: str = "triton",
     chunk: int | None = None,
-    mgpo: triton_rows.MGPOTokens | None = None,
+    step: TokenStep | None = None,
 ):
     """Runs the three passes over all chunks.
 
     hidden: [N, H], weight: [V, H] (same dtype), targets: [N] int64, g_logp / g_ent: [N] fp32 (see LOSS_* in
-    triton_rows); mgpo: the [N]-row MGPO inputs and outputs of loss=LOSS_MGPO (its `out` is written).
+    triton_rows); step: a `TokenStep` forming dLoss/dlogp per chunk instead of g_logp (which is then None); the
+    entropy is then always computed.
     Returns (logp [N], entropy [N] or None, lse [N], dh [N, H] or None, dW [V, H] or None, db [V] or None); dh in
     hidden's dtype, dW / db in weight's dtype (accumulated in fp32).
     """
@@ -134,20 +162,22 @@ def lmhead_chunked(
     dev = hidden.device
     logp = torch.empty(n, device=dev, dtype=torch.float32)
     lse = torch.empty_like(logp)
+    want_entropy = want_entropy or step is not None
     ent = torch.empty_like(logp) if want_entropy else None
     dh = torch.empty_like(hidden) if need_dh else None
     dw32 = torch.zeros((v, h), device=dev, dtype=torch.float32) if need_dw else None
     db32 = torch.zeros(v, device=dev, dtype=torch.float32) if (need_dw and bias is not None) else None
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
-    row_grad = triton_rows.lmhead_row_grad if backend == "triton" else row_grad_torch
+    row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         h_c = hidden[i0:i1]
         z = workspace[: i1 - i0]
         torch.mm(h_c, weight.T, out=z)  # [C, V]
         lp, en, ls = row_grad(
-            z, targets[i0:i1], bias, g_logp[i0:i1], None if g_ent is None else g_ent[i0:i1],
-            temperature, ignore_index, loss, want_entropy, None if mgpo is None else mgpo.rows(i0, i1),
+            z, targets[i0:i1], bias, None if g_logp is None else g_logp[i0:i1],
+            None if g_ent is None else g_ent[i0:i1], temperature, ignore_index, loss, want_entropy,
+            None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c)),
         )  # fmt: skip
         logp[i0:i1] = lp
         lse[i0:i1] = ls

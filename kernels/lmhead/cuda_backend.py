@@ -13,9 +13,36 @@ process' life, an fp32 [V, H] dW accumulator when weight is not fp32 (as the Tri
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import chunked, triton_rows
+
+LOSS_MGPO = 2  # csrc/cuda/lmhead.cuh kLossMgpo: the PPO-clip policy objective formed inside the CUDA row kernel
+MGPO_OUTPUTS = ("objective", "ratio", "kl", "clip_low", "clip_high", "tis_capped")
+
+
+class MGPOTokens(NamedTuple):
+    """Per-token inputs and outputs of LOSS_MGPO (the CUDA row kernel's own closed form of the PPO-clip objective with
+    token-level truncated IS and the k3 KL: the subset of `policy_loss` that backend="cuda" runs, see
+    kernels/policy/ops.py). Every tensor is fp32 and contiguous.
+
+    adv: [N] A' of the token's sequence; old_logp: [N]; rollout_logp: [N] or None (no truncated importance
+    sampling); ref_logp: [N] or None (no KL term); out: [N, len(MGPO_OUTPUTS)], written for every row, 0 on ignored
+    rows: the objective term (unnormalised), the ratio, the k3 KL, and the flags (0 / 1) clipped low, clipped high,
+    IS weight capped. clip_low = 1 - eps_low and clip_high = 1 + eps_high bound the ratio; beta weighs the KL.
+    """
+
+    adv: torch.Tensor
+    old_logp: torch.Tensor
+    rollout_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    out: torch.Tensor
+    clip_low: float
+    clip_high: float
+    tis_cap: float
+    beta: float
 
 
 def require_cuda_ext() -> None:
@@ -61,17 +88,21 @@ def lmhead_chunked(
     need_dh: bool = True,
     need_dw: bool = True,
     chunk: int | None = None,
-    mgpo: triton_rows.MGPOTokens | None = None,
+    step: chunked.TokenStep | None = None,
+    mgpo: MGPOTokens | None = None,
 ):
-    """Same contract as `chunked.lmhead_chunked` (every loss: LOSS_GIVEN, LOSS_NLL, and LOSS_MGPO with `mgpo`, whose
-    `out` is written): returns (logp [N], entropy [N] or None, lse [N], dh [N, H] or None, dW [V, H] or None,
+    """Same contract as `chunked.lmhead_chunked` for LOSS_GIVEN and LOSS_NLL, plus LOSS_MGPO with `mgpo` (whose `out`
+    is written); a per-token `step` cannot run between the C++ loop's kernels and is refused. Returns (logp [N],
+    entropy [N] or None, lse [N], dh [N, H] or None, dW [V, H] or None,
     db [V] or None)."""
+    if step is not None:
+        raise NotImplementedError("backend='cuda' runs no per-token step (TokenStep); use backend='triton'")
     require_cuda_ext()
     from vibeperf._ext import C
 
     f32 = lambda t: None if t is None else t.float().contiguous()
     c = _chunk(hidden.shape[0], weight, chunk)
-    if loss == triton_rows.LOSS_MGPO:
+    if loss == LOSS_MGPO:
         m = mgpo
         logp, lse, ent, dh, dw, db = C.lmhead_mgpo_cuda(
             hidden, weight, targets, bias, f32(g_logp), f32(m.adv), f32(m.old_logp), f32(m.rollout_logp),

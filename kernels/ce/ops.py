@@ -8,54 +8,11 @@
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import Tensor
 
-from . import chunked, cuda_backend, scoring_fwd, triton_fwd, triton_rows
-
-# Forward (no grad) of backend "triton": "chunked" (fastest measured; a 1 GiB workspace), "tiled" (<= 64 MiB extra
-# memory), or "fused" (one Triton kernel, no workspace, slowest): see scoring_fwd.py and benchmarks/NOTES.md.
-FORWARD_SCHEDULES = {
-    "chunked": scoring_fwd.linear_logprob_chunked_fwd,
-    "tiled": scoring_fwd.linear_logprob_tiled_fwd,
-    "fused": triton_fwd.linear_logprob_fwd,
-}
-FORWARD_SCHEDULE = os.environ.get("VIBEPERF_LMHEAD_FWD", "chunked")
-if FORWARD_SCHEDULE not in FORWARD_SCHEDULES:
-    raise ValueError(f"VIBEPERF_LMHEAD_FWD must be one of {sorted(FORWARD_SCHEDULES)}, got {FORWARD_SCHEDULE!r}")
-
-
-def _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
-    """Chunked plain-torch forward (the CPU path and the twin of the Triton kernel)."""
-    n = hidden.shape[0]
-    c = chunked.chunk_rows(n, weight.shape[0], 4)
-    logp = hidden.new_empty(n, dtype=torch.float32)
-    lse = torch.empty_like(logp)
-    ent = torch.empty_like(logp) if want_entropy else logp.new_empty(0)
-    valid = targets != ignore_index
-    for i0 in range(0, n, c):
-        sl = slice(i0, min(n, i0 + c))
-        z = (hidden[sl] @ weight.T).float()  # [C, V]
-        if bias is not None:
-            z += bias.float()
-        z /= temperature
-        lse[sl] = torch.logsumexp(z, dim=-1)
-        safe = torch.where(valid[sl], targets[sl], 0)
-        logp[sl] = torch.where(valid[sl], z.gather(1, safe[:, None]).squeeze(1) - lse[sl], 0.0)
-        if want_entropy:
-            logq = z - lse[sl, None]
-            ent[sl] = torch.where(valid[sl], -(logq.exp() * logq).sum(-1), 0.0)
-    return logp, lse, ent
-
-
-def chunked_engine(backend: str):
-    """The three-pass engine of a backend: vibeperf._C for "cuda", else chunked.py's (Triton or torch row epilogue)."""
-    if backend == "cuda":
-        return cuda_backend.lmhead_chunked
-    return functools.partial(chunked.lmhead_chunked, backend=backend)
+from .. import lmhead
+from ..lmhead import triton_rows
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -75,13 +32,7 @@ def linear_logprob_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32."""
-    if backend == "cuda":
-        return cuda_backend.linear_logprob_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
-    if backend == "triton":
-        fwd = FORWARD_SCHEDULES[FORWARD_SCHEDULE]
-        logp, lse, ent = fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
-        return logp, lse, ent if want_entropy else logp.new_empty(0)
-    return _scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+    return lmhead.scores(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend)
 
 
 @linear_logprob_op.register_fake
@@ -106,7 +57,7 @@ def linear_logprob_bwd_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute backward. Returns (dh [N, H], dW [V, H], db [V]); an unneeded one is an empty [0] tensor."""
-    _, _, _, dh, dw, db = chunked_engine(backend)(
+    _, _, _, dh, dw, db = lmhead.chunked_engine(backend)(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
         loss=triton_rows.LOSS_GIVEN, g_logp=grad_logp.float().contiguous(),
         g_ent=None if grad_entropy is None else grad_entropy.float().contiguous(), need_dh=need_dh, need_dw=need_dw,
@@ -161,7 +112,7 @@ def linear_nll_fused_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """loss = sum_t token_weight_t * nll_t and its gradients, in one sweep. Returns (loss [], dh, dW, db)."""
-    logp, _, _, dh, dw, db = chunked_engine(backend)(
+    logp, _, _, dh, dw, db = lmhead.chunked_engine(backend)(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
         loss=triton_rows.LOSS_NLL, g_logp=token_weight, need_dh=need_dh, need_dw=need_dw,
     )  # fmt: skip

@@ -1,0 +1,105 @@
+"""The LM-head engine: every op that reads the logits of h W^T (+ bias) / temperature without an [N, V] tensor.
+
+- `scores`: the forward without gradients (logp, lse, entropy), by backend: Triton schedules (`scoring_fwd.py`,
+  `triton_fwd.py`), the CUDA extension (`cuda_backend.py`), or chunked plain torch.
+- `chunked_engine`: the three-pass forward + backward (`chunked.py`; `cuda_backend.lmhead_chunked` for "cuda"):
+  head GEMM per chunk, the row kernel (`triton_rows.py`) with its per-token loss epilogue, then the dh / dW GEMMs.
+  A loss plugs in either a gradient coefficient known before the pass (LOSS_GIVEN, LOSS_NLL) or a per-token step
+  (`chunked.TokenStep`) that turns the row's log-prob into dLoss/dlogp between the row statistics and the dz write.
+- `resolve_backend` and `autoselect`: "auto" | "triton" | "cuda" | "torch", and the measured rule behind "auto".
+The losses built on it live beside this folder: `ce/` (log-prob, cross-entropy), `policy/` (the RL policy losses),
+`mgpo/` (the MGPO preset of policy_loss).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import autoselect, chunked, cuda_backend, scoring_fwd, triton_fwd
+
+__all__ = ["autoselect", "BACKENDS", "resolve_backend", "check_head_inputs", "prepare_head_inputs", "scores",
+           "chunked_engine"]  # fmt: skip
+
+BACKENDS = ("auto", "triton", "torch", "cuda")
+
+# Forward (no grad) of backend "triton": "chunked" (fastest measured; a 1 GiB workspace), "tiled" (<= 64 MiB extra
+# memory), or "fused" (one Triton kernel, no workspace, slowest): see scoring_fwd.py and benchmarks/NOTES.md.
+FORWARD_SCHEDULES = {
+    "chunked": scoring_fwd.linear_logprob_chunked_fwd,
+    "tiled": scoring_fwd.linear_logprob_tiled_fwd,
+    "fused": triton_fwd.linear_logprob_fwd,
+}
+FORWARD_SCHEDULE = os.environ.get("VIBEPERF_LMHEAD_FWD", "chunked")
+if FORWARD_SCHEDULE not in FORWARD_SCHEDULES:
+    raise ValueError(f"VIBEPERF_LMHEAD_FWD must be one of {sorted(FORWARD_SCHEDULES)}, got {FORWARD_SCHEDULE!r}")
+
+
+def resolve_backend(backend: str, device: torch.device, has_cuda_path: bool = False, auto=None) -> str:
+    """The backend that runs; has_cuda_path says whether the calling op has a "cuda" (vibeperf._C) implementation;
+    auto: a zero-argument callable giving "auto"'s choice on CUDA tensors (`autoselect.auto_backend` of the call)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda":
+        if not has_cuda_path:
+            raise NotImplementedError("backend='cuda' is not built for this op yet (no vibeperf._C path); use 'triton'")
+        cuda_backend.require_cuda_ext()
+        if device.type != "cuda":
+            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got {device}")
+        return backend
+    if backend == "auto":
+        if device.type == "cuda":
+            return auto() if (has_cuda_path and auto is not None) else "triton"
+        return "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    return backend
+
+
+def check_head_inputs(hidden, weight, targets, bias, temperature):
+    """Shapes, dtypes and devices of an LM-head op; raises ValueError naming the argument."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got shape {tuple(weight.shape)}")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must be [N={hidden.shape[0]}], got shape {tuple(targets.shape)}")
+    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"hidden and weight must share a float dtype (bf16/fp16/fp32), got {hidden.dtype}, {weight.dtype}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [V={weight.shape[0]}], got shape {tuple(bias.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    devices = {t.device for t in (hidden, weight, targets, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def prepare_head_inputs(hidden, weight, targets, bias):
+    """The inputs as the engine takes them: contiguous, targets int64."""
+    return (hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous(),
+            None if bias is None else bias.contiguous())  # fmt: skip
+
+
+def scores(hidden, weight, targets, bias, temperature: float, ignore_index: int, want_entropy: bool, backend: str):
+    """Forward without gradients: (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32."""
+    if backend == "cuda":
+        return cuda_backend.linear_logprob_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+    if backend == "triton":
+        fwd = FORWARD_SCHEDULES[FORWARD_SCHEDULE]
+        logp, lse, ent = fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+        return logp, lse, ent if want_entropy else logp.new_empty(0)
+    return chunked.scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+
+
+def chunked_engine(backend: str):
+    """The three-pass engine of a backend: vibeperf._C for "cuda", else chunked.py's (Triton or torch row epilogue)."""
+    if backend == "cuda":
+        return cuda_backend.lmhead_chunked
+    return functools.partial(chunked.lmhead_chunked, backend=backend)

@@ -1,0 +1,130 @@
+"""Row epilogue of the chunked LM-head training path.
+
+One program per token row of a logits chunk z = h W^T ([C, V], written by the head GEMM). The statistics phase
+streams the row once for the log-sum-exp (online, running max from -inf), the target's log-prob and the entropy; the
+gradient phase streams it again and overwrites it in place with dLoss/dz:
+    g * (onehot(y) - softmax(z)) + g_H * softmax(z) * (E_p[z] - z),   times 1/temperature,
+g = dLoss/dlogp and g_H = dLoss/dentropy of the token. PHASE_FULL runs both in one program (g known before the pass:
+the row is re-read mostly from L2); PHASE_STATS and PHASE_GRAD run them as two launches, so that a loss can form g
+from the chunk's log-probs in between (`chunked.TokenStep`: the policy losses), from lse and entropy stored in [C]
+vectors. The dh and dW GEMMs then read that chunk; no [N, V] tensor ever exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_fwd import INTERPRET, LN2, LOG2E, row_softmax_state
+
+LOSS_GIVEN = 0  # g_logp / g_ent hold upstream gradients of logp / entropy
+LOSS_NLL = 1  # loss = sum_t w_t * nll_t: g_logp holds w_t, so dLoss/dlogp = -w_t
+PHASE_FULL, PHASE_STATS, PHASE_GRAD = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def lmhead_row_grad_kernel(
+    z_ptr,  # [C, V] raw logits h W^T, overwritten with dLoss / d(h W^T) (not PHASE_STATS)
+    b_ptr,  # [V] or dummy
+    tgt_ptr,  # [C] int64
+    g_logp_ptr,  # [C] fp32, see LOSS_*
+    g_ent_ptr,  # [C] fp32 upstream gradient of entropy (GRAD_ENTROPY)
+    logp_ptr,  # [C] fp32 out (in PHASE_GRAD: unused)
+    ent_ptr,  # [C] fp32 out (WANT_ENTROPY); in PHASE_GRAD the entropy in (GRAD_ENTROPY)
+    lse_ptr,  # [C] fp32 out; in PHASE_GRAD the log-sum-exp in
+    V,
+    stride_z,
+    scale_log2,  # log2(e) / temperature
+    inv_temp,
+    ignore_index,
+    LOSS: tl.constexpr,
+    PHASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    tgt = tl.load(tgt_ptr + row)
+    valid = tgt != ignore_index
+
+    if PHASE == 2:
+        lse2 = tl.load(lse_ptr + row) * LOG2E
+        ez2 = lse2  # E_p[z] in base 2 (only read when GRAD_ENTROPY)
+        if GRAD_ENTROPY:
+            ez2 = lse2 - tl.load(ent_ptr + row) * LOG2E
+    else:
+        safe_tgt = tl.where(valid, tgt, 0)
+        m, s, t = row_softmax_state(z_row, b_ptr, V, scale_log2, HAS_BIAS, WANT_ENTROPY or GRAD_ENTROPY, BLOCK_V)
+        lse2 = m + tl.log2(s)
+        ez2 = m + t / s  # E_p[z], base 2
+        z_t = tl.load(z_row + safe_tgt).to(tl.float32)
+        if HAS_BIAS:
+            z_t += tl.load(b_ptr + safe_tgt).to(tl.float32)
+        logp = tl.where(valid, (z_t * scale_log2 - lse2) * LN2, 0.0)
+        tl.store(logp_ptr + row, logp)
+        tl.store(lse_ptr + row, lse2 * LN2)
+        if WANT_ENTROPY:
+            tl.store(ent_ptr + row, tl.where(valid, (tl.log2(s) - t / s) * LN2, 0.0))
+
+    if PHASE != 1:
+        if LOSS == 0:
+            g = tl.load(g_logp_ptr + row)
+        else:
+            g = -tl.load(g_logp_ptr + row)
+        g = tl.where(valid, g, 0.0)
+        g_ent = tl.zeros([], tl.float32)
+        if GRAD_ENTROPY:
+            g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = z * scale_log2
+            p = tl.exp2(z - lse2)
+            dz = g * (tl.where(offs == tgt, 1.0, 0.0) - p)
+            if GRAD_ENTROPY:
+                dz += g_ent * p * (ez2 - z) * LN2
+            tl.store(z_row + offs, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def lmhead_row_grad(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    loss: int,
+    want_entropy: bool,
+    phase: int = PHASE_FULL,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+):
+    """Host launcher on z [C, V]; returns (logp [C], entropy [C] or None, lse [C]), fp32.
+
+    PHASE_FULL: statistics and dz in place. PHASE_STATS: statistics only (z untouched; g_logp / g_ent unused).
+    PHASE_GRAD: dz in place from `stats` = (logp, entropy or None, lse) of an earlier PHASE_STATS launch (entropy
+    needed when g_ent is given), which are returned as they are.
+    """
+    c, v = z.shape
+    if phase == PHASE_GRAD:
+        logp, ent, lse = stats
+    else:
+        logp = torch.empty(c, device=z.device, dtype=torch.float32)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if want_entropy else None
+    dummy = logp
+    lmhead_row_grad_kernel[(c,)](
+        z, bias if bias is not None else z, targets, g_logp if g_logp is not None else dummy,
+        g_ent if g_ent is not None else dummy, logp, ent if ent is not None else dummy, lse,
+        v, z.stride(0), LOG2E / temperature, 1.0 / temperature, ignore_index,
+        LOSS=loss, PHASE=phase, HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy and phase != PHASE_GRAD,
+        GRAD_ENTROPY=g_ent is not None and phase != PHASE_STATS, BLOCK_V=128 if INTERPRET else 4096,
+        num_warps=1 if INTERPRET else 16,
+    )  # fmt: skip
+    return logp, (ent if want_entropy else None), lse
