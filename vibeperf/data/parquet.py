@@ -10,17 +10,12 @@ raises `DataError` naming `file:row N` (N counted from 0, as the dataset viewers
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
-from vibeperf.data.jsonl import DataError, _FieldError
+from vibeperf.data.jsonl import DataError
 
-T = TypeVar("T")
 BATCH_ROWS = 1024
-
-
-def is_parquet(path: str | os.PathLike) -> bool:
-    return os.fspath(path).endswith(".parquet")
 
 
 def parquet_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -39,16 +34,3 @@ def parquet_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]
                 index += 1
     except (pyarrow.ArrowException, OSError) as e:
         raise DataError(f"{name}: not a readable parquet file: {' '.join(str(e).split())[:200]}") from None
-
-
-def read_parquet(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
-    """Parse every row of `path` with `parse`; DataError naming `file:row N` and the field at the first bad one."""
-    records = []
-    for where, row in parquet_rows(path):
-        try:
-            records.append(parse(row))
-        except _FieldError as e:
-            raise DataError(f"{where}: field '{e.field}': {e.problem}") from None
-    if not records:
-        raise DataError(f"{os.fspath(path)}: no records")
-    return records

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vibeperf.config import SFTConfig, StageConfig
-from vibeperf.data import DataError, SFTRecord, read_sft_jsonl
+from vibeperf.data import DataError, SFTRecord
+from vibeperf.data.sources import read_sft_rows
 from vibeperf.model import Sample, tokenize_records, truncate
 
 log = logging.getLogger("vibeperf.sft")
@@ -60,16 +61,11 @@ def _lines(path: str) -> list[tuple[int, str]]:
 def _read_stage_files(stage: StageConfig) -> tuple[list[SFTRecord], list[str], list[str | None]]:
     """Records of all files of `stage`, with their `file:line` and raw "id" (None when absent)."""
     records, sources, ids = [], [], []
-    for path in stage.data:
-        recs = read_sft_jsonl(path)
-        lines = _lines(path)
-        records += recs
-        sources += [f"{os.fspath(path)}:{n}" for n, _ in lines]
-        if stage.difficulty is not None:
-            raw_ids = [json.loads(text).get("id") for _, text in lines]
-            ids += [None if i is None else str(i) for i in raw_ids]
-        else:
-            ids += [None] * len(recs)
+    for source in stage.data:
+        for where, record, record_id in read_sft_rows(source):
+            records.append(record)
+            sources.append(where)
+            ids.append(record_id if stage.difficulty is not None else None)
     return records, sources, ids
 
 
