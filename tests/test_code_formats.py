@@ -193,6 +193,7 @@ BAD_ROWS = [
      "tests[0].input"),
     ("bad-kind", {"tests": [{"input": "1", "output": "1", "kind": "java"}]}, "tests[0].kind"),
     ("lcb-not-json", {"public_test_cases": "[{", "metadata": "{}"}, "field 'public_test_cases': invalid JSON"),
+    ("lcb-both-empty", {"public_test_cases": "[]", "private_test_cases": "[]"}, "both empty"),
     ("lcb-pickled-class", {"public_test_cases": base64.b64encode(zlib.compress(pickle.dumps(CodeTest("", "")))).decode(
      )}, "field 'public_test_cases': invalid JSON"),
     ("apps-lengths", {"input_output": {"inputs": ["1"], "outputs": []}}, "same length"),
@@ -237,3 +238,51 @@ def test_humaneval_canonical_solutions_pass_and_wrong_bodies_fail():
         wrong = list(pool.map(lambda p: grade(p, "    return None"), problems))
     assert [p["task_id"] for p, r in zip(problems, right) if r != 1.0] == []
     assert [p["task_id"] for p, r in zip(problems, wrong) if r != 0.0] == []
+
+
+LCB_STDIN = [{"input": "3\n1 2 3\n", "output": "6\n", "testtype": "stdin"}]
+LCB_PRIVATE = [{"input": "2\n-5 5\n", "output": "0\n", "testtype": "stdin"}]
+LCB_CALL = [{"input": "[2,7,11,15]\n9", "output": "[0, 1]", "testtype": "functional"},
+            {"input": "[3,3]\n6", "output": "[0, 1]", "testtype": "functional"}]  # fmt: skip
+SUM_STDIN = "n = int(input())\nprint(sum(map(int, input().split())))\n"
+
+
+@pytest.mark.usefixtures("host_unharmed")
+def test_livecodebench_and_apps_rows_end_to_end(tmp_path):
+    """Rows as LiveCodeBench and APPS publish them (parquet, their own columns, JSON-string and compressed tests)
+    read through a column mapping and scored: right programs get 1, wrong ones less."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vibeperf.config import DataFile
+    from vibeperf.data import read_rl
+    from vibeperf.rewards import score
+
+    lcb = [
+        {"question_id": "abc001_a", "question_content": "Sum the numbers.", "platform": "atcoder",
+         "public_test_cases": json.dumps(LCB_STDIN), "private_test_cases": _lcb_private(LCB_PRIVATE), "metadata": "{}"},
+        {"question_id": "1", "question_content": "Two sum.", "platform": "leetcode",
+         "public_test_cases": json.dumps(LCB_CALL), "private_test_cases": json.dumps([]),
+         "metadata": json.dumps({"func_name": "twoSum"})},
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(lcb), tmp_path / "lcb.parquet")
+    source = DataFile(str(tmp_path / "lcb.parquet"), {"prompt": "question_content", "id": "question_id"}, "code")
+    stdin_problem, call_problem = read_rl(source)
+    assert stdin_problem.id == "abc001_a" and len(stdin_problem.tests) == 2 and len(call_problem.tests) == 2
+    assert score("code", stdin_problem, fenced(SUM_STDIN), sandbox=SMALL).reward == 1.0
+    assert score("code", stdin_problem, fenced("print(6)\n"), sandbox=SMALL).reward == 0.5
+    assert score("code", call_problem, fenced(SOLUTION), sandbox=SMALL).reward == 1.0
+    assert (
+        score("code", call_problem, fenced(SOLUTION.replace("seen[x] = i", "seen[x] = -1")), sandbox=SMALL).reward == 0
+    )
+
+    apps = [{"problem_id": 7, "question": "Sum.", "solutions": json.dumps([SUM_STDIN]),
+             "input_output": json.dumps({"inputs": ["3\n1 2 3\n", "1\n4\n"], "outputs": ["6\n", "4\n"]})},
+            {"problem_id": 8, "question": "Square.", "solutions": "[]",
+             "input_output": json.dumps({"inputs": [[3], [4]], "outputs": [[9], [16]], "fn_name": "sq"})}]  # fmt: skip
+    path = tmp_path / "apps.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in apps))
+    sums, squares = read_rl(DataFile(str(path), {"prompt": "question", "id": "problem_id"}, "code"))
+    assert score("code", sums, fenced(json.loads(apps[0]["solutions"])[0]), sandbox=SMALL).reward == 1.0
+    assert score("code", squares, fenced("def sq(x):\n    return x * x\n"), sandbox=SMALL).reward == 1.0
+    assert score("code", squares, fenced("def sq(x):\n    return x + x\n"), sandbox=SMALL).reward == 0.0
