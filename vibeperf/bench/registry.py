@@ -311,3 +311,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         rep_ms=1500.0,
     ),
 }
+
+# The policy-loss family rows of B3 (their own module, built on the helpers above; imported last for that reason).
+from .b3_policy import BENCHMARK as B3_POLICY  # noqa: E402
+
+BENCHMARKS["B3-policy"] = B3_POLICY
