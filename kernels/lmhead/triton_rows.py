@@ -21,6 +21,7 @@ from .triton_fwd import INTERPRET, LN2, LOG2E, row_softmax_state
 LOSS_GIVEN = 0  # g_logp / g_ent hold upstream gradients of logp / entropy
 LOSS_NLL = 1  # loss = sum_t w_t * nll_t: g_logp holds w_t, so dLoss/dlogp = -w_t
 PHASE_FULL, PHASE_STATS, PHASE_GRAD = 0, 1, 2
+LOG2E_C = tl.constexpr(LOG2E)  # kernels may read only constexpr globals
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -51,10 +52,10 @@ def lmhead_row_grad_kernel(
     valid = tgt != ignore_index
 
     if PHASE == 2:
-        lse2 = tl.load(lse_ptr + row) * LOG2E
+        lse2 = tl.load(lse_ptr + row) * LOG2E_C
         ez2 = lse2  # E_p[z] in base 2 (only read when GRAD_ENTROPY)
         if GRAD_ENTROPY:
-            ez2 = lse2 - tl.load(ent_ptr + row) * LOG2E
+            ez2 = lse2 - tl.load(ent_ptr + row) * LOG2E_C
     else:
         safe_tgt = tl.where(valid, tgt, 0)
         m, s, t = row_softmax_state(z_row, b_ptr, V, scale_log2, HAS_BIAS, WANT_ENTROPY or GRAD_ENTROPY, BLOCK_V)
