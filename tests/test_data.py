@@ -171,7 +171,8 @@ def test_rl_valid_records(tmp_path):
     ]
 
 
-def test_50mb_line(tmp_path):
+def test_50mb_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIBEPERF_MAX_LINE_MB", "64")  # over the readers' default cap: raised, as a user would
     big = "x" * (50 * 1024 * 1024)
     lines = [GOOD_SFT, json.dumps({"prompt": "long", "response": big, "weight": 0.5}), "{oops"]
     path = _write(tmp_path, lines[:2])

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from vibeperf import cli
-from vibeperf.config import SFTConfig, load_config
+from vibeperf.config import ConfigError, SFTConfig, load_config
 from vibeperf.data import DataError, Message, SFTRecord, write_jsonl
 from vibeperf.model import (
     ATTENTION_CALLS,
@@ -298,7 +298,7 @@ def test_resume_is_bit_identical(tmp_path):
     state = json.loads((rc.last_checkpoint / "trainer_state.json").read_text())
     assert (state["step"], state["stage_name"], state["epoch"], state["batch"]) == (4, "broad", 0, 4)
     changed = _cfg(tmp_path / "b", data, common + ["train.global_batch=4", "checkpoint.resume=latest"])
-    with pytest.raises(RuntimeError, match="batch size, seed or stages changed"):
+    with pytest.raises(ConfigError, match="checkpoint.resume: .*batch size, seed or stages changed"):
         train(changed)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vibeperf.config import CheckpointConfig, OptimConfig
+from vibeperf.config import CheckpointConfig, ConfigError, OptimConfig
 from vibeperf.train import Checkpointer, MetricsWriter, Schedule, Segment, list_checkpoints
 
 
@@ -64,9 +64,9 @@ def test_checkpointer_keeps_last_and_resumes(tmp_path):
     state = ckpt.load(latest, model, opt2, sched2, {"fingerprint": ("x", "the data")})
     assert state["step"] == 3
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    with pytest.raises(RuntimeError, match="the data changed since this checkpoint"):
+    with pytest.raises(ConfigError, match="checkpoint.resume: .*the data changed since this checkpoint"):
         ckpt.load(latest, model, opt2, sched2, {"fingerprint": ("y", "the data")})
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
         Checkpointer(tmp_path, CheckpointConfig(resume=str(tmp_path / "nope"))).resume_dir()
 
 

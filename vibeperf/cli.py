@@ -5,14 +5,20 @@
 
 A subcommand is `Subcommand(help, add_arguments, run)`: `add_arguments(parser)` declares its arguments and
 `run(args) -> int` does the work and returns the exit status. Adding one is one line in `SUBCOMMANDS`.
-Configuration, data and checkpoint errors print one line (`error: ...`) and exit with status 2.
+Every failure a user can act on (`vibeperf.errors.UserError`: recipe, data, model directory, device, resume, a run
+stopped by a named fault; or an OSError such as a full disk) prints one line `error: ...` on stderr and exits with
+status 2; `--verbose` (or VIBEPERF_DEBUG=1) prints the traceback too. Output: the run's progress goes to stderr
+(logging, progress bars), its final summary to stdout; vLLM and transformers log to stderr at WARNING and above
+unless `--verbose`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,12 +90,38 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vibeperf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=__import__("vibeperf.env").env.version_line())
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in SUBCOMMANDS.items():
-        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        cmd.add_arguments(p)
     return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """vibeperf's own loggers at INFO (DEBUG with `verbose`) on stderr; vLLM and transformers at WARNING on stderr,
+    transformers' weight loading / saving progress bars off, unless `verbose` (vLLM and huggingface_hub read these
+    settings from the environment when first imported, so this runs before them)."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "warning")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "0" if verbose else "1")
+    if "transformers" in sys.modules:  # imported already (in-process callers): its progress-bar switch is read then
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar() if verbose else hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="[%(name)s] %(message)s",
+                        stream=sys.stderr)  # fmt: skip
+    if not verbose:
+        for name in ("vllm", "transformers", "torch", "filelock", "urllib3", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def error_line(e: BaseException) -> str:
+    """`error: <message>` on one line (a multi-line message is joined with spaces)."""
+    return "error: " + (" ".join(str(e).split()) or type(e).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[%(name)s] %(message)s")
-    from vibeperf.config import ConfigError
-    from vibeperf.data import DataError
+    configure_logging(args.verbose)
+    from vibeperf.errors import UserError
 
     try:
         return SUBCOMMANDS[args.command].run(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        if args.verbose or os.environ.get("VIBEPERF_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(error_line(e), file=sys.stderr)
         return 2

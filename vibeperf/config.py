@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from vibeperf.packaged import list_recipes, rebase_shipped_paths, resolve_recipe
+from vibeperf.errors import UserError
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ def _toml():
     return tomli
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad recipe file, override or value; the message names the file and the dotted key."""
 
 

@@ -66,8 +66,8 @@ def load_scorer(path: str, *, dtype: str = "auto", device: str = "auto", attenti
 
     from vibeperf.model import model_path, resolve_device, use_varlen_attention
 
-    src = model_path(path)
-    dev = resolve_device(device)
+    src = model_path(path, "model")
+    dev = resolve_device(device, "device")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
     use_varlen_attention(model, attention)
     model.config.use_cache = False

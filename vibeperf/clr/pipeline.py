@@ -55,6 +55,7 @@ from vibeperf.clr.prompts import (
 )
 from vibeperf.config import check, config_to_dict
 from vibeperf.data.jsonl import _field, _read_jsonl, write_jsonl
+from vibeperf.preflight import check_model_dir
 
 logger = logging.getLogger(__name__)
 FALLBACKS = ("no_answer", "solution_clipped", "sentences", "truncated", "padded", "claims_padded", "claims_dropped",
@@ -200,9 +201,7 @@ def _model_dir(path: str) -> str:
         from vibeperf.tiny_model import get_tiny_model
 
         return os.fspath(get_tiny_model())
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model.path={path!r} is not a directory (a local Hugging Face checkpoint)")
-    return path
+    return os.fspath(check_model_dir(path, "model.path"))
 
 
 def make_clr_engine(cfg: CLRModelConfig):
@@ -415,12 +414,12 @@ def run_clr(cfg: CLRConfig, engine=None) -> dict:
     queries = queries[: cfg.max_queries] if cfg.max_queries else queries
     k, m = cfg.candidates.num_candidates, cfg.extraction.num_claims
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stats = {"timings_s": {}, "generated_tokens": {}, "fallbacks": Counter(dict.fromkeys(FALLBACKS, 0))}
     start = time.perf_counter()
     own_engine = engine is None
     engine = make_clr_engine(cfg.model) if own_engine else engine
     stats["timings_s"]["engine_start"] = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         samples = _sample(engine, cfg, queries, stats)
     finally:

@@ -12,6 +12,10 @@ select checkpoints per subdomain). Numeric answers and ids are kept as strings (
 Blank lines are skipped and keys not named here are ignored. Every line is checked before anything is returned; the
 first bad one raises `DataError` naming `file:line` and the field, e.g.
 `data/train.jsonl:17: field 'messages[2].content': expected a string, got int`.
+
+Lines are read with a size cap (`read_lines`): a line over `max_line_bytes` (default 4 MiB, about 1M tokens; the
+environment variable VIBEPERF_MAX_LINE_MB changes it) is refused with its `file:line` before it is parsed or
+tokenised, so one huge line cannot take gigabytes of memory.
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vibeperf.errors import UserError
+
 T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
 _MISSING = object()
+MAX_LINE_BYTES = 4 * 2**20
+"""Default per-line cap of the readers, in bytes (the environment variable VIBEPERF_MAX_LINE_MB overrides it)."""
 _EXPECTED = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 _GOT = {str: "string", int: "int", float: "float", bool: "bool", list: "list", dict: "object", type(None): "null"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A malformed data file; the message names `file:line` and, for a bad record, the field."""
 
 
@@ -184,22 +192,60 @@ def _rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
 
         yield from parquet_rows(path)
         return
-    with (gzip.open if os.fspath(path).endswith(".gz") else open)(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{os.fspath(path)}:{lineno}"
+    for lineno, text in read_lines(path):
+        where = f"{os.fspath(path)}:{lineno}"
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}")
+        yield where, obj
+
+
+def max_line_bytes() -> int:
+    """The readers' per-line cap: VIBEPERF_MAX_LINE_MB (MiB) when set, else `MAX_LINE_BYTES`."""
+    text = os.environ.get("VIBEPERF_MAX_LINE_MB", "").strip()
+    if not text:
+        return MAX_LINE_BYTES
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise DataError(f"VIBEPERF_MAX_LINE_MB={text!r}: expected a number of MiB > 0")
+    return int(value * 2**20)
+
+
+def read_lines(path: str | os.PathLike, *, max_bytes: int | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of the UTF-8 file `path` (gunzipped on the fly for `.gz`; a
+    leading BOM and line ends dropped).
+
+    Reads at most `max_bytes` + 1 bytes per line (default `max_line_bytes()`): a longer line raises DataError naming
+    `file:line` before the rest of it is read. A missing file, a directory or an unreadable file is a DataError too.
+    """
+    name = os.fspath(path)
+    limit = max_line_bytes() if max_bytes is None else max_bytes
+    if os.path.isdir(path):
+        raise DataError(f"{name}: is a directory, expected a data file")
+    try:
+        f = (gzip.open if name.endswith(".gz") else open)(path, "rb")
+    except OSError as e:
+        raise DataError(f"{name}: cannot be read: {e.strerror or e}") from None
+    with f:
+        lineno = 0
+        while raw := f.readline(limit + 1):
+            lineno += 1
+            where = f"{name}:{lineno}"
+            if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+                raise DataError(f"{where}: line longer than {limit} bytes (the readers' cap: set VIBEPERF_MAX_LINE_MB "
+                                "to raise it)")  # fmt: skip
             try:
                 text = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: invalid UTF-8 at byte {e.start}: {e.reason}") from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}")
-            yield where, obj
+            if text.strip():
+                yield lineno, text
 
 
 def _read_located(path: str | os.PathLike, parse: Callable[[Mapping[str, Any]], T]) -> list[tuple[str, dict, T]]:

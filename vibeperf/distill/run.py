@@ -131,7 +131,7 @@ def run_distill(
         records = records[: cfg.max_problems]
     generators = [p for g in cfg.generators
                   for p in ([model_path(g)] if g == "tiny" else map(os.fspath, find_checkpoints([g])))]  # fmt: skip
-    student = model_path(cfg.student) if cfg.student else generators[-1]
+    student = model_path(cfg.student, "student") if cfg.student else generators[-1]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     vdist.init_distributed()

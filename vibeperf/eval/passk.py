@@ -171,7 +171,7 @@ def run_eval(cfg: EvalConfig, *, engine: RolloutEngine | None = None, progress: 
         records = records[: cfg.max_problems]
     own = engine is None
     if own:
-        engine = build_engine(cfg.engine, model_path(cfg.model), seed=cfg.sampling.seed)
+        engine = build_engine(cfg.engine, model_path(cfg.model, "model"), seed=cfg.sampling.seed)
     try:
         results = sample_and_grade(
             engine, records, n_for=lambda r: samples_for(r, cfg.samples.math, cfg.samples.code),

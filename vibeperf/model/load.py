@@ -17,18 +17,17 @@ import torch
 
 from vibeperf.config import ModelConfig
 from vibeperf.model.attention import use_varlen_attention
+from vibeperf.preflight import check_device, check_model_dir
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; anything else as given (cuda must then be available)."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """ "auto" -> cuda when available, else cpu; anything else as given (ConfigError naming `key` when absent here)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
-    return device
+    check_device(name, key)
+    return torch.device(name)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -45,14 +44,14 @@ def compute_dtype(precision: str) -> torch.dtype:
     return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
-def model_path(path: str) -> str:
-    """`path`, or the cached tiny Qwen2 checkpoint for "tiny" (built on first use)."""
+def model_path(path: str, key: str = "model.path") -> str:
+    """`path` once it holds a loadable checkpoint (`vibeperf.preflight.check_model_dir`, ConfigError naming `key`),
+    or the cached tiny Qwen2 checkpoint for "tiny" (built on first use)."""
     if path == "tiny":
         from vibeperf.tiny_model import get_tiny_model
 
         return os.fspath(get_tiny_model())
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model.path={path!r} is not a directory (a local Hugging Face checkpoint)")
+    check_model_dir(path, key)
     return path
 
 

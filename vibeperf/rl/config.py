@@ -35,6 +35,10 @@ class RolloutConfig:
     """vLLM KV-cache budget in GiB."""
     max_model_len: int | None = None
     """vLLM context limit (default: the model's); must hold the longest prompt plus max_tokens."""
+    long_prompts: Literal["refuse", "skip"] = "refuse"
+    """A prompt whose chat-templated tokens plus the phase's max_tokens exceed the context (max_model_len, else the
+    model's max_position_embeddings) or loss.token_budget: "refuse" stops the run before the model loads, naming the
+    file and record; "skip" drops such prompts and logs how many per source."""
     seed: int = 0
     """Seed of the sampler and of vLLM; each step (and each static-filter pass) derives its own sampling seed."""
     sync_bucket_mb: float = 256.0

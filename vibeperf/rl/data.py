@@ -2,6 +2,8 @@
 
 - `load_phase`: reads every RL JSONL file of a phase (`vibeperf.data.read_rl_jsonl`) and checks each record's domain
   and target before anything runs, so a bad line stops the run early with `file: record N: ...`.
+- `fit_prompts`: the prompts whose chat-templated length plus the completion budget exceed the context, refused
+  (DataError naming the file and record) or dropped and counted, before any model loads.
 - `MixtureSampler`: each prompt slot of a step picks a source with probability weight / sum(weights) (a generator
   seeded by (seed, phase, step)); each source is walked through in a shuffled order, reshuffled every epoch. Its
   state (epoch and position per source) is the data position a checkpoint stores.
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +34,9 @@ from vibeperf.reference import long2short_shift
 from vibeperf.rewards import domain_kind
 from vibeperf.rl.config import PhaseConfig
 from vibeperf.rl.scoring import Scorer
-from vibeperf.rollout import RolloutEngine, RolloutGroup, SamplingConfig
+from vibeperf.rollout import RolloutEngine, RolloutGroup, SamplingConfig, chat_text
+
+log = logging.getLogger("vibeperf.rl")
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Source:
     records: list[RLRecord]
     weight: float
     kept: list[int] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+    """`file: record N` of each record, for messages."""
 
 
 @dataclass
@@ -62,7 +69,7 @@ def load_phase(cfg: PhaseConfig) -> PhaseData:
         if name in names:
             raise DataError(f"phase {cfg.name!r}: two sources named {name!r}; give them distinct `name`s")
         names.add(name)
-        records = []
+        records, origins = [], []
         for path in sc.files:
             for j, rec in enumerate(read_rl_jsonl(path)):
                 try:
@@ -73,8 +80,40 @@ def load_phase(cfg: PhaseConfig) -> PhaseData:
                     need = "an 'answer'" if kind == "math" else "'tests'"
                     raise DataError(f"{path}: record {j + 1}: domain {rec.domain!r} needs {need}")
                 records.append(rec)
-        sources.append(Source(name, records, sc.weight, list(range(len(records)))))
+                origins.append(f"{path}: record {j + 1}")
+        sources.append(Source(name, records, sc.weight, list(range(len(records))), origins))
     return PhaseData(cfg.name, sources)
+
+
+def fit_prompts(data: PhaseData, tokenizer, *, max_tokens: int, limit: int, limit_name: str, policy: str) -> int:
+    """Refuse or drop the prompts of `data` that cannot be sampled whole: chat-templated prompt tokens + `max_tokens`
+    over `limit` (the smaller of the engine's context and the loss's row budget, named `limit_name`).
+
+    policy "refuse": DataError naming the first such prompt's file and record; "skip": they are removed from their
+    source (before the data fingerprint and the static filter) and the number removed is returned (and logged)."""
+    dropped = 0
+    for src in data.sources:
+        texts = [chat_text(tokenizer, r.prompt) for r in src.records]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        bad = [i for i, n in enumerate(lengths) if n + max_tokens > limit]
+        if bad and policy == "refuse":
+            i = bad[0]
+            raise DataError(f"{src.origins[i]}: the prompt is {lengths[i]} tokens with the chat template; with "
+                            f"max_tokens={max_tokens} it needs {lengths[i] + max_tokens} > {limit_name}={limit} "
+                            f"({len(bad)} such prompt(s) in source {src.name!r}; rollout.long_prompts=skip drops "
+                            "them)")  # fmt: skip
+        if bad:
+            keep = sorted(set(range(len(src.records))) - set(bad))
+            log.warning("phase %s, source %s: %d prompt(s) longer than %s=%d minus max_tokens=%d dropped (first: %s)",
+                        data.name, src.name, len(bad), limit_name, limit, max_tokens, src.origins[bad[0]])  # fmt: skip
+            src.records = [src.records[i] for i in keep]
+            src.origins = [src.origins[i] for i in keep]
+            src.kept = list(range(len(src.records)))
+            dropped += len(bad)
+            if not src.records:
+                raise DataError(f"phase {data.name!r}, source {src.name!r}: every prompt is too long ({limit_name}="
+                                f"{limit}, max_tokens={max_tokens})")  # fmt: skip
+    return dropped
 
 
 def shuffled(seed: int, phase: int, source: int, epoch: int, n: int) -> list[int]:

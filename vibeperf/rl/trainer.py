@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from vibeperf import distributed as vdist
-from vibeperf.config import config_to_dict
+from vibeperf.config import ConfigError, config_to_dict
 from vibeperf.files import write_text
 from vibeperf.kernels import linear_logprob, mgpo_loss
 from vibeperf.model import FusedLossLM, load_model, model_path, resolve_device, resolve_precision
@@ -73,6 +73,7 @@ from vibeperf.rl.data import (
     PhaseData,
     RLRow,
     Scorer,
+    fit_prompts,
     group_advantages,
     load_phase,
     pack_sequences,
@@ -166,7 +167,7 @@ class RLTrainer:
             log.setLevel(logging.WARNING)
         ro, lc = cfg.rollout, cfg.loss
         if ro.prompts_per_step // min(lc.minibatches, ro.prompts_per_step) < self.world:
-            raise ValueError(f"rollout.prompts_per_step={ro.prompts_per_step} split into loss.minibatches="
+            raise ConfigError(f"rollout.prompts_per_step={ro.prompts_per_step} split into loss.minibatches="
                              f"{lc.minibatches} leaves fewer prompts per minibatch than the {self.world} processes: "
                              "every process needs at least one group of every minibatch")  # fmt: skip
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -176,6 +177,7 @@ class RLTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(src)
         self.phases = [load_phase(p) for p in cfg.phases]
         self.schedule = make_schedule(cfg)
+        self._fit_prompts(src)
         self.fingerprint = data_fingerprint(self.phases)
         self.total = self.schedule.total_steps
         self.stop = min(self.total, cfg.train.max_steps) if cfg.train.max_steps else self.total
@@ -216,6 +218,20 @@ class RLTrainer:
         self.metrics = MetricsWriter(self.out_dir, enabled=self.main, resume_step=self.step_count)
         if self.main:
             write_text(self.out_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1) + "\n")
+
+    def _fit_prompts(self, src: str) -> None:
+        """`fit_prompts` on every phase against the engine's context and loss.token_budget (rollout.long_prompts)."""
+        from transformers import AutoConfig
+
+        ro = self.cfg.rollout
+        context = ro.max_model_len or getattr(AutoConfig.from_pretrained(src), "max_position_embeddings", None)
+        limits = [(self.cfg.loss.token_budget, "loss.token_budget")]
+        if context:
+            limits.append((context, "rollout.max_model_len" if ro.max_model_len else "max_position_embeddings"))
+        limit, name = min(limits)
+        for pc, ph in zip(self.cfg.phases, self.phases):
+            fit_prompts(ph, self.tokenizer, max_tokens=pc.max_tokens or ro.max_tokens, limit=limit, limit_name=name,
+                        policy=ro.long_prompts)  # fmt: skip
 
     def signature(self) -> dict:
         """What fixes the prompts and their order; a resumed run must match it."""

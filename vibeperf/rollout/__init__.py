@@ -28,6 +28,7 @@ from vibeperf.rollout.base import (
     RolloutEngine,
     RolloutGroup,
     SamplingConfig,
+    chat_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,5 +96,6 @@ __all__ = [
     "RolloutEngine",
     "RolloutGroup",
     "SamplingConfig",
+    "chat_text",
     "make_engine",
 ]

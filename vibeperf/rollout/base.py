@@ -205,6 +205,15 @@ class CheckpointWeights:
                              "weights; the engine holds a partial update")  # fmt: skip
 
 
+def chat_text(tokenizer, user: str, system: str | None = None) -> str:
+    """`user` (and an optional system message) in `tokenizer`'s chat template with the generation prompt: the text
+    every engine tokenises (without special tokens) for a chat prompt."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": user}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 class RolloutEngine(ABC):
     """Samples completions with their log-probs and takes in-memory weight updates; see the module docstring."""
 
@@ -253,10 +262,7 @@ class RolloutEngine(ABC):
 
     def chat_prompt(self, user: str, system: str | None = None) -> str:
         """`user` (and an optional system message) in the tokenizer's chat template, ready for generation."""
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": user}
-        ]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_text(self.tokenizer, user, system)
 
     def _prompt_ids(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[tuple[list[int], str | None]]:
         """Token ids (and the string, if any) of each prompt; strings are tokenized without special tokens."""

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from vibeperf.data import DataError
 from vibeperf.rollout.base import (
     LOGPROBS_MODES,
     CheckpointWeights,
@@ -151,6 +152,7 @@ class VLLMEngine(RolloutEngine):
             **llm_kwargs,
         )
         self.load_s = time.perf_counter() - start
+        self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
         self.last_sync_s: float | None = None
         logger.info(
             "rollout engine: vllm %s (%s) in-process, loaded in %.1f s, KV cache %.2f GiB",
@@ -184,6 +186,10 @@ class VLLMEngine(RolloutEngine):
         prompts = self._prompt_ids(prompts)
         if not prompts:
             return []
+        for i, (ids, _) in enumerate(prompts):
+            if len(ids) >= self.max_model_len:  # vLLM would raise a validation error with its own traceback
+                raise DataError(f"prompt {i}: {len(ids)} tokens leave no room for a completion in the engine's context "
+                                f"of max_model_len={self.max_model_len} tokens")  # fmt: skip
         params = [
             self._sampling_params(n, sampling, None if sampling.seed is None else sampling.seed + i)
             for i in range(len(prompts))

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vibeperf.config import SFTConfig, StageConfig
-from vibeperf.data import DataError, SFTRecord
+from vibeperf.data import DataError, SFTRecord, read_lines
 from vibeperf.data.sources import read_sft_rows
 from vibeperf.model import Sample, tokenize_records, truncate
 
@@ -47,17 +47,6 @@ class _Verdicts:
     by_prompt: dict[str, tuple[int, ...]]
 
 
-def _lines(path: str) -> list[tuple[int, str]]:
-    """(line number, text) of each non-blank line, by the same rule as vibeperf.data's readers."""
-    out = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            text = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "").rstrip("\r\n")
-            if text.strip():
-                out.append((lineno, text))
-    return out
-
-
 def _read_stage_files(stage: StageConfig) -> tuple[list[SFTRecord], list[str], list[str | None]]:
     """Records of all files of `stage`, with their `file:line` and raw "id" (None when absent)."""
     records, sources, ids = [], [], []
@@ -73,9 +62,9 @@ def read_verdicts(path: str, num_samples: int) -> _Verdicts:
     """Parse a verdict JSONL; DataError naming file:line and the field on a malformed line or duplicate key."""
     by_id: dict[str, tuple[int, ...]] = {}
     by_prompt: dict[str, tuple[int, ...]] = {}
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"{path}: verdict file not found")
-    for lineno, text in _lines(path):
+    for lineno, text in read_lines(path):
         where = f"{path}:{lineno}"
         try:
             obj = json.loads(text)

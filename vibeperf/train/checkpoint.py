@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vibeperf import distributed as vdist
-from vibeperf.config import CheckpointConfig
+from vibeperf.config import CheckpointConfig, ConfigError
 from vibeperf.files import atomic_dir
 
 STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
@@ -71,7 +71,7 @@ class Checkpointer:
             return found[-1] if found else None
         path = Path(self.cfg.resume)
         if not (path / STATE_JSON).is_file():
-            raise FileNotFoundError(f"checkpoint.resume={self.cfg.resume!r} is not a complete checkpoint")
+            raise ConfigError(f"checkpoint.resume={self.cfg.resume!r}: not a complete checkpoint (no {STATE_JSON})")
         return path
 
     def save(self, model, tokenizer, optimizer, scheduler, state: dict) -> Path:
@@ -113,21 +113,21 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, scheduler, must_match: dict | None = None) -> dict:
         """Restore optimizer (or DCP model + optimizer shards), scheduler and RNG from `path`; returns its state JSON.
 
-        must_match: {state key: (value now, what it stands for)}; a stored value that differs is a RuntimeError
-        naming it, since an exact resume would be impossible."""
+        must_match: {state key: (value now, what it stands for)}; a stored value that differs is a ConfigError
+        naming checkpoint.resume and it, since an exact resume would be impossible (checked before anything loads)."""
         state = json.loads((path / STATE_JSON).read_text())
         for key, (now, what) in (must_match or {}).items():
             if state[key] != now:
-                raise RuntimeError(f"{path}: {what} changed since this checkpoint (checkpoint {state[key]}, now "
-                                   f"{now}); an exact resume is impossible")  # fmt: skip
+                raise ConfigError(f"checkpoint.resume: {path}: {what} changed since this checkpoint (checkpoint "
+                                  f"{state[key]}, now {now}); an exact resume is impossible")  # fmt: skip
         blob = torch.load(path / STATE_PT, weights_only=False)
         if "optimizer" in blob and not self.sharded:
             optimizer.load_state_dict(blob["optimizer"])
         elif (path / "dcp").is_dir():
             vdist.load_sharded(path / "dcp", model, optimizer)
         else:
-            raise NotImplementedError(f"{path}: a single-process checkpoint has no sharded optimizer state (dcp/); "
-                                      "resume it in one process")  # fmt: skip
+            raise ConfigError(f"checkpoint.resume: {path}: a single-process checkpoint has no sharded optimizer state "
+                              "(dcp/); resume it in one process")  # fmt: skip
         scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(blob["rng"])
         return state
