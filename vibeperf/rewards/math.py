@@ -12,19 +12,23 @@ an unparseable gold answer, a math-verify error or timeout all give 0.0 and say 
 - Both sides go through math-verify as `\\boxed{...}` (a bare gold such as `2\\sqrt{3}` is parsed as LaTeX, not as the
   plain number 2), then `verify(gold, pred)`, gold first: verify is not symmetric (e.g. for intervals vs sets).
 - Timeouts. math-verify bounds `parse` and `verify` with `signal.alarm`, which works only in the main thread of the
-  main interpreter. There `timeout_s` applies (a timeout gives 0, "math-verify timeout"). In any other thread the
-  signal timeouts are switched off (math-verify would raise otherwise) and a pathological answer can take long: to
-  grade in parallel with timeouts, use processes (e.g. `ProcessPoolExecutor`, whose workers call this in their main
-  thread), not threads.
+  main interpreter. There `timeout_s` applies (a timeout gives 0, "math-verify timeout"). Called from any other thread
+  (a thread pool), the grading runs in a spawned worker process instead (`vibeperf.rewards.pool.WorkerPool`, one per
+  concurrent caller, kept for the next call), in that process's main thread where the alarms work, under a watchdog
+  of 3 * timeout_s + 2 s (gold parse, answer parse, verify): a hostile answer such as `\\boxed{9^{9^{9^{9}}}}` costs
+  its timeout and a reward of 0, and never freezes the caller's process. `timeout_s=None` grades in the thread itself
+  with no limit.
 """
 
 from __future__ import annotations
 
+import atexit
 import re
 import threading
 from dataclasses import dataclass
 
 from vibeperf.rewards.answers import normalize_answer
+from vibeperf.rewards.pool import WorkerPool
 
 # math-verify's parse, verify and TimeoutException, bound by `_load()` on the first reward (importing vibeperf.rewards,
 # and with it the RL trainer, must not need math-verify); module attributes so that tests can replace them.
@@ -134,14 +138,50 @@ def _math_reward(gold: str, completion: str, require_boxed: bool, timeout_s: int
     return RewardResult(0.0, f"wrong: {source} parsed as '{_short(pred[0])}', gold '{_short(gold)}'")
 
 
+_IDLE: list[WorkerPool] = []
+_IDLE_LOCK = threading.Lock()
+
+
+def _math_job(args: tuple) -> RewardResult:
+    """A worker's grading (in its main thread, where math-verify's alarms work)."""
+    gold, completion, require_boxed, timeout_s = args
+    return math_reward(gold, completion, require_boxed=require_boxed, timeout_s=timeout_s)
+
+
+def _close_idle() -> None:
+    with _IDLE_LOCK:
+        while _IDLE:
+            _IDLE.pop().close()
+
+
+atexit.register(_close_idle)
+
+
+def _in_worker(gold: str, completion: str, require_boxed: bool, timeout_s: int) -> RewardResult:
+    """`math_reward` in an idle worker process (a new one when every worker is busy), under its watchdog."""
+    with _IDLE_LOCK:
+        pool = _IDLE.pop() if _IDLE else None
+    pool = pool or WorkerPool(_math_job, 1, init=_load, name="math-verify worker")
+    try:
+        out = pool.map([(gold, completion, require_boxed, timeout_s)], 3 * timeout_s + 2.0)[0]
+    except BaseException:
+        pool.close()
+        raise
+    with _IDLE_LOCK:
+        _IDLE.append(pool)
+    return out.value if out.ok else RewardResult(0.0, f"math-verify timeout ({timeout_s} s): {out.reason}")
+
+
 def math_reward(gold: str, completion: str, *, require_boxed: bool = True, timeout_s: int | None = 5) -> RewardResult:
     """Reward 1.0 if the completion's final answer is equivalent to `gold` (math-verify), else 0.0; never raises.
 
     `require_boxed`: without a `\\boxed{}` answer the reward is 0 (True), or math-verify extracts the answer from the
-    text (False). `timeout_s`: math-verify's per-parse / per-comparison limit in seconds, main thread only (see the
-    module docstring); None disables it.
+    text (False). `timeout_s`: math-verify's per-parse / per-comparison limit in seconds; off the main thread the
+    grading runs in a worker process under a watchdog (see the module docstring); None disables both.
     """
     _load()  # outside the catch-all below: a missing math-verify is an error, not a reward of 0
+    if timeout_s is not None and threading.current_thread() is not threading.main_thread():
+        return _in_worker(gold, completion, require_boxed, max(1, int(timeout_s)))
     try:
         return _math_reward(gold, completion, require_boxed, timeout_s)
     except TimeoutException:

@@ -424,6 +424,7 @@ class RLTrainer:
         completions = [c for g in groups for c in g.completions]
         rewards = torch.tensor(self.scorer([(r, c.text) for r, g in zip(records, groups) for c in g.completions]),
                                dtype=torch.float64)  # fmt: skip
+        reward_failures = list(self.scorer.failures)  # graded 0 because a reward worker crashed or hung
         lengths = torch.tensor([len(c.token_ids) for c in completions])
         group_index = torch.arange(len(groups)).repeat_interleave(size)
         l2s = pc.long2short_lambda if pc.long2short else None
@@ -441,7 +442,8 @@ class RLTrainer:
         self.step_count += 1
         local = {"rewards": rewards.tolist(), "used": used.tolist(), "weights": weights.tolist(),
                  "lengths": lengths.tolist(),
-                 "truncated": [c.finish_reason == "length" for c in completions]}  # fmt: skip
+                 "truncated": [c.finish_reason == "length" for c in completions],
+                 "reward_failures": reward_failures}  # fmt: skip
         glob = vdist.gather_lists(local)
         rewards, used, weights = (torch.tensor(glob[k], dtype=torch.float64) for k in ("rewards", "used", "weights"))
         lengths = torch.tensor(glob["lengths"])
@@ -453,6 +455,7 @@ class RLTrainer:
             "zero_adv_groups": (grouped.amax(1) == grouped.amin(1)).double().mean().item(),
             "response_length_mean": lengths.double().mean().item(), "response_length_max": int(lengths.max()),
             "truncated_frac": sum(glob["truncated"]) / len(glob["truncated"]),
+            "reward_failures": len(glob["reward_failures"]),
             **{k: (v.item() if torch.is_tensor(v) else v) for k, v in upd.items()},
             "completion_tokens": int(lengths.sum()), "time_generate_s": t1 - t0, "time_score_s": t2 - t1,
             "time_update_s": t3 - t2, "time_sync_s": t4 - t3, "time_step_s": t4 - t0,
