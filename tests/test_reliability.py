@@ -5,6 +5,7 @@ Each case names the defect of issue 20 it covers; on the code before that issue 
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -194,3 +195,27 @@ def test_reader_refuses_a_line_over_the_cap_before_parsing(tmp_path, monkeypatch
     monkeypatch.setenv("VIBEPERF_MAX_LINE_MB", "lots")
     with pytest.raises(DataError, match="VIBEPERF_MAX_LINE_MB='lots'"):
         read_sft_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "tests, message",
+    [
+        pytest.param(5, "tests: expected a list of tests (CodeTests or mappings), got int", id="not-a-list"),
+        pytest.param("1 2", "tests: expected a list of tests (CodeTests or mappings), got str", id="a-string"),
+        pytest.param({"input": "1", "output": "2"}, "tests: expected a list of tests", id="one-mapping"),
+        pytest.param([None], "tests[0]: expected a CodeTest or a mapping, got NoneType", id="none-entry"),
+        pytest.param(
+            [{"input": "1", "output": "1"}, "x"], "tests[1]: expected a CodeTest or a mapping", id="str-entry"
+        ),
+        pytest.param([{"input": "1"}], "tests[0]: a stdin test needs string 'input' and 'output'", id="no-output"),
+        pytest.param([{"input": 1, "output": "2"}], "tests[0]: a stdin test needs string", id="int-input"),
+        pytest.param([], "tests: code_reward needs at least one test", id="empty"),
+    ],
+)
+def test_code_reward_validates_tests_first(tests, message):
+    """Issue 20 defect 2: malformed `tests` from the library API raised AttributeError / KeyError / TypeError; now a
+    one-line DataError (a ValueError) naming the entry, before the completion is looked at."""
+    from vibeperf.rewards import code_reward
+
+    with pytest.raises(DataError, match=f"^{re.escape(message)}"):
+        code_reward(tests, "no code block here")

@@ -79,11 +79,11 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vibeperf.data.jsonl import CodeTest
+from vibeperf.data.jsonl import CodeTest, DataError
 from vibeperf.rewards.code_tests import as_test, judge_output
 from vibeperf.rewards.math import RewardResult
 from vibeperf.rewards.sandbox_proc import (
@@ -362,7 +362,7 @@ def run_tests(source: str, tests: Iterable, config: SandboxConfig | None = None)
     `config.all_or_nothing` it stops after the first failure.
     """
     config = config or SandboxConfig()
-    cases = [as_test(t) for t in tests]
+    cases = check_tests(tests)
     if not cases:
         return []
     level, _ = isolation_level()
@@ -385,15 +385,31 @@ def extract_code(completion: str) -> str | None:
     return blocks[-1][1] if blocks else None
 
 
+def check_tests(tests) -> list[CodeTest]:
+    """`tests` (an iterable of CodeTests or mappings) as checked CodeTests, before anything runs; DataError (a
+    ValueError) naming the bad entry, `tests[i]: ...`, or the argument itself when it is not a list of tests."""
+    if isinstance(tests, (str, bytes, Mapping)) or not isinstance(tests, Iterable):
+        raise DataError(f"tests: expected a list of tests (CodeTests or mappings), got {type(tests).__name__}")
+    cases = []
+    for i, test in enumerate(tests):
+        if not isinstance(test, (CodeTest, Mapping)):
+            raise DataError(f"tests[{i}]: expected a CodeTest or a mapping, got {type(test).__name__}")
+        try:
+            cases.append(as_test(test))
+        except ValueError as e:
+            raise DataError(f"tests[{i}]: {e}") from None
+    return cases
+
+
 def code_reward(tests, completion: str, config: SandboxConfig | None = None) -> RewardResult:
     """Reward of a completion on its tests (any kind): fraction passed (or all-or-nothing), a reason per failure.
 
     No code block gives 0. Raises SandboxError only when the sandbox itself cannot run (see the module docstring).
     """
     config = config or SandboxConfig()
-    tests = list(tests)
+    tests = check_tests(tests)
     if not tests:
-        raise ValueError("code_reward needs at least one test")
+        raise DataError("tests: code_reward needs at least one test")
     source = extract_code(completion)
     if source is None:
         return RewardResult(0.0, "no fenced code block in the completion")
