@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from vibeperf.packaged import list_recipes, rebase_shipped_paths, resolve_recipe
 from vibeperf.errors import UserError
+from vibeperf.packaged import list_recipes, rebase_shipped_paths, resolve_recipe
 
 T = TypeVar("T")
 

@@ -168,8 +168,8 @@ class RLTrainer:
         ro, lc = cfg.rollout, cfg.loss
         if ro.prompts_per_step // min(lc.minibatches, ro.prompts_per_step) < self.world:
             raise ConfigError(f"rollout.prompts_per_step={ro.prompts_per_step} split into loss.minibatches="
-                             f"{lc.minibatches} leaves fewer prompts per minibatch than the {self.world} processes: "
-                             "every process needs at least one group of every minibatch")  # fmt: skip
+                              f"{lc.minibatches} leaves fewer prompts per minibatch than the {self.world} processes: "
+                              "every process needs at least one group of every minibatch")  # fmt: skip
         self.precision = resolve_precision(cfg.train.precision, self.device)
         if self.device.type == "cpu":
             log.info("CPU threads: %d (OMP_NUM_THREADS)", set_cpu_threads(cfg.train.cpu_threads))
