@@ -130,3 +130,15 @@ def test_sft_stage_from_parquet_with_mapped_columns(tmp_path):
     cfg.stages[0].data = [DataFile(str(data), {"prompt": "question", "response": "reply", "id": "uid"})]
     (stage,) = prepare_stages(cfg, AutoTokenizer.from_pretrained(get_tiny_model()))
     assert [s.source for s in stage.samples] == [f"{data}:row 0", f"{data}:row 2"]
+
+
+def test_sharegpt_conversations(tmp_path):
+    rows = [{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"},
+                               {"from": "gpt", "value": "yo"}]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}]  # fmt: skip
+    path = write_parquet(tmp_path / "sharegpt.parquet", rows[:1])
+    source = DataFile(str(path), fields={"messages": "conversations"})
+    assert read_sft(source) == [SFTRecord((Message("system", "s"), Message("user", "hi"), Message("assistant", "yo")))]
+    bad = write_parquet(tmp_path / "bad.parquet", rows)
+    with pytest.raises(DataError, match=r"bad\.parquet:row 1: field 'messages\[1\]\.from': expected one of system, hu"):
+        read_sft(DataFile(str(bad), fields={"messages": "conversations"}))

@@ -1,8 +1,9 @@
 """Readers and a writer for local JSONL data files (one JSON object per line); the readers take parquet files too.
 
-SFT lines: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` with at least one assistant
-message, or `{"prompt": str, "response": str}` (read as a user and an assistant message); optional `"weight"` (a loss
-weight, finite and >= 0, default 1.0).
+SFT lines: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (or ShareGPT's turns `{"from":
+"system"|"human"|"gpt", "value": str}`, e.g. with a column mapping `messages = "conversations"`) with at least one
+assistant message, or `{"prompt": str, "response": str}` (read as a user and an assistant message); optional
+`"weight"` (a loss weight, finite and >= 0, default 1.0).
 RL lines: `{"prompt": str, "domain": str, "answer": str|int|float}` or `{"prompt", "domain", "tests": [{"input": str,
 "output": str}, ...]}` (exactly one of answer and tests; the tests may also be given in the formats of LiveCodeBench,
 APPS/TACO, HumanEval and MBPP, and of functional and assert kinds: `vibeperf.data.code_formats`); optional `"id"`
@@ -35,6 +36,7 @@ from vibeperf.errors import UserError
 
 T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 _MISSING = object()
 MAX_LINE_BYTES = 4 * 2**20
 """Default per-line cap of the readers, in bytes (the environment variable VIBEPERF_MAX_LINE_MB overrides it)."""
@@ -149,6 +151,14 @@ def _exactly_one(obj: Mapping[str, Any], first: str, second: str) -> str:
     return first if first in obj else second
 
 
+def _message(m: Mapping[str, Any], where: str) -> Message:
+    """A chat turn: {"role", "content"}, or ShareGPT's {"from": "human" | "gpt" | "system", "value"}."""
+    if "from" in m and "role" not in m:
+        speaker = _field(m, "from", (str,), where, choices=tuple(SHAREGPT_ROLES))
+        return Message(SHAREGPT_ROLES[speaker], _field(m, "value", (str,), where))
+    return Message(_field(m, "role", (str,), where, choices=ROLES), _field(m, "content", (str,), where))
+
+
 def _parse_sft(obj: Mapping[str, Any]) -> SFTRecord:
     if _exactly_one(obj, "messages", "prompt") == "prompt":
         messages = (
@@ -156,10 +166,7 @@ def _parse_sft(obj: Mapping[str, Any]) -> SFTRecord:
             Message("assistant", _field(obj, "response", (str,))),
         )
     else:
-        messages = tuple(
-            Message(_field(m, "role", (str,), w, choices=ROLES), _field(m, "content", (str,), w))
-            for w, m in _items(obj, "messages")
-        )
+        messages = tuple(_message(m, w) for w, m in _items(obj, "messages"))
         if not any(m.role == "assistant" for m in messages):
             raise _FieldError("messages", "no assistant message")
     weight = _field(obj, "weight", (int, float), default=1.0)
