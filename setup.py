@@ -30,6 +30,7 @@ PACKAGES = find_packages(include=["vibeperf", "vibeperf.*"]) + [
 PACKAGE_DIR = {"vibeperf.kernels": "kernels", "vibeperf.recipes": "recipes"}
 PACKAGE_DATA = {
     "vibeperf.kernels.lmhead": ["backend_table.json"],
+    "vibeperf.bench": ["floors.json"],
     "vibeperf.recipes": ["*.toml", "data/*.jsonl"],
 }
 BUILD_INFO = "_C_build.json"

@@ -6,7 +6,9 @@ import dataclasses
 import datetime
 import json
 import os
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -65,17 +67,42 @@ def do_bench_ms(fn, *, rep_ms: float = 400.0, warmup_ms: float = 100.0, slow_ms:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def peak_matmul_tflops(size: int = 8192) -> float:
-    """A plain size^3 bf16 matmul through torch (cuBLAS): the 'peak' all fractions are measured against."""
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    do_bench_ms(lambda: a @ b, rep_ms=2000)  # let the clocks settle first
-    ms = do_bench_ms(lambda: a @ b, rep_ms=1000)
+def cpu_bench_ms(fn, *, rep_ms: float = 400.0, warmup_ms: float = 100.0) -> float:
+    """Median wall time of fn() in ms on the CPU (perf_counter), over about rep_ms of calls and at least 5."""
+    start = time.perf_counter()
+    while (time.perf_counter() - start) * 1e3 < warmup_ms:
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start) * 1e3 < rep_ms:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_ms(fn, device: str, *, rep_ms: float = 400.0, warmup_ms: float = 100.0) -> float:
+    """The median time of fn() in ms: `do_bench_ms` on CUDA, `cpu_bench_ms` on the CPU."""
+    bench = do_bench_ms if device == "cuda" else cpu_bench_ms
+    return bench(fn, rep_ms=rep_ms, warmup_ms=warmup_ms)
+
+
+def peak_matmul_tflops(size: int = 8192, device: str = "cuda") -> float:
+    """A plain size^3 matmul through torch (bf16 on cuBLAS; fp32 on the CPU, at size 1024): the 'peak' all
+    fractions are measured against."""
+    size, dtype = (size, torch.bfloat16) if device == "cuda" else (min(size, 1024), torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    time_ms(lambda: a @ b, device, rep_ms=2000 if device == "cuda" else 300)  # let the clocks settle first
+    ms = time_ms(lambda: a @ b, device, rep_ms=1000 if device == "cuda" else 300)
     return 2 * size**3 / ms / 1e9
 
 
-def extra_memory_gib(fn) -> tuple[object, float]:
-    """Runs fn() once; returns its result and the peak memory it allocated above what was already held."""
+def extra_memory_gib(fn, device: str = "cuda") -> tuple[object, float | None]:
+    """Runs fn() once; returns its result and the peak memory it allocated above what was already held (None on
+    the CPU, where torch keeps no such count)."""
+    if device != "cuda":
+        return fn(), None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -95,6 +122,8 @@ class Row:
     extra_mem_gib: float | None
     correct: bool
     note: str = ""
+    hidden: int | None = None
+    vocab: int | None = None
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

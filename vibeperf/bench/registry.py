@@ -43,6 +43,9 @@ class Benchmark:
     check: Callable[[object, object], tuple[bool, str]]
     impls: dict[str, Impl]
     rep_ms: float = 1000.0
+    device: str = "cuda"  # where the inputs live and how time is taken (common.time_ms)
+    hidden: int = H
+    vocab: int = V
 
 
 def _optional(module: str):

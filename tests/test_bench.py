@@ -1,0 +1,138 @@
+"""`vibeperf bench` on the CPU: its cases are checked before they are timed, `--save` writes the result schema, and
+`--compare` reruns a baseline's cases, prints old / new / ratio and fails on a regression (a planted 20% slow-down
+with the timer held fixed; a planted 3x one with real timing) and on a case that no longer runs correctly; the
+committed floors go through the same compare code (tests/test_perf_regression.py runs them on the GPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vibeperf import cli
+from vibeperf.bench import compare, cpu_cases, run
+from vibeperf.bench.common import Row
+
+FIXED_MS = 10.0
+
+
+@pytest.fixture
+def fixed_timer(monkeypatch):
+    """Every case still runs (and is checked) for real; its time is FIXED_MS, so ratios are exact."""
+
+    def fake(fn, device, **kw):
+        fn()
+        return FIXED_MS
+
+    monkeypatch.setattr(run, "time_ms", fake)
+
+
+def _bench(*args) -> int:
+    return cli.main(["bench", "--device", "cpu", "--quick", *map(str, args)])
+
+
+def _rescaled(doc: dict, factor: dict) -> dict:
+    """A copy of a saved run with the old time of each (id, impl) multiplied by factor[(id, impl)] (default 1)."""
+    out = json.loads(json.dumps(doc))
+    for r in out["results"]:
+        if r["ms"] is not None:
+            r["ms"] *= factor.get((r["id"], r["impl"]), 1.0)
+    return out
+
+
+def test_save_writes_checked_rows_in_the_result_schema(tmp_path, fixed_timer):
+    assert _bench("--save", tmp_path / "r.json") == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {"gpu", "torch", "triton", "commit"} <= set(doc["machine"])
+    rows = doc["results"]
+    assert {(r["id"], r["impl"]) for r in rows} == {(b, i) for b in ("B1", "B2") for i in ("vibeperf-torch", "eager")}
+    for r in rows:
+        assert {"id", "impl", "n_tokens", "hidden", "vocab", "ms", "frac_of_peak", "extra_mem_gib", "correct",
+                "note"} <= set(r)  # fmt: skip
+        assert r["correct"] and r["ms"] == FIXED_MS and r["note"].startswith("rel err")
+        assert (r["hidden"], r["vocab"]) == (cpu_cases.H, cpu_cases.V)
+
+
+def test_compare_fails_on_a_planted_20_percent_regression(tmp_path, fixed_timer, capsys):
+    assert _bench("--save", tmp_path / "base.json") == 0
+    doc = json.loads((tmp_path / "base.json").read_text())
+    (tmp_path / "match.json").write_text(json.dumps(doc))
+    (tmp_path / "slower.json").write_text(json.dumps(_rescaled(doc, {("B2", "vibeperf-torch"): 1 / 1.2})))
+    (tmp_path / "noise.json").write_text(json.dumps(_rescaled(doc, {("B2", "vibeperf-torch"): 1 / 1.03})))
+    capsys.readouterr()
+    assert _bench("--compare", tmp_path / "match.json", "--tolerance", "5%", "--save", tmp_path / "o1.json") == 0
+    assert "no regression in 4 checks" in capsys.readouterr().out
+    assert _bench("--compare", tmp_path / "noise.json", "--tolerance", "5%", "--save", tmp_path / "o2.json") == 0
+    assert _bench("--compare", tmp_path / "slower.json", "--tolerance", "5%", "--save", tmp_path / "o3.json") == 1
+    out = capsys.readouterr().out
+    bad = [line for line in out.splitlines() if "REGRESSION" in line]
+    assert len(bad) == 1 and bad[0].split()[:2] == ["B2", "vibeperf-torch"] and " 1.200 " in bad[0], out
+    assert "1 regression(s) in 4 checks" in out
+    # --only narrows the compared cases; the regression is in B2
+    assert _bench("--compare", tmp_path / "slower.json", "--only", "B1", "--save", tmp_path / "o4.json") == 0
+
+
+def test_compare_with_real_timing(tmp_path):
+    """Unpatched timer: a baseline 3x faster than this machine fails, one 3x slower passes (noise here is far less)."""
+    assert _bench("--only", "B1", "--save", tmp_path / "base.json") == 0
+    doc = json.loads((tmp_path / "base.json").read_text())
+    fast = _rescaled(doc, {("B1", "vibeperf-torch"): 1 / 3, ("B1", "eager"): 1 / 3})
+    slow = _rescaled(doc, {("B1", "vibeperf-torch"): 3, ("B1", "eager"): 3})
+    (tmp_path / "fast.json").write_text(json.dumps(fast))
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    assert _bench("--compare", tmp_path / "fast.json", "--save", tmp_path / "o1.json") == 1
+    assert _bench("--compare", tmp_path / "slow.json", "--save", tmp_path / "o2.json") == 0
+
+
+def test_a_wrong_result_is_never_timed_and_is_a_regression(tmp_path, fixed_timer, monkeypatch, capsys):
+    assert _bench("--only", "B1", "--save", tmp_path / "base.json") == 0
+    impls = dict(cpu_cases.BENCHMARKS["B1"].impls)
+    impls["vibeperf-torch"] = cpu_cases.Impl(lambda x: torch.zeros(x["hidden"].shape[0]))
+    monkeypatch.setitem(cpu_cases.BENCHMARKS, "B1", cpu_cases.Benchmark(**{**cpu_cases.BENCHMARKS["B1"].__dict__,
+                                                                            "impls": impls}))  # fmt: skip
+    capsys.readouterr()
+    assert _bench("--compare", tmp_path / "base.json", "--save", tmp_path / "new.json") == 1
+    row = next(r for r in json.loads((tmp_path / "new.json").read_text())["results"] if r["impl"] == "vibeperf-torch")
+    assert not row["correct"] and row["ms"] is None and row["note"].startswith("WRONG")
+    assert "REGRESSION: WRONG" in capsys.readouterr().out
+
+
+def test_default_baseline_is_the_saved_run_where_no_floors_are_committed(tmp_path, fixed_timer, monkeypatch, capsys):
+    monkeypatch.setenv("VIBEPERF_CACHE", str(tmp_path))
+    monkeypatch.setenv("VIBEPERF_RESULTS_DIR", str(tmp_path / "results"))
+    assert compare.default_baseline("cpu", 0.05) is None
+    assert _bench("--compare") == 2
+    assert "vibeperf bench --save" in capsys.readouterr().err
+    assert _bench("--only", "B1", "--save") == 0
+    assert compare.user_baseline_path("cpu").exists()
+    assert _bench("--compare") == 0
+
+
+def test_floors_go_through_the_same_compare():
+    floors = json.loads(compare.FLOORS.read_text())
+    assert {"NVIDIA H200", "NVIDIA H100 80GB HBM3"} <= set(floors)
+    exp = compare.from_floors({"G": {"B1": {"impl": "ours", "n_tokens": 8, "baselines": ["a", "b"],
+                                            "min_frac_of_peak": 0.8, "min_speedup_vs_best_baseline": 1.0}}}, "G")
+    assert compare.from_floors(floors, "another GPU") == []
+
+    def rows(ours_ms, frac, a_ms, b_ms):
+        return [Row("B1", "ours", 8, ours_ms, frac, None, True), Row("B1", "a", 8, a_ms, None, None, True),
+                Row("B1", "b", 8, b_ms, None, None, b_ms is not None)]  # fmt: skip
+
+    assert all(v.ok for v in compare.evaluate(exp, rows(10.0, 0.85, 12.0, 11.0)))
+    slow = compare.evaluate(exp, rows(11.5, 0.85, 12.0, 11.0))  # best baseline 11.0 / 11.5 < 1.0
+    assert [v.ok for v in slow] == [True, False] and slow[1].new == pytest.approx(11.0 / 11.5)
+    assert [v.ok for v in compare.evaluate(exp, rows(10.0, 0.79, 12.0, None))] == [False, True]
+    assert not any(v.ok for v in compare.evaluate(exp, [Row("B1", "ours", 8, None, None, None, False, "WRONG")]))
+
+
+@pytest.mark.parametrize("text, value", [("5%", 0.05), ("0.05", 0.05), ("0%", 0.0), ("150%", 1.5)])
+def test_tolerance(text, value):
+    assert compare.parse_tolerance(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["fast", "-5%", "5%%"])
+def test_bad_tolerance_is_an_error(text):
+    with pytest.raises(ValueError, match="--tolerance"):
+        compare.parse_tolerance(text)
