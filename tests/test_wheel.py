@@ -94,7 +94,8 @@ def test_wheel_and_sdist_contents(built):
     assert tops == {"vibeperf", f"vibeperf-{vibeperf.__version__}.dist-info"}, tops
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) or "/results/" in n for n in names)
     for needed in ("vibeperf/kernels/lmhead/backend_table.json", "vibeperf/recipes/sft_tiny.toml",
-                   "vibeperf/recipes/data/sft_tiny_broad.jsonl", "vibeperf/bench/run.py", "vibeperf/_C_build.json"):
+                   "vibeperf/recipes/data/sft_tiny_broad.jsonl", "vibeperf/bench/run.py", "vibeperf/bench/floors.json",
+                   "vibeperf/_C_build.json"):
         assert needed in names, needed
     assert any(n.startswith("vibeperf/_C.") and n.endswith(".so") for n in names)
     with tarfile.open(built["sdist"]) as tar:
