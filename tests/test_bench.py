@@ -120,11 +120,15 @@ def test_floors_go_through_the_same_compare():
         return [Row("B1", "ours", 8, ours_ms, frac, None, True), Row("B1", "a", 8, a_ms, None, None, True),
                 Row("B1", "b", 8, b_ms, None, None, b_ms is not None)]  # fmt: skip
 
-    assert all(v.ok for v in compare.evaluate(exp, rows(10.0, 0.85, 12.0, 11.0)))
-    slow = compare.evaluate(exp, rows(11.5, 0.85, 12.0, 11.0))  # best baseline 11.0 / 11.5 < 1.0
+    assert all(v.ok for v in compare.evaluate(exp, {"B1": rows(10.0, 0.85, 12.0, 11.0)}))
+    slow = compare.evaluate(exp, {"B1": rows(11.5, 0.85, 12.0, 11.0)})  # best baseline 11.0 / 11.5 < 1.0
     assert [v.ok for v in slow] == [True, False] and slow[1].new == pytest.approx(11.0 / 11.5)
-    assert [v.ok for v in compare.evaluate(exp, rows(10.0, 0.79, 12.0, None))] == [False, True]
-    assert not any(v.ok for v in compare.evaluate(exp, [Row("B1", "ours", 8, None, None, None, False, "WRONG")]))
+    assert [v.ok for v in compare.evaluate(exp, {"B1": rows(10.0, 0.79, 12.0, None)})] == [False, True]
+    wrong = {"B1": [Row("B1", "ours", 8, None, None, None, False, "WRONG")]}
+    assert not any(v.ok for v in compare.evaluate(exp, wrong))
+    # a floors key names the registry entry; its rows carry the benchmark id (B3-policy -> rows of B3)
+    policy = next(e for e in compare.from_floors(floors, "NVIDIA H200") if e.key == "B3-policy")
+    assert policy.id == "B3" and policy.bench == "B3-policy"
 
 
 @pytest.mark.parametrize("text, value", [("5%", 0.05), ("0.05", 0.05), ("0%", 0.0), ("150%", 1.5)])

@@ -27,7 +27,7 @@ def _expectations():
 
 
 EXPECTATIONS, SOURCE = _expectations()
-BIDS = sorted({e.id for e in EXPECTATIONS}) or ["none"]
+BIDS = sorted({e.key or e.id for e in EXPECTATIONS}) or ["none"]  # registry keys: B1, B2, B3, B3-policy
 
 
 @pytest.mark.gpu
@@ -39,12 +39,12 @@ def test_performance_against_baseline(bid):
     from vibeperf.bench.common import peak_matmul_tflops
     from vibeperf.bench.run import benchmarks, run_case
 
-    exp = [e for e in EXPECTATIONS if e.id == bid]
+    exp = [e for e in compare.resolve_keys(EXPECTATIONS, benchmarks("cuda")) if e.bench == bid]
     rows = []
     peak = peak_matmul_tflops()
     for n, impls in compare.cases(exp)[bid].items():
         bench = benchmarks("cuda")[bid]
         bench = type(bench)(**{**bench.__dict__, "impls": {k: v for k, v in bench.impls.items() if k in impls}})
         rows += run_case(bench, n, peak, quick=True)
-    verdicts = compare.evaluate(exp, rows)
+    verdicts = compare.evaluate(exp, {bid: rows})
     assert all(v.ok for v in verdicts), f"against {SOURCE}:\n" + compare.format_verdicts(verdicts)

@@ -27,7 +27,8 @@ Metric = Literal["ms", "frac_of_peak", "speedup"]
 
 @dataclasses.dataclass(frozen=True)
 class Expectation:
-    """One bound a run must meet: `metric` of case (id, impl, n_tokens) against `old` within `tolerance`."""
+    """One bound a run must meet: `metric` of case (id, impl, n_tokens) against `old` within `tolerance`; `key` is
+    the registry entry that runs the case (B3's policy-loss rows have row id "B3" and key "B3-policy")."""
 
     id: str
     impl: str
@@ -36,6 +37,11 @@ class Expectation:
     old: float
     tolerance: float = 0.0
     baselines: tuple[str, ...] = ()  # for "speedup": the implementations whose best time ours is divided into
+    key: str = ""  # "" until resolved: the id itself
+
+    @property
+    def bench(self) -> str:
+        return self.key or self.id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +85,11 @@ def from_results(doc: dict, tolerance: float) -> list[Expectation]:
 def from_floors(floors: dict, gpu: str) -> list[Expectation]:
     """The committed floors of `gpu` (none when it has no entry)."""
     out = []
-    for bid, f in floors.get(gpu, {}).items():
-        out.append(Expectation(bid, f["impl"], f["n_tokens"], "frac_of_peak", f["min_frac_of_peak"]))
+    for key, f in floors.get(gpu, {}).items():
+        bid = key.split("-")[0]  # "B3-policy" -> rows of id B3, run by registry entry "B3-policy"
+        out.append(Expectation(bid, f["impl"], f["n_tokens"], "frac_of_peak", f["min_frac_of_peak"], key=key))
         out.append(Expectation(bid, f["impl"], f["n_tokens"], "speedup", f["min_speedup_vs_best_baseline"],
-                               baselines=tuple(f["baselines"])))  # fmt: skip
+                               baselines=tuple(f["baselines"]), key=key))  # fmt: skip
     return out
 
 
@@ -105,23 +112,35 @@ def default_baseline(gpu: str, tolerance: float) -> tuple[list[Expectation], str
     return load(saved, gpu, tolerance) if saved.exists() else None
 
 
-def cases(expectations: list[Expectation]) -> dict[str, dict[int, set[str]]]:
-    """What to run: benchmark id -> token count -> implementations (baselines of speed-ups included)."""
-    out: dict[str, dict[int, set[str]]] = {}
+def resolve_keys(expectations: list[Expectation], registry: dict) -> list[Expectation]:
+    """Each expectation with the registry entry that runs it: the one of its id that has its implementation."""
+    out = []
     for e in expectations:
-        out.setdefault(e.id, {}).setdefault(e.n_tokens, set()).update({e.impl, *e.baselines})
+        if not e.key:
+            keys = [k for k, b in registry.items() if b.id == e.id and e.impl in b.impls]
+            e = dataclasses.replace(e, key=keys[0] if keys else e.id)
+        out.append(e)
     return out
 
 
-def evaluate(expectations: list[Expectation], rows: list) -> list[Verdict]:
-    """Each expectation checked against the rows of a new run (`common.Row`s or their dicts)."""
+def cases(expectations: list[Expectation]) -> dict[str, dict[int, set[str]]]:
+    """What to run: registry key -> token count -> implementations (baselines of speed-ups included)."""
+    out: dict[str, dict[int, set[str]]] = {}
+    for e in expectations:
+        out.setdefault(e.bench, {}).setdefault(e.n_tokens, set()).update({e.impl, *e.baselines})
+    return out
+
+
+def evaluate(expectations: list[Expectation], rows: dict[str, list]) -> list[Verdict]:
+    """Each expectation checked against a new run: registry key -> its rows (`common.Row`s or their dicts)."""
     by_case = {}
-    for r in rows:
-        r = r if isinstance(r, dict) else dataclasses.asdict(r)
-        by_case[(r["id"], r["impl"], r["n_tokens"])] = r
+    for key, key_rows in rows.items():
+        for r in key_rows:
+            r = r if isinstance(r, dict) else dataclasses.asdict(r)
+            by_case[(key, r["impl"], r["n_tokens"])] = r
     verdicts = []
     for e in expectations:
-        row = by_case.get((e.id, e.impl, e.n_tokens))
+        row = by_case.get((e.bench, e.impl, e.n_tokens))
         if row is None or not row["correct"] or row["ms"] is None:
             why = "not run" if row is None else (row["note"] or "no time")
             verdicts.append(Verdict(e, None, False, f"REGRESSION: {why}"))
@@ -132,7 +151,7 @@ def evaluate(expectations: list[Expectation], rows: list) -> list[Verdict]:
             new, ok = row["frac_of_peak"], row["frac_of_peak"] >= e.old * (1 - e.tolerance)
         else:
             times = [by_case[k]["ms"] for b in e.baselines
-                     if (k := (e.id, b, e.n_tokens)) in by_case and by_case[k]["correct"] and by_case[k]["ms"]]
+                     if (k := (e.bench, b, e.n_tokens)) in by_case and by_case[k]["correct"] and by_case[k]["ms"]]
             if not times:
                 why = f"REGRESSION: none of {', '.join(e.baselines)} ran correctly (pip install 'vibeperf[bench]')"
                 verdicts.append(Verdict(e, None, False, why))

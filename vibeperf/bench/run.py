@@ -77,21 +77,21 @@ def run_case(bench, n: int, peak: float, quick: bool) -> list[Row]:
     return rows
 
 
-def run_selected(device: str, plan: dict[str, dict[int, set[str] | None]], quick: bool) -> tuple[list[Row], float]:
-    """Runs plan = {id: {n_tokens: implementations (None: all)}}; returns the rows and the peak of this run."""
+def run_selected(device: str, plan: dict[str, dict[int, set[str] | None]], quick: bool) -> tuple[dict, float]:
+    """Runs plan = {registry key: {n_tokens: implementations (None: all)}}; returns {key: rows} and the peak."""
     registry = benchmarks(device)
     unknown = sorted(set(plan) - set(registry))
     if unknown:
         raise ValueError(f"unknown benchmark id(s) {', '.join(unknown)} on {device} (known: {', '.join(registry)})")
     peak = peak_matmul_tflops(device=device)
     print(f"peak {'bf16' if device == 'cuda' else 'fp32'} matmul: {peak:.2f} TFLOP/s", flush=True)
-    rows: list[Row] = []
-    for bid, sizes in plan.items():
+    rows: dict[str, list[Row]] = {}
+    for key, sizes in plan.items():
         for n, impls in sizes.items():
-            bench = registry[bid]
+            bench = registry[key]
             if impls is not None:
                 bench = dataclasses.replace(bench, impls={k: v for k, v in bench.impls.items() if k in impls})
-            rows += run_case(bench, n, peak, quick)
+            rows.setdefault(key, []).extend(run_case(bench, n, peak, quick))
     return rows, peak
 
 
@@ -132,7 +132,8 @@ def main(args: argparse.Namespace) -> int:
                   "`vibeperf bench --save`", file=sys.stderr)  # fmt: skip
             return 2
         expectations, source = found
-        expectations = [e for e in expectations if only is None or e.id in only]
+        expectations = compare.resolve_keys(expectations, benchmarks(device))
+        expectations = [e for e in expectations if only is None or e.id in only or e.bench in only]
         if not expectations:
             print(f"error: {source} has no case to compare{' among ' + args.only if only else ''}", file=sys.stderr)
             return 2
@@ -144,10 +145,11 @@ def main(args: argparse.Namespace) -> int:
                 only or list(registry)}  # fmt: skip
     torch.manual_seed(0)
     try:
-        rows, peak = run_selected(device, plan, args.quick)
+        by_key, peak = run_selected(device, plan, args.quick)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    rows = [r for key_rows in by_key.values() for r in key_rows]
     save = args.save
     if save == "":
         save = compare.user_baseline_path(gpu)
@@ -155,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nresults: {path}\npeak {peak:.2f} TFLOP/s\n" + format_table(rows))
     if not expectations:
         return 0
-    verdicts = compare.evaluate(expectations, rows)
+    verdicts = compare.evaluate(expectations, by_key)
     print(f"\ncompared with {source}\n" + compare.format_verdicts(verdicts))
     bad = [v for v in verdicts if not v.ok]
     print(f"{len(bad)} regression(s) in {len(verdicts)} checks" if bad else f"no regression in {len(verdicts)} checks")
