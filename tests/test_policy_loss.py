@@ -71,6 +71,25 @@ CONFIGS = [
     ("token-mask", mk.BASE, dict(clip=True, rollout=True), dict(rollout_correction="token_mask")),
     ("seq-mask", mk.BASE, dict(clip=True, rollout=True), dict(rollout_correction="seq_mask", rollout_cap=3.0)),
     ("icepop", mk.BASE, dict(clip=True, rollout=True), dict(rollout_correction="icepop", icepop_high=2.0)),
+    ("onpolicy-token-tis", mk.BASE, dict(on_policy=True, rollout=True), dict(rollout_correction="token_tis")),
+    (
+        "onpolicy-icepop-entropy",
+        mk.BASE,
+        dict(on_policy=True, rollout=True),
+        dict(loss_type="dapo", rollout_correction="icepop", icepop_high=2.0, entropy_coef=0.05),
+    ),
+    (
+        "onpolicy-seq-mask",
+        mk.BASE,
+        dict(on_policy=True, rollout=True),
+        dict(rollout_correction="seq_mask", rollout_cap=3.0),
+    ),  # fmt: skip
+    (
+        "gspo-onpolicy-token-mask",
+        mk.BASE,
+        dict(on_policy=True, rollout=True),
+        dict(importance_sampling_level="sequence", rollout_correction="token_mask"),
+    ),
     ("entropy-grpo", mk.BASE, dict(clip=True), dict(entropy_coef=0.05)),
     (
         "entropy-cispo-kl",
@@ -225,13 +244,20 @@ def test_mgpo_preset_is_policy_loss():
 
 
 def test_passes():
-    """Three GEMM-sized passes, four for an off-policy sequence ratio (or a coupled bias-corrected KL)."""
+    """Three GEMM-sized passes, four for an off-policy sequence ratio, a coupled bias-corrected KL, or an on-policy
+    rollout correction that needs whole sequences first."""
     seq = PolicyLossOptions(importance_sampling_level="sequence")
     assert not ops.extra_pass(PolicyLossOptions(), on_policy=False)
     assert not ops.extra_pass(seq, on_policy=True)
     assert ops.extra_pass(seq, on_policy=False)
     assert ops.extra_pass(PolicyLossOptions(importance_sampling_level="sequence_token"), on_policy=False)
     assert ops.extra_pass(dataclasses.replace(seq, beta=0.1, kl_bias_correction=True), on_policy=True)
+    # an on-policy rollout correction: per token in the step (3 passes) unless it needs whole sequences first
+    assert not ops.extra_pass(PolicyLossOptions(rollout_correction="token_tis"), on_policy=True)
+    assert not ops.extra_pass(PolicyLossOptions(rollout_correction="icepop"), on_policy=True)
+    assert ops.extra_pass(PolicyLossOptions(rollout_correction="seq_tis"), on_policy=True)
+    assert ops.extra_pass(dataclasses.replace(seq, rollout_correction="token_mask"), on_policy=True)
+    assert not ops.extra_pass(PolicyLossOptions(rollout_correction="seq_mask"), on_policy=False)
 
 
 def test_whole_loss_compiles_without_graph_breaks():
@@ -294,9 +320,8 @@ def test_bad_options_raise(kw, match):
     [
         (dict(beta=0.1), {}, "ref_logp"),
         (dict(rollout_correction="token_tis"), {}, "rollout_logp"),
-        (dict(rollout_correction="token_tis"), dict(old_logp=None, rollout_logp=torch.zeros(24)), "old_logp"),
     ],
-    ids=["beta-without-ref", "rollout-without-logp", "rollout-on-policy"],
+    ids=["beta-without-ref", "rollout-without-logp"],
 )
 def test_bad_inputs_raise(opts, extra, match):
     c = mk.make_case(**mk.BASE)

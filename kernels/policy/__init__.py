@@ -5,7 +5,8 @@ with dual-clip and two-sided delta, CISPO, SAPO; token, sequence (GSPO) and sequ
 ratios; four aggregations; k1 / k2 / k3 KL with optional bias correction; rollout correction (token / sequence
 truncated IS, token / sequence masking, IcePop); an entropy bonus; group / no-std / RLOO advantages with the optional
 MGPO weight, computed on the device. Loss, metrics and the gradients of hidden / weight (/ bias) cost three GEMM-sized
-passes (four for an off-policy sequence-level ratio: see `ops.extra_pass`), never [N, V] logits, never a host sync.
+passes (four where whole sequences' log-probs are needed first, e.g. an off-policy GSPO ratio: `ops.extra_pass`),
+never [N, V] logits, never a host sync.
 
 backend="auto": on CUDA tensors "cuda" (vibeperf._C, whose row kernel has its own closed form of the PPO-clip subset:
 token ratio, token TIS, k3 KL, no entropy bonus; `ops.cuda_unsupported`) where the measured table of
@@ -48,9 +49,8 @@ def check_policy_inputs(n, seq_index, group_index, rewards, advantages, old_logp
         raise ValueError(f"loss_mask must be a bool [N={n}] tensor, got {loss_mask.dtype} {tuple(loss_mask.shape)}")
     if options.beta > 0 and ref_logp is None:
         raise ValueError("PolicyLossOptions.beta > 0 needs ref_logp")
-    if options.rollout_correction is not None and (rollout_logp is None or old_logp is None):
-        raise ValueError(f"PolicyLossOptions.rollout_correction={options.rollout_correction!r} needs rollout_logp and "
-                         "old_logp")  # fmt: skip
+    if options.rollout_correction is not None and rollout_logp is None:
+        raise ValueError(f"PolicyLossOptions.rollout_correction={options.rollout_correction!r} needs rollout_logp")
     if num_groups is not None and not (isinstance(num_groups, int) and num_groups >= 1):
         raise ValueError(f"num_groups must be a positive int or None, got {num_groups!r}")
 

@@ -28,16 +28,26 @@ from .options import (
     ROLLOUT_CORRECTIONS,
     PolicyLossOptions,
 )
-from .token_loss import TERMS, PolicyStep, PolicyTokens, sequence_constants
+from .token_loss import TERMS, PolicyStep, PolicyTokens, rollout_factors, sequence_constants
 
 METRIC_TERMS = ("ratio", "kl", "clip_low", "clip_high", "dual_clip", "tis", "mis")  # columns of the op's terms
 
 
+def rollout_in_step(o: PolicyLossOptions, on_policy: bool) -> bool:
+    """Whether the rollout correction is formed per token in the step: on-policy (old = this call's log-probs), a
+    token-level correction, and no sequence-level ratio whose coupled gradient needs the factors beforehand."""
+    return (on_policy and o.rollout_correction in ("token_tis", "token_mask", "icepop")
+            and o.importance_sampling_level != "sequence")  # fmt: skip
+
+
 def extra_pass(o: PolicyLossOptions, on_policy: bool) -> bool:
     """Whether the loss needs a scoring forward before its three passes: a sequence-level ratio off-policy (its value
-    needs the current log-probs of the whole sequence before any gradient), or level "sequence" with the
-    bias-corrected KL (its gradient couples every token's KL). On-policy the ratio is exactly 1: no extra pass."""
+    needs the current log-probs of the whole sequence before any gradient), level "sequence" with the
+    bias-corrected KL (its gradient couples every token's KL), or an on-policy rollout correction that cannot be
+    formed in the step (sequence-level rho, or level "sequence"). On-policy the ratio is exactly 1: no extra pass."""
     level = o.importance_sampling_level
+    if on_policy and o.rollout_correction is not None and not rollout_in_step(o, on_policy):
+        return True
     return level != "token" and (not on_policy or (level == "sequence" and o.beta > 0 and o.kl_bias_correction))
 
 
@@ -59,22 +69,6 @@ def cuda_unsupported(o: PolicyLossOptions, on_policy: bool) -> str | None:
     return "old_logp=None (on-policy)" if on_policy else None
 
 
-def rollout_factors(o: PolicyLossOptions, valid: Tensor, old: Tensor, rollout: Tensor, seq_index: Tensor,
-                    num_sequences: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(factor [N], truncated [N] bool, masked [N] bool) of the rollout correction; rho = exp(old - rollout) per
-    token, or exp of its sum over the sequence at sequence level."""
-    rho_log = torch.where(valid, old - rollout, 0.0)
-    if o.rollout_correction in ("seq_tis", "seq_mask"):
-        rho_log = rho_log.new_zeros(num_sequences).index_add_(0, seq_index, rho_log)[seq_index]
-    rho = torch.exp(rho_log)
-    none = torch.zeros_like(valid)
-    if o.rollout_correction.endswith("tis"):
-        return torch.clamp(rho, max=o.rollout_cap), valid & (rho > o.rollout_cap), none
-    lo, hi = (o.icepop_low, o.icepop_high) if o.rollout_correction == "icepop" else (1 / o.rollout_cap, o.rollout_cap)
-    masked = valid & ((rho < lo) | (rho > hi))
-    return (~masked).float(), none, masked
-
-
 def policy_loss_fwd(
     hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, token_adv: Tensor, old_logp: Tensor | None,
     rollout_logp: Tensor | None, ref_logp: Tensor | None, token_weight: Tensor, seq_index: Tensor,
@@ -89,10 +83,7 @@ def policy_loss_fwd(
     n = hidden.shape[0]
     valid = targets != ignore_index
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    none = torch.zeros_like(valid)
-    factor, tis, mis = None, none, none
-    if o.rollout_correction is not None:
-        factor, tis, mis = rollout_factors(o, valid, old_logp, rollout_logp, seq_index, num_sequences)
+    on_policy = old_logp is None
     engine = lmhead.chunked_engine(backend)
     head = dict(temperature=temperature, ignore_index=ignore_index, need_dh=need_dh, need_dw=need_dw)
     if backend == "cuda":
@@ -108,17 +99,22 @@ def policy_loss_fwd(
         terms = torch.stack([out[:, 1], out[:, 2], out[:, 3], out[:, 4], zeros, out[:, 5], zeros], dim=1)
         return loss, terms, entropy, dh, dw, db
 
-    t = PolicyTokens(valid=valid, adv=token_adv, old=old_logp, seq_log_w=None,
-                     c=token_weight if factor is None else token_weight * factor, w=token_weight,
-                     ref=ref_logp if o.beta > 0 else None, seq_grad=None, seq_kl_grad=None,
-                     out=torch.empty((n, len(TERMS)), **f32))  # fmt: skip
+    logp_pre = None
+    if extra_pass(o, on_policy):
+        logp_pre = lmhead.scores(hidden, weight, targets, bias, temperature, ignore_index, False, backend)[0]
+    in_step = rollout_in_step(o, on_policy)
+    c, flags = token_weight, torch.zeros((n, 2), **f32)
+    if o.rollout_correction is not None and not in_step:
+        old = logp_pre if on_policy else old_logp
+        factor, tis, mis = rollout_factors(o, valid, old, rollout_logp, seq_index, num_sequences)
+        c, flags = token_weight * factor, torch.stack([tis.float(), mis.float()], dim=1)
+    t = PolicyTokens(valid=valid, adv=token_adv, old=old_logp, seq_log_w=None, c=c, w=token_weight,
+                     ref=ref_logp if o.beta > 0 else None, seq_grad=None, seq_kl_grad=None, flags=flags,
+                     rollout=rollout_logp if in_step else None, out=torch.empty((n, len(TERMS)), **f32))  # fmt: skip
     if o.importance_sampling_level != "token":
         vf = valid.float()
         seq_len = vf.new_zeros(num_sequences).index_add_(0, seq_index, vf)[seq_index].clamp_min(1)
-        logp_pre = None
-        if extra_pass(o, old_logp is None):
-            logp_pre = lmhead.scores(hidden, weight, targets, bias, temperature, ignore_index, False, backend)[0]
-        if old_logp is None:
+        if on_policy:
             t.seq_log_w = torch.zeros(n, **f32)
         else:
             d = torch.where(valid, logp_pre - old_logp, 0.0)
@@ -129,14 +125,12 @@ def policy_loss_fwd(
     _, entropy, _, dh, dw, db = engine(hidden, weight, targets, bias, loss=triton_rows.LOSS_GIVEN, g_logp=None,
                                        g_ent=g_ent, want_entropy=True, step=PolicyStep(t, o), **head)  # fmt: skip
     cols = dict(zip(TERMS, t.out.unbind(1)))
-    loss = (t.c * cols["pg"]).sum()
+    loss = (cols["c"] * cols["pg"]).sum()
     if o.beta > 0:
         loss = loss + o.beta * (token_weight * cols["kl_loss"]).sum()
     if o.entropy_coef > 0:
         loss = loss - o.entropy_coef * (token_weight * entropy).sum()
-    terms = torch.stack([cols["ratio"], cols["kl"], cols["clip_low"], cols["clip_high"], cols["dual_clip"],
-                         tis.float(), mis.float()], dim=1)  # fmt: skip
-    return loss, terms, entropy, dh, dw, db
+    return loss, torch.stack([cols[k] for k in METRIC_TERMS], dim=1), entropy, dh, dw, db
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossOptions))

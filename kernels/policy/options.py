@@ -39,7 +39,8 @@ class PolicyLossOptions:
     rollout_correction: None or, against the rollout engine's log-probs, "token_tis" / "seq_tis" (the loss times
         min(rho, rollout_cap), detached), "token_mask" / "seq_mask" (tokens, or whole sequences, with rho outside
         [1 / rollout_cap, rollout_cap] leave the policy term), "icepop" (tokens with rho outside
-        [icepop_low, icepop_high] leave it); rho = exp(old - rollout), summed over the sequence at sequence level.
+        [icepop_low, icepop_high] leave it); rho = exp(old - rollout), summed over the sequence at sequence level
+        (on-policy, old is this call's log-probs).
     entropy_coef: the entropy bonus: loss - entropy_coef * aggregation(entropy), its gradient formed in the same pass.
     """
 

@@ -171,8 +171,8 @@ def policy_loss_reference(
         raise ValueError("give exactly one of rewards and advantages")
     if o.beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
-    if o.rollout_correction is not None and (rollout_logp is None or old_logp is None):
-        raise ValueError("rollout_correction needs rollout_logp and old_logp")
+    if o.rollout_correction is not None and rollout_logp is None:
+        raise ValueError("rollout_correction needs rollout_logp")
     dtype = float_dtype(hidden)
     num_sequences = group_index.numel()
     num_groups = _num_groups(group_index)

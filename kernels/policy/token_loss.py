@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .options import PolicyLossOptions
 
-TERMS = ("pg", "ratio", "kl", "kl_loss", "clip_low", "clip_high", "dual_clip")  # columns PolicyStep writes
+# columns PolicyStep writes: the policy term, its weight c, the ratio, the KL (raw, and as it enters the loss), flags
+TERMS = ("pg", "c", "ratio", "kl", "kl_loss", "clip_low", "clip_high", "dual_clip", "tis", "mis")
 
 
 def objective(r: Tensor, a: Tensor, o: PolicyLossOptions) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -59,6 +60,22 @@ def kl_estimate(logp: Tensor, ref: Tensor, valid: Tensor, kind: str) -> tuple[Te
     return e - d - 1, 1 - e
 
 
+def rollout_factors(o: PolicyLossOptions, valid: Tensor, old: Tensor, rollout: Tensor, seq_index: Tensor,
+                    num_sequences: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(factor [N], truncated [N] bool, masked [N] bool) of the rollout correction; rho = exp(old - rollout) per
+    token, or exp of its sum over the sequence at sequence level (seq_index / num_sequences read only there)."""
+    rho_log = torch.where(valid, old - rollout, 0.0)
+    if o.rollout_correction in ("seq_tis", "seq_mask"):
+        rho_log = rho_log.new_zeros(num_sequences).index_add_(0, seq_index, rho_log)[seq_index]
+    rho = torch.exp(rho_log)
+    none = torch.zeros_like(valid)
+    if o.rollout_correction.endswith("tis"):
+        return torch.clamp(rho, max=o.rollout_cap), valid & (rho > o.rollout_cap), none
+    lo, hi = (o.icepop_low, o.icepop_high) if o.rollout_correction == "icepop" else (1 / o.rollout_cap, o.rollout_cap)
+    masked = valid & ((rho < lo) | (rho > hi))
+    return (~masked).float(), none, masked
+
+
 @dataclasses.dataclass
 class PolicyTokens:
     """[N] fp32 per-token constants of one call (bool `valid`); None where a setting is off.
@@ -68,7 +85,9 @@ class PolicyTokens:
     times the rollout factor; w: the aggregation weight; ref: reference log-probs (beta > 0); seq_grad: level
     "sequence": the coupled policy gradient, sum over the sequence of c dl/dr, times s / L (`sequence_constants`);
     seq_kl_grad: level "sequence" with a bias-corrected KL: beta * sum over the sequence of w kl, times s / L.
-    out: [N, len(TERMS)] written row by row.
+    flags: [N, 2] (truncated, masked) of the rollout correction, as floats; rollout: the engine's log-probs when the
+    token-level rollout correction is formed in the step (on-policy: rho = exp(logp - rollout) needs this call's
+    log-probs), in which case c is w and the factor and flags come from the step. out: [N, len(TERMS)], row by row.
     """
 
     valid: Tensor
@@ -80,6 +99,8 @@ class PolicyTokens:
     ref: Tensor | None
     seq_grad: Tensor | None
     seq_kl_grad: Tensor | None
+    flags: Tensor
+    rollout: Tensor | None
     out: Tensor
 
 
@@ -108,6 +129,10 @@ class PolicyStep:
         t, o = self.t, self.o
         cut = lambda x: None if x is None else x[i0:i1]
         valid, a, c, w = cut(t.valid), cut(t.adv), cut(t.c), cut(t.w)
+        flags = cut(t.flags)
+        if t.rollout is not None:  # on-policy: old = this call's log-probs (values only)
+            factor, tis, mis = rollout_factors(o, valid, logp, cut(t.rollout), None, 0)
+            c, flags = w * factor, torch.stack([tis.float(), mis.float()], dim=1)
         level = o.importance_sampling_level
         if level == "token":
             log_w = torch.zeros_like(logp) if t.old is None else torch.where(valid, logp - cut(t.old), 0.0)
@@ -132,6 +157,7 @@ class PolicyStep:
             else:
                 kl_loss = kl
                 g = g + o.beta * w * dkl
-        terms = torch.stack([pg, r, kl, kl_loss, low.float(), high.float(), dual.float()], dim=1)
+        terms = torch.cat([torch.stack([pg, c, r, kl, kl_loss, low.float(), high.float(), dual.float()], dim=1), flags],
+                          dim=1)  # fmt: skip
         t.out[i0:i1] = torch.where(valid[:, None], terms, 0.0)
         return torch.where(valid, g, 0.0)
