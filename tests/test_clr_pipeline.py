@@ -282,7 +282,7 @@ def _check_outputs(out_dir: Path, k: int, m: int, mode: str) -> dict:
 
 def test_cli_end_to_end_tiny_model(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["clr", str(RECIPE), f"data={ROOT / 'recipes/data/clr_tiny.jsonl'}", f"output_dir={out}", "model.engine=hf",
+    argv = ["clr", str(RECIPE), f"data={ROOT / 'recipes/data/clr_tiny.jsonl'}", f"output_dir={out}", "engine.kind=hf",
             "candidates.num_candidates=4", "extraction.num_claims=2", "candidates.max_tokens=24",
             "extraction.max_tokens=24", "verification.max_tokens=4"]  # fmt: skip
     assert cli.main(argv) == 0
@@ -353,7 +353,7 @@ def test_vllm_engine_end_to_end(tmp_path):
         pytest.skip("vllm is not installed")
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "vibeperf", "clr", str(RECIPE), f"data={ROOT / 'recipes/data/clr_tiny.jsonl'}",
-            f"output_dir={out}", "model.engine=vllm", "model.kv_cache_gib=1", "candidates.num_candidates=4",
+            f"output_dir={out}", "engine.kind=vllm", "engine.kv_cache_gib=1", "candidates.num_candidates=4",
             "extraction.num_claims=2", "candidates.max_tokens=16", "extraction.max_tokens=16",
             "verification.mode=probability"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

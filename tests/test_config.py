@@ -10,13 +10,13 @@ import pytest
 from vibeperf import cli
 from vibeperf.config import (
     ConfigError,
-    SFTConfig,
     config_from_dict,
     config_to_dict,
     describe_config,
     field_docs,
     load_config,
 )
+from vibeperf.sft.config import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "sft_tiny.toml"
@@ -153,3 +153,39 @@ def test_cli_print_config_and_errors(capsys):
     assert "optim.lr: expected a number" in capsys.readouterr().err
     assert cli.main(["sft", "--describe"]) == 0
     assert "stages.N.min_tokens" in capsys.readouterr().out
+
+
+def test_stages_share_one_vocabulary():
+    """Engine, sampling and reward sections are the same classes in every stage that has them; loss backends and
+    devices take the same values everywhere."""
+    from vibeperf.config import EngineConfig, LossBackend, RewardConfig, SamplingConfig
+    from vibeperf.distill.config import DistillConfig, ScoringConfig
+    from vibeperf.eval.config import EvalConfig, SpectrumConfig
+    from vibeperf.rl.config import LossConfig, RLConfig
+    from vibeperf.sft.config import SFTTrainConfig
+
+    for cls in (RLConfig, EvalConfig, SpectrumConfig, DistillConfig):
+        hints = typing.get_type_hints(cls)
+        assert (hints["engine"], hints["sampling"], hints["reward"]) == (EngineConfig, SamplingConfig, RewardConfig)
+    for cls, name in ((SFTTrainConfig, "loss_backend"), (LossConfig, "backend"), (ScoringConfig, "backend")):
+        assert typing.get_type_hints(cls)[name] == LossBackend and "cuda" in typing.get_args(LossBackend)
+    missing = [f"{c.__name__}.{k}" for top in (RLConfig, EvalConfig, SpectrumConfig, DistillConfig)
+               for c in _config_classes(top) for k, doc in field_docs(c).items() if not doc]  # fmt: skip
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [("rollout.engine", "engine.kind"), ("rollout.temperature", "sampling.temperature"),
+     ("rollout.max_model_len", "engine.max_model_len"), ("filter.batch_prompts", "engine.batch_prompts")],
+)  # fmt: skip
+def test_renamed_keys_name_the_new_key(tmp_path, old, new):
+    from vibeperf.rl.config import RLConfig
+
+    section, key = old.split(".")
+    path = tmp_path / "old.toml"
+    path.write_text(f'[{section}]\n{key} = 1\n[[phases]]\nname = "a"\nsteps = 1\n[[phases.sources]]\nfiles = ["x"]\n')
+    with pytest.raises(ConfigError, match=f"{old}: renamed to {new}"):
+        load_config(RLConfig, path)
+    with pytest.raises(ConfigError, match=f"{old}: renamed to {new}"):
+        load_config(RLConfig, ROOT / "recipes" / "rl_tiny.toml", [f"{old}=1"])

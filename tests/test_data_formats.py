@@ -113,8 +113,9 @@ def test_sft_stage_from_parquet_with_mapped_columns(tmp_path):
     matches verdicts by the mapped id column."""
     from transformers import AutoTokenizer
 
-    from vibeperf.config import SFTConfig, load_config
+    from vibeperf.config import load_config
     from vibeperf.sft import prepare_stages
+    from vibeperf.sft.config import SFTConfig
     from vibeperf.tiny_model import get_tiny_model
 
     rows = [{"uid": f"q{i}", "question": f"Say {i}.", "reply": f"{i} " * (i + 1)} for i in range(4)]

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from vibeperf.cli import main as cli_main
+from vibeperf.config import EngineConfig, RewardConfig
 from vibeperf.data import Message, SFTRecord, read_sft_jsonl, write_jsonl
 from vibeperf.distill import DistillConfig, NothingToDistill, SelectionConfig, run_distill, select_traces
-from vibeperf.eval.config import EngineConfig, RewardConfig
 from vibeperf.rewards import math_reward
 from vibeperf.rollout import Completion, RolloutEngine, RolloutGroup
 from vibeperf.tiny_model import get_tiny_model
@@ -222,7 +222,8 @@ ADDITIONS = [(1, 3), (2, 2), (3, 1), (0, 4)]
 def arith_checkpoints(tmp_path_factory):
     """The tiny model after 12 and 24 SFT steps on additions whose sum is 4 (answered "\\boxed{4}"): checkpoints that
     solve those problems sometimes, then always, and never one whose sum is not 4."""
-    from vibeperf.config import SFTConfig, load_config
+    from vibeperf.config import load_config
+    from vibeperf.sft.config import SFTConfig
     from vibeperf.sft.trainer import train
     from vibeperf.train import list_checkpoints
 

@@ -13,10 +13,11 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from vibeperf import distributed as vdist
-from vibeperf.config import SFTConfig, load_config
+from vibeperf.config import load_config
 from vibeperf.data import Message, SFTRecord
 from vibeperf.model import pack_rows, tokenize_records, use_varlen_attention
 from vibeperf.sft import forward_backward, train
+from vibeperf.sft.config import SFTConfig
 from vibeperf.sft.synthetic import synthetic_records
 from vibeperf.tiny_model import get_tiny_model
 from vibeperf.train import clip_gradients

@@ -7,10 +7,10 @@ import json
 import torch
 
 from vibeperf import distributed as vdist
+from vibeperf.config import EngineConfig, RewardConfig
 from vibeperf.data import write_jsonl
 from vibeperf.distill import DistillConfig, SelectionConfig, run_distill
 from vibeperf.distill.config import ScoringConfig
-from vibeperf.eval.config import EngineConfig, RewardConfig
 from vibeperf.rollout import Completion, RolloutEngine, RolloutGroup
 
 PROBLEMS = [(f"What is {a} plus {b}?", str(a + b)) for a, b in [(1, 1), (2, 2), (3, 1), (2, 5), (4, 4)]]

@@ -34,8 +34,8 @@ def _config(data: Path, out: Path, **overrides) -> RLConfig:
     return config_from_dict(RLConfig, {
         "output_dir": str(out), "model": {"path": "tiny-warm"},
         "optim": {"lr": 0.05, "min_lr": 0.05, "warmup_frac": 0.0, "eps": 1.0},
-        "rollout": {"engine": "hf", "group_size": 4, "prompts_per_step": 4, "max_tokens": 6, "dtype": "float32",
-                    "sync_bucket_mb": 1 / 64},
+        "rollout": {"group_size": 4, "prompts_per_step": 4, "sync_bucket_mb": 1 / 64},
+        "engine": {"kind": "hf", "dtype": "float32"}, "sampling": {"max_tokens": 6, "seed": 0},
         "loss": {"backend": "torch", "minibatches": 2, "token_budget": 256},
         "filter": {"enabled": False},
         "train": {"cpu_threads": 1, "device": "cpu", "max_steps": 2},
@@ -48,6 +48,7 @@ def _config(data: Path, out: Path, **overrides) -> RLConfig:
 
 def _worker(data: Path, out: Path) -> None:
     from vibeperf import distributed as vdist
+    from vibeperf.rl.data import split_minibatches
     from vibeperf.rl.trainer import RLTrainer
 
     gaps = []
@@ -60,7 +61,7 @@ def _worker(data: Path, out: Path) -> None:
 
     trainer = RLTrainer(_config(data, out, checkpoint={"every": 1}))
     assert trainer.world == 2 and trainer.fsdp_root is not None
-    sizes = [b - a for a, b in trainer._my_blocks(4)]
+    sizes = [b - a for a, b in split_minibatches(4, trainer.cfg.loss.minibatches, trainer.rank, trainer.world)]
     try:
         trainer.run(on_step=check_push)
     finally:

@@ -7,6 +7,7 @@ on real tiny checkpoints. The end-to-end run on the tiny model through the trans
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vibeperf.config import load_config
+from vibeperf.config import EngineConfig, RewardConfig, load_config
 from vibeperf.data import DataError, read_rl_jsonl, write_jsonl
 from vibeperf.eval import (
     EvalConfig,
@@ -30,7 +31,7 @@ from vibeperf.eval import (
     run_spectrum,
     select_checkpoints,
 )
-from vibeperf.eval.config import EngineConfig, RewardConfig, SamplingSection
+from vibeperf.eval.config import eval_sampling
 from vibeperf.eval.spectrum import Probe
 from vibeperf.rollout import Completion, RolloutEngine, RolloutGroup
 
@@ -168,7 +169,7 @@ def test_seeds_do_not_depend_on_batching(eval_data, tmp_path):
     for batch in (1, 2, 256):
         engine = ScriptedEngine(_script())
         cfg = _eval_cfg(eval_data, tmp_path / f"b{batch}", batch_prompts=batch, plot=False,
-                        sampling=SamplingSection(seed=100))  # fmt: skip
+                        sampling=dataclasses.replace(eval_sampling(), seed=100))  # fmt: skip
         run_eval(cfg, engine=engine, progress=False)
         seeds.append({p: s + i for prompts, _, s in engine.calls for i, p in enumerate(prompts)})
     assert seeds[0] == seeds[1] == seeds[2]
@@ -315,3 +316,21 @@ def test_recipes_load(name, monkeypatch):
     cfg = load_config(cls, REPO / "recipes" / f"{name}.toml")
     if name == "eval_vibethinker":
         assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.samples.math, cfg.samples.code) == (1.0, 0.95, 64, 8)
+
+
+def test_pass_at_k_curves_match_the_reference():
+    """The production curves (a running log1p sum over k) against the reference's product over the correct ones,
+    on random groups and the edges: c = 0, c = n, n - c < k, and a tiny pass@k that must keep its digits."""
+    import numpy as np
+
+    from vibeperf.eval.passk import pass_at_k_curves
+    from vibeperf.reference import pass_at_k
+
+    rng = np.random.default_rng(0)
+    n = np.concatenate([rng.integers(8, 300, 40), [8, 8, 8, 5000]])
+    c = np.concatenate([[rng.integers(0, x + 1) for x in n[:40]], [0, 8, 6, 1]])
+    k = np.arange(1, 9)
+    got = pass_at_k_curves(n, c, 8)
+    ref = pass_at_k(n[:, None], c[:, None], k[None, :])
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+    assert got[-1, 0] == pytest.approx(1 / 5000, rel=1e-14) and np.all(got[-4] == 0) and np.all(got[-3] == 1)

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from vibeperf.config import RewardConfig
 from vibeperf.data import RLRecord
+from vibeperf.rewards import scorer as scoring
 from vibeperf.rewards.pool import Outcome, WorkerPool
-from vibeperf.rl import scoring
-from vibeperf.rl.config import RewardConfig
 
 
 def _job(item):
@@ -69,12 +69,12 @@ def _faulty_score(item):
         os._exit(9)
     if text == "hang":
         time.sleep(3600)
-    return 1.0 if text == record.answer else 0.0
+    return (1.0, "") if text == record.answer else (0.0, "wrong")
 
 
 def test_scorer_worker_crash_or_hang_gives_zero_with_a_reason(monkeypatch):
-    monkeypatch.setattr(scoring, "_score_one", _faulty_score)
-    scorer = scoring.Scorer(RewardConfig(workers=2, math_timeout_s=1))
+    monkeypatch.setattr(scoring, "_grade_in_worker", _faulty_score)
+    scorer = scoring.Scorer(RewardConfig(workers=2, processes=True, math_timeout_s=1))
     monkeypatch.setattr(scoring, "MARGIN_S", -1.0)  # hang deadline: 3 * 1 - 1 = 2 s
     rec = RLRecord("p", "math", answer="4")
     try:
@@ -87,7 +87,7 @@ def test_scorer_worker_crash_or_hang_gives_zero_with_a_reason(monkeypatch):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_scorer_grades_hostile_math_within_its_timeout(workers):
-    scorer = scoring.Scorer(RewardConfig(workers=workers, math_timeout_s=1))
+    scorer = scoring.Scorer(RewardConfig(workers=workers, processes=workers > 0, math_timeout_s=1))
     rec = RLRecord("p", "math", answer="1")
     try:
         scorer([(rec, r"\boxed{1}")])

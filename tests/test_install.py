@@ -62,8 +62,9 @@ def test_build_without_torch_says_how_to_build(tmp_path):
 
 
 def test_shipped_recipes_resolve_from_anywhere(tmp_path, monkeypatch):
-    from vibeperf.config import SFTConfig, load_config
+    from vibeperf.config import load_config
     from vibeperf.packaged import list_recipes, recipes_dir, resolve_recipe
+    from vibeperf.sft.config import SFTConfig
 
     assert resolve_recipe("sft_tiny") == recipes_dir() / "sft_tiny.toml"
     assert resolve_recipe("no_such_recipe") == Path("no_such_recipe")

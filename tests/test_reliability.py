@@ -112,14 +112,14 @@ def _long_prompt_data(tmp_path, n_short=3):
 
 
 def test_rl_long_prompt_refused_before_the_model_loads(tmp_path, capsys):
-    """Issue 20 defect 1: a prompt longer than rollout.max_model_len ended the run with an 80-line vLLM traceback
+    """Issue 20 defect 1: a prompt longer than engine.max_model_len ended the run with an 80-line vLLM traceback
     and left config.json and an empty metrics.jsonl."""
     data = _long_prompt_data(tmp_path)
     out = tmp_path / "out"
     code, _, err = _run(capsys, ["rl", f"{RECIPES}/rl_tiny.toml", "model.path=tiny", "train.max_steps=1",
                                  f"phases.0.sources.0.files=['{data}']", f"output_dir={out}", *CPU])  # fmt: skip
     assert code == 2 and err[-1].startswith(f"error: {data}: record 2: the prompt is ")
-    assert "rollout.max_model_len=256" in err[-1] and "rollout.long_prompts=skip" in err[-1]
+    assert "engine.max_model_len=256" in err[-1] and "rollout.long_prompts=skip" in err[-1]
     assert not out.exists()
 
 
@@ -147,7 +147,8 @@ def test_resume_refused_after_global_batch_changed_is_one_line(tmp_path, capsys)
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(16, task="copy")))
     overrides = [f"stages.0.data=['{data}']", f"output_dir={tmp_path / 'run'}", "stages.0.token_budget=128",
                  "train.global_batch=8", "train.loss_backend=torch", *CPU]  # fmt: skip
-    from vibeperf.config import SFTConfig, load_config
+    from vibeperf.config import load_config
+    from vibeperf.sft.config import SFTConfig
     from vibeperf.sft.trainer import train
 
     train(load_config(SFTConfig, RECIPES / "sft_tiny.toml", [*overrides, "train.max_steps=1"]))

@@ -25,15 +25,17 @@ from vibeperf.kernels import mgpo_loss
 
 from vibeperf.config import ConfigError, config_from_dict, describe_config, load_config
 from vibeperf.data import RLRecord, write_jsonl
+from vibeperf.rewards import Scorer
+from vibeperf.rl.advantages import group_advantages, long2short_shift
 from vibeperf.rl.config import RLConfig
 from vibeperf.rl.data import (
     MixtureSampler,
     PhaseData,
-    Scorer,
     Source,
-    group_advantages,
+    contiguous,
     pack_sequences,
     row_scales,
+    split_minibatches,
     static_filter,
 )
 from vibeperf.rl.synthetic import digit_records
@@ -49,13 +51,16 @@ def test_recipes_load_and_check_values():
     assert tiny.rollout.group_size == 8 and [p.name for p in tiny.phases] == ["digit"]
     paper = load_config(RLConfig, ROOT / "recipes" / "rl_vibethinker.toml")
     assert [p.name for p in paper.phases] == ["math", "code", "stem"] and all(p.long2short for p in paper.phases)
-    assert (paper.rollout.temperature, paper.rollout.top_p) == (1.0, 0.95)
+    assert (paper.sampling.temperature, paper.sampling.top_p) == (1.0, 0.95)
     assert any(line.startswith("loss.mgpo_lambda: float") for line in describe_config(RLConfig))
     bad_values = [
         ("rollout.group_size=1", "group_size"),
         ("loss.eps_low=1.5", "eps_low"),
         ("phases.0.steps=0", "steps"),
-        ("rollout.engine=sglang", "engine"),
+        ("engine.kind=sglang", "engine.kind"),
+        ("sampling.temperature=0", "sampling.temperature: must be > 0"),
+        ("rollout.engine=vllm", "rollout.engine: renamed to engine.kind"),
+        ("filter.batch_prompts=8", "filter.batch_prompts: renamed to engine.batch_prompts"),
         ("loss.nope=1", "nope"),
     ]
     for bad, match in bad_values:
@@ -123,6 +128,29 @@ def test_group_advantages_match_loop(lam):
         assert float(weights[5]) == pytest.approx(math.exp(-math.log(2)))  # p_c = 1 from the unshifted rewards
 
 
+@pytest.mark.parametrize("lam", [0.2, 1.0])
+def test_long2short_shift_matches_reference(lam):
+    from vibeperf.reference import long2short_shift as reference
+
+    gen = torch.Generator().manual_seed(5)
+    groups = torch.arange(9).repeat_interleave(5)
+    rewards = (torch.rand(45, generator=gen) < 0.6).double()
+    rewards[40:45] = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.3])  # equal correct lengths below: unchanged
+    lengths = torch.randint(1, 30, (45,), generator=gen)
+    lengths[40:43] = 7
+    got = long2short_shift(rewards, lengths, groups, num_groups=9, lam=lam)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference(rewards, lengths, groups, lam=lam), rtol=0, atol=1e-15)
+
+
+def test_split_minibatches_and_contiguous_blocks():
+    assert split_minibatches(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert split_minibatches(2, 4) == [(0, 1), (1, 2)]
+    per_rank = [split_minibatches(10, 2, r, 2) for r in range(2)]
+    assert per_rank == [[(0, 3), (5, 8)], [(3, 5), (8, 10)]]
+    assert contiguous(split_minibatches(10, 3)) == [(0, 10)] and contiguous(per_rank[0]) == per_rank[0]
+
+
 class _FakeEngine:
     """Answers `right D` prompts with \\boxed{D}, `wrong D` with \\boxed{D+1}, `half D` with each half the time."""
 
@@ -156,7 +184,7 @@ def test_scorer_workers_match_in_process():
     records = [RLRecord(f"q{i}", "math", answer=str(i)) for i in range(6)]
     items = [(r, f"so \\boxed{{{i % 4}}}") for i, r in enumerate(records)] + [(records[0], "no box")]
     cfg = load_config(RLConfig, RECIPE).reward
-    pooled = Scorer(dataclasses.replace(cfg, workers=1))
+    pooled = Scorer(dataclasses.replace(cfg, workers=1, processes=True))
     try:
         assert pooled(items) == Scorer(cfg)(items) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     finally:
@@ -231,6 +259,53 @@ def test_packed_rows_layout_and_row_scales(aggregation):
     torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "seq-sum-norm"])
+def test_on_policy_update_skips_the_old_logprob_forward(aggregation):
+    """With one minibatch the update takes the loss forward's own log-probs as the old ones: loss, gradients,
+    entropy and log-prob gap equal those of the forced old-log-prob pass within fp32 rounding, with one body forward
+    per row fewer (counted)."""
+    from vibeperf.config import ModelConfig
+    from vibeperf.model import FusedLossLM, load_model
+    from vibeperf.rl.config import LossConfig
+    from vibeperf.rl.update import UpdateOptions, policy_update
+    from vibeperf.tiny_model import get_tiny_model
+
+    gen = torch.Generator().manual_seed(3)
+    groups = _fake_groups(4, 4, gen)
+    rows = [(r, True) for r in pack_sequences(groups, list(range(16)), budget=48)]
+    adv = torch.randn(16, generator=gen)
+    runs = {}
+    for force in (False, True):
+        model = load_model(ModelConfig(), str(get_tiny_model()), torch.device("cpu"), "fp32")
+        root = FusedLossLM(model)
+        body = getattr(model, model.base_model_prefix)
+        calls: list[int] = []
+        hook = body.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        loss_cfg = LossConfig(backend="torch", aggregation=aggregation, force_old_logp_pass=force)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        metrics = policy_update(root, opt, [rows], adv, UpdateOptions(loss_cfg, 0.0, torch.device("cpu")))
+        hook.remove()
+        runs[force] = (metrics, {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls))
+    (skip, g_skip, n_skip), (forced, g_forced, n_forced) = runs[False], runs[True]
+    assert (n_skip, n_forced) == (len(rows), 2 * len(rows))
+    for key in ("loss", "entropy_mean", "logp_gap_mean", "logp_gap_max", "grad_norm", "ratio_mean"):
+        torch.testing.assert_close(skip[key], forced[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert float(skip["ratio_mean"]) == 1.0 and float(skip["clip_frac_low"] + skip["clip_frac_high"]) == 0.0
+    for name in g_skip:
+        torch.testing.assert_close(g_skip[name], g_forced[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_b7_runs_on_the_cpu(capsys):
+    """B7 (vibeperf.bench.b7_rl) at a tiny size: both modes pass its correctness check and are timed."""
+    from vibeperf.bench import b7_rl
+
+    argv = ["--cpu", "--prompts", "2", "--group", "3", "--min-len", "8", "--max-len", "24", "--prompt-len", "6",
+            "--budget", "128", "--steps", "1", "--long", "40", "--no-write"]  # fmt: skip
+    assert b7_rl.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("B7 ")]
+    assert len(rows) >= 4 and all(" y  " in line and "tok/s" in line for line in rows[-4:]), rows
+
+
 @pytest.fixture
 def _restore_threads(monkeypatch):
     """The trainer fixes torch's thread count and exports OMP_NUM_THREADS; give the rest of the suite its own back."""
@@ -252,7 +327,8 @@ def _hf_config(tmp_path: Path, out: str, **train) -> RLConfig:
     return config_from_dict(RLConfig, {
         "output_dir": str(tmp_path / out), "model": {"path": "tiny-warm"},
         "optim": {"lr": 5e-4, "min_lr": 5e-4, "warmup_frac": 0.0},
-        "rollout": {"engine": "hf", "group_size": 4, "prompts_per_step": 4, "max_tokens": 6, "dtype": "float32"},
+        "rollout": {"group_size": 4, "prompts_per_step": 4}, "engine": {"kind": "hf", "dtype": "float32"},
+        "sampling": {"max_tokens": 6, "seed": 0},
         "loss": {"backend": "torch", "minibatches": 2, "token_budget": 256},
         "train": {"cpu_threads": 1, "device": "cpu", **train},
         "logging": {"progress": False},
@@ -301,7 +377,7 @@ def _vllm_report(out_path: str) -> None:
     from vibeperf.rl.trainer import RLTrainer, resolve_model_path, train
 
     work = Path(out_path).parent / "work"
-    common = ["rollout.engine=vllm", "logging.progress=false", "checkpoint.keep_last=0"]
+    common = ["engine.kind=vllm", "logging.progress=false", "checkpoint.keep_last=0"]
     t0 = time.perf_counter()
     trainer = RLTrainer(load_config(RLConfig, RECIPE, [*common, f"output_dir={work / 'main'}", "checkpoint.every=4"]))
     report: dict = {"setup_s": time.perf_counter() - t0, "engine": trainer.engine.name, "work": str(work)}

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from vibeperf import cli
-from vibeperf.config import ConfigError, SFTConfig, load_config
+from vibeperf.config import ConfigError, load_config
 from vibeperf.data import DataError, Message, SFTRecord, write_jsonl
 from vibeperf.model import (
     ATTENTION_CALLS,
@@ -28,6 +28,7 @@ from vibeperf.model import (
 )
 from vibeperf.sft import forward_backward, prepare_stages, train
 from vibeperf.sft import trainer as trainer_mod
+from vibeperf.sft.config import SFTConfig
 from vibeperf.sft.synthetic import synthetic_records
 from vibeperf.tiny_model import get_tiny_model
 

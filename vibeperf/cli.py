@@ -41,7 +41,8 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_sft(args: argparse.Namespace) -> int:
-    from vibeperf.config import SFTConfig, run_recipe_command
+    from vibeperf.config import run_recipe_command
+    from vibeperf.sft.config import SFTConfig
 
     def run(cfg: SFTConfig) -> int:
         from vibeperf.sft.trainer import train

@@ -32,7 +32,6 @@ import torch
 
 from vibeperf.data import SFTRecord, write_jsonl
 from vibeperf.data.jsonl import _field, _parse_sft, _read_jsonl
-from vibeperf.reference import learning_potential
 
 if TYPE_CHECKING:  # vibeperf.model imports transformers: loaded when scoring, not when the CLI builds its parser
     from vibeperf.model import PackedRow, Sample
@@ -133,9 +132,12 @@ def score_samples(
         lengths = torch.tensor(row.seq_lengths, device=logp.device)
         seq_index = torch.repeat_interleave(torch.arange(len(lengths), device=logp.device), lengths)  # [T]
         mask = row.targets != IGNORE_INDEX
-        s_lp = learning_potential(logp.double(), seq_index, num_sequences=len(lengths), mask=mask)  # [S] fp64
+        # S_LP = NLL / tokens per sample, in fp64 (vibeperf.reference.learning_potential is the oracle)
+        nll = torch.zeros(len(lengths), device=logp.device, dtype=torch.float64)
+        nll.index_add_(0, seq_index, torch.where(mask, -logp.double(), 0.0))
         count = torch.zeros(len(lengths), device=logp.device).index_add_(0, seq_index, mask.float())
-        nll_sum = (s_lp * count).tolist()
+        s_lp = nll / count.double().clamp_min(1)
+        nll_sum = nll.tolist()
         ent_mean = None
         if ent is not None:
             ent_mean = torch.zeros(len(lengths), device=logp.device).index_add_(0, seq_index, ent * mask)

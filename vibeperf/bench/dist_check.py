@@ -95,7 +95,8 @@ class CrcScorer:
 
 
 def _sft_config(work: Path, out: str, s: dict, cpu: bool, **checkpoint):
-    from vibeperf.config import SFTConfig, config_from_dict
+    from vibeperf.config import config_from_dict
+    from vibeperf.sft.config import SFTConfig
 
     return config_from_dict(SFTConfig, {
         "output_dir": str(work / out), "model": {"path": str(work / "model"), "attention": "auto"},
@@ -141,8 +142,8 @@ def part_rl(work: Path, world: int, s: dict, cpu: bool) -> dict:
     cfg = config_from_dict(RLConfig, {
         "output_dir": str(work / f"rl_w{world}"), "model": {"path": str(work / "model")},
         "optim": {"lr": s["lr"], "min_lr": s["lr"], "warmup_frac": 0.0, "eps": s["eps"]},
-        "rollout": {"engine": "hf", "group_size": s["rl_group"], "prompts_per_step": s["rl_prompts"],
-                    "max_tokens": s["rl_tokens"], "sync_bucket_mb": 4, "dtype": "float32"},
+        "rollout": {"group_size": s["rl_group"], "prompts_per_step": s["rl_prompts"], "sync_bucket_mb": 4},
+        "engine": {"kind": "hf", "dtype": "float32"}, "sampling": {"max_tokens": s["rl_tokens"], "seed": 0},
         "loss": {"backend": "torch" if cpu else "auto", "minibatches": 2, "token_budget": 1024},
         "filter": {"enabled": False},
         "train": {"cpu_threads": 1, "device": "cpu" if cpu else "cuda", "max_steps": s["rl_steps"]},

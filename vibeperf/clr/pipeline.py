@@ -8,8 +8,8 @@ What a run does, in order:
 
 1. Reads the queries: JSONL lines `{"prompt": str, "answer"?: str | number (gold), "id"?: str | int}` (RL math
    records qualify; other keys are ignored).
-2. Samples K = `candidates.num_candidates` candidates per query through the rollout engine (`make_engine`: vLLM,
-   else transformers), with the prompt of `vibeperf.clr.prompts`.
+2. Samples K = `candidates.num_candidates` candidates per query through the rollout engine (the `engine` section:
+   vLLM, else transformers), with the prompt of `vibeperf.clr.prompts`.
 3. Takes each candidate's final answer (last `\\boxed{}` after the reasoning) and asks the same model for its
    M = `extraction.num_claims` decision-relevant claims (prompts: `vibeperf.clr.prompts`; parsing and the counted
    fallbacks: `vibeperf.clr.parse`). Candidates without an answer are not sent (`extraction.skip_unanswered`).
@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -53,9 +53,8 @@ from vibeperf.clr.prompts import (
     label_token_ids,
     verification_prompt,
 )
-from vibeperf.config import check, config_to_dict
+from vibeperf.config import EngineConfig, check, config_to_dict
 from vibeperf.data.jsonl import _field, _read_jsonl, write_jsonl
-from vibeperf.preflight import check_model_dir
 
 logger = logging.getLogger(__name__)
 FALLBACKS = ("no_answer", "solution_clipped", "sentences", "truncated", "padded", "claims_padded", "claims_dropped",
@@ -65,24 +64,17 @@ FALLBACKS = ("no_answer", "solution_clipped", "sentences", "truncated", "padded"
 
 @dataclass
 class CLRModelConfig:
-    """The model (candidates, extractor and judge alike) and its rollout engine."""
+    """The model: candidates, extractor and judge alike (its engine is the `engine` section)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"engine": "engine.kind", "dtype": "engine.dtype",
+                                         "kv_cache_gib": "engine.kv_cache_gib", "max_model_len": "engine.max_model_len",
+                                         "device": "engine.device"}  # fmt: skip
 
     path: str = "tiny"
     """Hugging Face checkpoint directory; "tiny" is the locally built tiny Qwen2."""
-    engine: Literal["auto", "vllm", "hf"] = "auto"
-    """Rollout engine: vLLM, transformers generate, or auto (vLLM when it imports)."""
-    dtype: str = "auto"
-    """Model dtype ("auto" = the checkpoint's, "float32", "bfloat16")."""
-    kv_cache_gib: float = 4.0
-    """vLLM KV cache budget in GiB."""
-    max_model_len: int | None = None
-    """vLLM context limit (default: the model's)."""
-    device: str | None = None
-    """transformers engine device (default: cuda if available, else cpu)."""
 
     def __post_init__(self):
         check(bool(self.path.strip()), "path", "must name a checkpoint directory or 'tiny'")
-        check(self.kv_cache_gib > 0, "kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
 
 
 @dataclass
@@ -160,7 +152,9 @@ class CLRConfig:
     math_timeout_s: int = 5
     """math-verify limit per parse / comparison in seconds (main thread only)."""
     model: CLRModelConfig = field(default_factory=CLRModelConfig)
-    """The model and engine."""
+    """The model."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Its rollout engine."""
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     """K candidates per query."""
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
@@ -196,21 +190,12 @@ def read_queries(path: str | os.PathLike) -> list[CLRQuery]:
     return _read_jsonl(path, _parse_query)
 
 
-def _model_dir(path: str) -> str:
-    if path == "tiny":
-        from vibeperf.tiny_model import get_tiny_model
-
-        return os.fspath(get_tiny_model())
-    return os.fspath(check_model_dir(path, "model.path"))
-
-
-def make_clr_engine(cfg: CLRModelConfig):
+def make_clr_engine(cfg: CLRConfig):
     """The rollout engine of `cfg` (raw log-probs: probability verdicts read log_softmax of the raw logits)."""
-    from vibeperf.rollout import make_engine
+    from vibeperf.model import model_path
+    from vibeperf.rollout import engine_from_config
 
-    vllm_options: dict[str, Any] = {"kv_cache_gib": cfg.kv_cache_gib, "max_model_len": cfg.max_model_len}
-    return make_engine(cfg.engine, _model_dir(cfg.path), dtype=cfg.dtype, logprobs_mode="raw",
-                       vllm_options=vllm_options, hf_options={"device": cfg.device})  # fmt: skip
+    return engine_from_config(cfg.engine, model_path(cfg.model.path, "model.path"))
 
 
 def _complete(engine, prompts: list[str], *, temperature: float, max_tokens: int, seed: int) -> tuple[list, int]:
@@ -417,7 +402,7 @@ def run_clr(cfg: CLRConfig, engine=None) -> dict:
     stats = {"timings_s": {}, "generated_tokens": {}, "fallbacks": Counter(dict.fromkeys(FALLBACKS, 0))}
     start = time.perf_counter()
     own_engine = engine is None
-    engine = make_clr_engine(cfg.model) if own_engine else engine
+    engine = make_clr_engine(cfg) if own_engine else engine
     stats["timings_s"]["engine_start"] = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -147,15 +147,16 @@ def slug(stage: str) -> str:
 def reference_verdicts(engines, model: Path, problems: Path, out: Path, seed: int, n: int = 8) -> int:
     """Stage 2's difficulty verdicts into `out`: `model` (the stage-1 checkpoint) samples each problem n times, 1 =
     correct. Returns how many problems the filter will keep."""
+    from vibeperf.config import RewardConfig, SamplingConfig
     from vibeperf.data import read_rl_jsonl, write_jsonl
-    from vibeperf.eval.config import RewardConfig
     from vibeperf.eval.sampling import sample_and_grade
-    from vibeperf.rollout import SamplingConfig
+    from vibeperf.rewards import Scorer
 
     records = read_rl_jsonl(problems)
-    graded = sample_and_grade(engines.load(model), records, n_for=lambda r: n, reward=RewardConfig(**REWARD),
-                              sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=seed),
-                              desc="verdicts", progress=False)  # fmt: skip
+    with Scorer(RewardConfig(**REWARD)) as scorer:
+        graded = sample_and_grade(engines.load(model), records, n_for=lambda r: n, scorer=scorer,
+                                  sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=seed),
+                                  desc="verdicts", progress=False)  # fmt: skip
     write_jsonl(out, [{"id": g.record.id, "verdicts": [int(c) for c in g.correct]} for g in graded])
     return sum(1 - g.num_correct / n >= MIN_ERROR_RATE for g in graded)
 
@@ -163,7 +164,8 @@ def reference_verdicts(engines, model: Path, problems: Path, out: Path, seed: in
 def sft_config(out: Path, model: Path, stage: dict, samples: int, steps: int, lr: float, seed: int):
     """One SFT stage of about `steps` optimizer steps over `samples` records: the epochs make the cosine schedule
     end there (max_steps alone would stop before its end)."""
-    from vibeperf.config import SFTConfig, config_from_dict
+    from vibeperf.config import config_from_dict
+    from vibeperf.sft.config import SFTConfig
 
     stage = {**stage, "epochs": max(1, math.ceil(steps * SFT_BATCH / max(1, samples))), "token_budget": 2048}
     return config_from_dict(SFTConfig, {
@@ -183,10 +185,10 @@ def rl_config(out: Path, model: Path, data: Path, size: DemoSize, seed: int):
     return config_from_dict(RLConfig, {
         "output_dir": str(out), "model": {"path": str(model)},
         "optim": {"lr": RL_LR, "min_lr": RL_LR, "warmup_frac": 0.0, "beta2": 0.99},
-        "rollout": {"group_size": size.group_size, "prompts_per_step": size.prompts_per_step, "temperature": 1.0,
-                    "top_p": 1.0, "max_tokens": MAX_TOKENS, "dtype": "float32", "kv_cache_gib": 0.25,
-                    "max_model_len": 512, "seed": seed},
-        "reward": {"require_boxed": True, "code_timeout_s": 5.0, "workers": 2},
+        "rollout": {"group_size": size.group_size, "prompts_per_step": size.prompts_per_step},
+        "engine": {"dtype": "float32", "kv_cache_gib": 0.25, "max_model_len": 512},
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": MAX_TOKENS, "seed": seed},
+        "reward": {"require_boxed": True, "code_timeout_s": 5.0, "workers": 2, "processes": True},
         "loss": {"mgpo_lambda": 1.0, "eps_high": 0.28, "minibatches": 2, "token_budget": 4096},
         "filter": {"enabled": True}, "train": {"seed": seed},
         "checkpoint": {"every": size.rl_steps, "keep_last": 4}, "logging": {"every": 5, "progress": False},
@@ -215,7 +217,7 @@ def clr_config(out: Path, model: Path, data: Path, size: DemoSize, seed: int):
     from vibeperf.config import config_from_dict
 
     return config_from_dict(CLRConfig, {
-        "data": str(data), "output_dir": str(out), "model": {"path": str(model), "dtype": "float32"},
+        "data": str(data), "output_dir": str(out), "model": {"path": str(model)}, "engine": {"dtype": "float32"},
         "candidates": {"num_candidates": size.clr_candidates, "temperature": 1.0, "top_p": 1.0,
                        "max_tokens": MAX_TOKENS, "seed": seed, "instruction": ""},
         "extraction": {"num_claims": size.clr_claims, "max_tokens": 48, "max_solution_chars": 2000},
@@ -226,8 +228,8 @@ def clr_config(out: Path, model: Path, data: Path, size: DemoSize, seed: int):
 def run(out: Path, size: DemoSize | str = "full", seed: int = 0) -> dict:
     """Run every stage into the report folder `out`; returns the summary (also out/summary.json)."""
     from vibeperf.clr.pipeline import run_clr
+    from vibeperf.config import EngineConfig
     from vibeperf.distill.run import run_distill
-    from vibeperf.eval.config import EngineConfig
     from vibeperf.eval.sampling import CheckpointEngines
     from vibeperf.rl.trainer import set_cpu_threads
     from vibeperf.rl.trainer import train as rl_train

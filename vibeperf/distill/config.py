@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vibeperf.config import check
-from vibeperf.eval.config import EngineConfig, RewardConfig, SamplingSection
+from vibeperf.config import Attention, EngineConfig, LossBackend, RewardConfig, SamplingConfig, check, check_device_name
+from vibeperf.eval.config import eval_sampling
 
 
 @dataclass
@@ -20,15 +19,14 @@ class ScoringConfig:
     """Student weights dtype (auto: bf16 on CUDA, fp32 on the CPU)."""
     device: str = "auto"
     """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
-    backend: Literal["auto", "triton", "torch", "cuda"] = "auto"
+    backend: LossBackend = "auto"
     """Backend of the fused LM-head scoring kernel (vibeperf.kernels.linear_logprob)."""
-    attention: Literal["auto", "varlen", "flex", "exact"] = "auto"
+    attention: Attention = "auto"
     """Packed-row attention of the student (vibeperf.model.attention)."""
 
     def __post_init__(self):
         check(self.token_budget >= 2, "token_budget", f"must be >= 2, got {self.token_budget}")
-        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
-              f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")  # fmt: skip
+        check_device_name(self.device)
 
 
 @dataclass
@@ -83,7 +81,7 @@ class DistillConfig:
     """Use only the first this many prompts (0: all)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Rollout engine (reused across generators of one architecture)."""
-    sampling: SamplingSection = field(default_factory=SamplingSection)
+    sampling: SamplingConfig = field(default_factory=eval_sampling)
     """Sampling."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Verification (a kept trajectory has reward 1)."""

@@ -44,8 +44,9 @@ from vibeperf import distributed as vdist
 from vibeperf.data import Message, SFTRecord, read_rl_jsonl, write_jsonl
 from vibeperf.distill.config import DistillConfig
 from vibeperf.distill.select import bucket_names, select_traces
-from vibeperf.eval.sampling import CheckpointEngines, sample_and_grade, sampling_config
+from vibeperf.eval.sampling import CheckpointEngines, sample_and_grade
 from vibeperf.eval.spectrum import find_checkpoints
+from vibeperf.rewards import Scorer
 from vibeperf.rollout import RolloutEngine
 
 log = logging.getLogger("vibeperf.distill")
@@ -89,14 +90,15 @@ def rejection_sample(
     candidates: list[Candidate] = []
     seen: set[tuple[int, str]] = set()
     engines = CheckpointEngines(cfg.engine, make)
+    scorer = Scorer(cfg.reward)
     try:
         for k, gen in enumerate(generators):
-            sampling = sampling_config(cfg.sampling)
+            sampling = cfg.sampling
             if sampling.seed is not None:
                 sampling = dataclasses.replace(sampling, seed=sampling.seed + first)
             results = sample_and_grade(
                 engines.load(gen), records, n_for=lambda r: cfg.num_samples, sampling=sampling,
-                reward=cfg.reward, system_prompt=cfg.system_prompt, batch_prompts=cfg.engine.batch_prompts,
+                scorer=scorer, system_prompt=cfg.system_prompt, batch_prompts=cfg.engine.batch_prompts,
                 desc=f"sample {Path(gen).name}", progress=progress,
             )  # fmt: skip
             for g in results:
@@ -114,6 +116,7 @@ def rejection_sample(
                     seen.add((g.index, completion.text))
                     candidates.append(Candidate(first + g.index, gen, completion.text, len(completion.token_ids), k))
     finally:
+        scorer.close()
         engines.close()
     return candidates, counts
 

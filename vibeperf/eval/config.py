@@ -1,88 +1,20 @@
-"""Configuration of `vibeperf eval` and `vibeperf spectrum`, and the sections they share with `vibeperf distill`.
+"""Configuration of `vibeperf eval` and `vibeperf spectrum`.
 
-The classes follow `vibeperf.config`: nested dataclasses with a docstring per field and checks in `__post_init__`,
-loaded from a recipe file plus `key=value` overrides (`load_config`). `run_recipe_command` is the shared body of the
-recipe-driven subcommands (`--describe`, `--print-config`, load, run).
+The engine, sampling and reward sections are the shared ones (`vibeperf.config`); every field follows
+`vibeperf.config`'s rules (a docstring per field, checks in `__post_init__`).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal
 
-from vibeperf.config import check
-
-T = TypeVar("T")
+from vibeperf.config import EngineConfig, RewardConfig, SamplingConfig, check
 
 
-@dataclass
-class EngineConfig:
-    """The rollout engine that samples the completions (vibeperf.rollout.make_engine)."""
-
-    kind: Literal["auto", "vllm", "hf"] = "auto"
-    """auto: vLLM when it is installed and imports, else transformers generate (the choice is logged)."""
-    dtype: str = "auto"
-    """Weights dtype of the engine: "auto" (the checkpoint's), "bfloat16", "float16" or "float32"."""
-    kv_cache_gib: float = 4.0
-    """vLLM KV-cache budget in GiB."""
-    max_model_len: int = 0
-    """vLLM context limit in tokens (prompt + completion); 0 takes the checkpoint's."""
-    device: str = "auto"
-    """Device of the transformers engine ("auto": cuda when available, else cpu); vLLM picks its own."""
-    batch_prompts: int = 256
-    """Prompts per generate call (each with all its samples); bounds the memory of one call's results."""
-
-    def __post_init__(self):
-        check(self.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
-              f"expected auto, bfloat16, float16 or float32, got {self.dtype!r}")  # fmt: skip
-        check(self.kv_cache_gib > 0, "kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
-        check(self.max_model_len >= 0, "max_model_len", f"must be >= 0, got {self.max_model_len}")
-        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
-              f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")  # fmt: skip
-        check(self.batch_prompts >= 1, "batch_prompts", f"must be >= 1, got {self.batch_prompts}")
-
-
-@dataclass
-class SamplingSection:
-    """How completions are sampled (vibeperf.rollout.SamplingConfig)."""
-
-    temperature: float = 1.0
-    """Softmax temperature; 0 is greedy decoding."""
-    top_p: float = 0.95
-    """Nucleus sampling threshold (1.0 disables it)."""
-    max_tokens: int = 32768
-    """Maximum completion tokens (a completion cut here has finish_reason "length")."""
-    seed: int = 0
-    """Sampler seed: every problem gets its own (seed + its rank), so a run is reproducible for one engine kind."""
-
-    def __post_init__(self):
-        check(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
-        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-
-
-@dataclass
-class RewardConfig:
-    """How completions are verified (vibeperf.rewards.score)."""
-
-    require_boxed: bool = True
-    """Math: the answer is the last \\boxed{...}; false lets math-verify find a final answer in the whole text."""
-    math_timeout_s: int = 5
-    """math-verify time limit per parse and per comparison, seconds."""
-    code_timeout_s: float = 10.0
-    """Wall-clock limit of one sandboxed program run, seconds."""
-    code_memory_mb: int = 1024
-    """Address-space limit of a sandboxed program, MiB."""
-    workers: int = 4
-    """Threads grading code completions in parallel (math is graded in the main thread, where its timeouts work)."""
-
-    def __post_init__(self):
-        check(self.math_timeout_s >= 1, "math_timeout_s", f"must be >= 1, got {self.math_timeout_s}")
-        check(self.code_timeout_s > 0, "code_timeout_s", f"must be > 0, got {self.code_timeout_s}")
-        check(self.code_memory_mb >= 64, "code_memory_mb", f"must be >= 64, got {self.code_memory_mb}")
-        check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+def eval_sampling() -> SamplingConfig:
+    """Sampling defaults of eval, spectrum and distill: long completions, seed 0 (every problem gets seed + rank)."""
+    return SamplingConfig(max_tokens=32768, seed=0)
 
 
 @dataclass
@@ -121,7 +53,7 @@ class EvalConfig:
     """n per problem."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Rollout engine."""
-    sampling: SamplingSection = field(default_factory=SamplingSection)
+    sampling: SamplingConfig = field(default_factory=eval_sampling)
     """Sampling."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Verification."""
@@ -159,7 +91,7 @@ class SpectrumConfig:
     """Probe only the first this many problems of the data (0: all)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Rollout engine (one engine is reused across checkpoints: their weights are swapped in place)."""
-    sampling: SamplingSection = field(default_factory=SamplingSection)
+    sampling: SamplingConfig = field(default_factory=eval_sampling)
     """Sampling (the same seeds for every checkpoint, so they are compared on common random numbers)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Verification."""

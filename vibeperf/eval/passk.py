@@ -30,17 +30,32 @@ import numpy as np
 
 from vibeperf.data import read_rl_jsonl, write_jsonl
 from vibeperf.eval.config import EvalConfig
-from vibeperf.eval.sampling import Graded, build_engine, sample_and_grade, samples_for, sampling_config
+from vibeperf.eval.sampling import Graded, sample_and_grade, samples_for
 from vibeperf.files import save_figure
-from vibeperf.reference import pass_at_k
-from vibeperf.rollout import RolloutEngine
+from vibeperf.rewards import Scorer
+from vibeperf.rollout import RolloutEngine, engine_from_config
 
 log = logging.getLogger("vibeperf.eval")
 
 
+def pass_at_k_curves(n, c, k_max: int) -> np.ndarray:
+    """Unbiased pass@k [P, k_max] fp64 for k = 1..k_max of P problems with c[p] correct of n[p] samples (k_max <=
+    min n). pass@k = 1 - C(n - c, k) / C(n, k), and the miss probability C(n - c, k) / C(n, k) is the running
+    product over i < k of (1 - c / (n - i)), summed as log1p terms and turned back with -expm1 so small values keep
+    their digits; it reaches 0 (pass@k = 1) once n - c < k. `vibeperf.reference.pass_at_k` is the oracle."""
+    n = np.asarray(n, dtype=np.float64)[:, None]
+    c = np.asarray(c, dtype=np.float64)[:, None]
+    i = np.arange(k_max, dtype=np.float64)[None, :]
+    left = n - i  # [P, k_max]: samples not yet drawn before the (i + 1)-th draw
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(left > c, np.log1p(-c / left), -np.inf)  # a draw that must hit a correct one: miss 0
+    log_miss = np.cumsum(terms, axis=1)
+    return -np.expm1(log_miss) + 0.0  # + 0.0: no -0.0
+
+
 def pass_at_k_curve(n: int, c: int) -> list[float]:
     """[pass@1, ..., pass@n] of one problem with c correct of n samples."""
-    return [float(x) + 0.0 for x in pass_at_k(np.full(n, n), np.full(n, c), np.arange(1, n + 1))]  # + 0.0: no -0.0
+    return [float(x) for x in pass_at_k_curves([n], [c], n)[0]]
 
 
 @dataclass
@@ -83,8 +98,7 @@ def summarize(results: Sequence[Graded]) -> list[GroupSummary]:
         n_arr = np.array([len(g.rewards) for g in group])
         c_arr = np.array([g.num_correct for g in group])
         n_min = int(n_arr.min())
-        ks = np.arange(1, n_min + 1)
-        curve = pass_at_k(n_arr[:, None], c_arr[:, None], ks[None, :]).mean(axis=0)  # [n_min]
+        curve = pass_at_k_curves(n_arr, c_arr, n_min).mean(axis=0)  # [n_min]
         completions = [c for g in group for c in g.group.completions]
         out.append(GroupSummary(
             name=name, problems=len(group), n=n_min, pass_at_k=[float(x) + 0.0 for x in curve],
@@ -171,13 +185,14 @@ def run_eval(cfg: EvalConfig, *, engine: RolloutEngine | None = None, progress: 
         records = records[: cfg.max_problems]
     own = engine is None
     if own:
-        engine = build_engine(cfg.engine, model_path(cfg.model, "model"), seed=cfg.sampling.seed)
+        engine = engine_from_config(cfg.engine, model_path(cfg.model, "model"), seed=cfg.sampling.seed)
     try:
-        results = sample_and_grade(
-            engine, records, n_for=lambda r: samples_for(r, cfg.samples.math, cfg.samples.code),
-            sampling=sampling_config(cfg.sampling), reward=cfg.reward, system_prompt=cfg.system_prompt,
-            batch_prompts=cfg.engine.batch_prompts, desc="eval", progress=progress,
-        )  # fmt: skip
+        with Scorer(cfg.reward) as scorer:
+            results = sample_and_grade(
+                engine, records, n_for=lambda r: samples_for(r, cfg.samples.math, cfg.samples.code),
+                sampling=cfg.sampling, scorer=scorer, system_prompt=cfg.system_prompt,
+                batch_prompts=cfg.engine.batch_prompts, desc="eval", progress=progress,
+            )  # fmt: skip
     finally:
         if own:
             engine.close()

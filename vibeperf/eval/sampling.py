@@ -3,10 +3,9 @@ probing and rejection sampling.
 
 - `sample_and_grade(engine, records, n_for=..., ...)`: prompts in the tokenizer's chat template (optional system
   message), `engine.generate` in batches of `batch_prompts` problems of the same n, one seed per problem (`seed + k`
-  for the k-th problem in (n, index) order, so the batch size never changes the samples), then
-  `vibeperf.rewards.score` on every completion: math in this thread (math-verify's timeouts need the main thread),
-  code in a thread pool (the sandbox is thread-safe). A completion is correct when its reward is 1 (code: every test
-  passed).
+  for the k-th problem in (n, index) order, so the batch size never changes the samples), then the `Scorer`
+  (`vibeperf.rewards.Scorer`) grades every completion of the batch. A completion is correct when its reward is 1
+  (code: every test passed).
 - `CheckpointEngines`: one engine reused across checkpoints of one architecture and tokenizer, whose weights are
   swapped in place (`update_weights`, no second vLLM start-up); a checkpoint that does not fit gets a fresh engine.
 """
@@ -19,16 +18,15 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vibeperf.config import EngineConfig
 from vibeperf.data import RLRecord
-from vibeperf.eval.config import EngineConfig, RewardConfig, SamplingSection
-from vibeperf.rewards import SandboxConfig, domain_kind, score
-from vibeperf.rollout import RolloutEngine, RolloutGroup, SamplingConfig, make_engine
+from vibeperf.rewards import Scorer, domain_kind
+from vibeperf.rollout import RolloutEngine, RolloutGroup, SamplingConfig, engine_from_config
 
 log = logging.getLogger("vibeperf.eval")
 
@@ -69,29 +67,13 @@ def samples_for(record: RLRecord, math: int, code: int) -> int:
     return code if domain_kind(record.domain) == "code" else math
 
 
-def sampling_config(section: SamplingSection) -> SamplingConfig:
-    return SamplingConfig(temperature=section.temperature, top_p=section.top_p, max_tokens=section.max_tokens,
-                          seed=section.seed)  # fmt: skip
-
-
-def sandbox_config(reward: RewardConfig) -> SandboxConfig:
-    """All-or-nothing grading (a code completion counts only if every test passes; it stops at the first failure)."""
-    return SandboxConfig(wall_timeout_s=reward.code_timeout_s, memory_mb=reward.code_memory_mb, all_or_nothing=True)
-
-
-def _grade(record: RLRecord, text: str, reward: RewardConfig, sandbox: SandboxConfig) -> tuple[float, str]:
-    result = score(record.domain, record, text, sandbox=sandbox, require_boxed=reward.require_boxed,
-                   math_timeout_s=reward.math_timeout_s)  # fmt: skip
-    return result.reward, result.reason
-
-
 def sample_and_grade(
     engine: RolloutEngine,
     records: Sequence[RLRecord],
     *,
     n_for: Callable[[RLRecord], int],
     sampling: SamplingConfig,
-    reward: RewardConfig,
+    scorer: Scorer,
     system_prompt: str = "",
     batch_prompts: int = 256,
     desc: str = "sample",
@@ -102,7 +84,6 @@ def sample_and_grade(
 
     for record in records:
         domain_kind(record.domain)  # an unknown domain fails here, before any sampling
-    sandbox = sandbox_config(reward)
     system = system_prompt or None
     by_n: dict[int, list[int]] = {}
     for i, record in enumerate(records):
@@ -110,26 +91,18 @@ def sample_and_grade(
     out: list[Graded | None] = [None] * len(records)
     bar = tqdm(total=len(records), desc=desc, disable=not progress, dynamic_ncols=True)
     rank = 0  # problems are sampled grouped by n; the k-th of that order gets seed + k, whatever the batch size
-    with ThreadPoolExecutor(max_workers=reward.workers) as pool:
-        for n, indices in by_n.items():
-            for b0 in range(0, len(indices), batch_prompts):
-                batch = indices[b0 : b0 + batch_prompts]
-                seed = None if sampling.seed is None else sampling.seed + rank
-                rank += len(batch)
-                prompts = [engine.chat_prompt(records[i].prompt, system) for i in batch]
-                rollouts = engine.generate(prompts, n=n, sampling=dataclasses.replace(sampling, seed=seed))
-                pending = {}
-                for i, group in zip(batch, rollouts):
-                    for c, completion in enumerate(group.completions):
-                        if domain_kind(records[i].domain) == "code":
-                            pending[i, c] = pool.submit(_grade, records[i], completion.text, reward, sandbox)
-                        else:
-                            pending[i, c] = _grade(records[i], completion.text, reward, sandbox)
-                for i, group in zip(batch, rollouts):
-                    graded = [pending[i, c] for c in range(len(group.completions))]
-                    graded = [g.result() if isinstance(g, Future) else g for g in graded]
-                    out[i] = Graded(i, records[i], group, [g[0] for g in graded], [g[1] for g in graded])
-                bar.update(len(batch))
+    for n, indices in by_n.items():
+        for b0 in range(0, len(indices), batch_prompts):
+            batch = indices[b0 : b0 + batch_prompts]
+            seed = None if sampling.seed is None else sampling.seed + rank
+            rank += len(batch)
+            prompts = [engine.chat_prompt(records[i].prompt, system) for i in batch]
+            rollouts = engine.generate(prompts, n=n, sampling=dataclasses.replace(sampling, seed=seed))
+            graded = iter(scorer.grade([(records[i], c.text) for i, g in zip(batch, rollouts) for c in g.completions]))
+            for i, group in zip(batch, rollouts):
+                results = [next(graded) for _ in group.completions]
+                out[i] = Graded(i, records[i], group, [r.reward for r in results], [r.reason for r in results])
+            bar.update(len(batch))
     bar.close()
     return out  # type: ignore[return-value]
 
@@ -164,7 +137,7 @@ class CheckpointEngines:
     def __init__(self, cfg: EngineConfig | None = None, make: Callable[[str], RolloutEngine] | None = None):
         if make is None and cfg is None:
             raise ValueError("CheckpointEngines needs an EngineConfig or a make function")
-        self._make = make or (lambda path: build_engine(cfg, path))
+        self._make = make or (lambda path: engine_from_config(cfg, path))
         self.engine: RolloutEngine | None = None
         self._digest: str | None = None
 
@@ -190,12 +163,3 @@ class CheckpointEngines:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-def build_engine(cfg: EngineConfig, model_dir: str, *, seed: int = 0) -> RolloutEngine:
-    """`make_engine` with the options of an `EngineConfig`."""
-    vllm_options = {"kv_cache_gib": cfg.kv_cache_gib, "seed": seed}
-    if cfg.max_model_len:
-        vllm_options["max_model_len"] = cfg.max_model_len
-    hf_options = {} if cfg.device == "auto" else {"device": cfg.device}
-    return make_engine(cfg.kind, model_dir, dtype=cfg.dtype, vllm_options=vllm_options, hf_options=hf_options)

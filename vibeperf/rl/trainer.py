@@ -7,25 +7,32 @@ What a run does, in order:
    varlen attention over packed rows, fp32 weights, bf16 autocast on CUDA) and AdamW with a per-phase warm-up and
    cosine (`vibeperf.train`: one schedule segment per phase). On the CPU it fixes the torch thread count first and
    exports it as OMP_NUM_THREADS, because vLLM lowers the count to 1 and then freezes it for the whole process.
-3. Starts the rollout engine on the same checkpoint (`vibeperf.rollout.make_engine`: "auto" is vLLM when it imports,
-   in this process with VLLM_ENABLE_V1_MULTIPROCESSING=0, else transformers generate).
+3. Starts the rollout engine on the same checkpoint (`vibeperf.rollout.engine_from_config` with the `engine`
+   section: "auto" is vLLM when it imports, in this process with VLLM_ENABLE_V1_MULTIPROCESSING=0, else transformers
+   generate).
 4. Before each phase, the static filter samples every prompt G times with the phase's starting weights and drops
    the prompts solved always or never (counts logged, per-prompt accuracies in static_filter/PHASE.json).
-5. Each RL step: draws `prompts_per_step` prompts from the phase's sources by their mixing weights; samples G
-   completions of each (temperature, top_p, the phase's completion budget; raw log-probs of the sampled tokens);
-   scores them (`vibeperf.rewards.score`: math-verify, sandboxed code tests); applies the Long2Short shift where the
-   phase enables it; computes A' = w_ME * A per completion.
-6. Packs prompt + completion sequences into rows of `loss.token_budget` tokens (loss on completion tokens only) and
-   runs the model body on each: the fused `linear_logprob` on the final hidden states gives the old log-probs and the
-   entropy without logits in memory, and the gap to the engine's log-probs is measured on every completion token
-   (a weight-sync or numerics check). Then, per minibatch of groups, the fused `mgpo_loss` (clipping, truncated
-   importance sampling against the engine's log-probs) on each row, scaled so the rows add up to the minibatch's
-   aggregation, backward, foreach gradient clipping and an AdamW step.
-7. Sends the new weights to the engine in memory (`update_weights(model.state_dict().items())`).
-8. Writes one metrics line per step (reward, pass rate, response length, clip fractions, entropy, ratio, log-prob
+5. Each RL step (`RLTrainer.step`, which reads in this order):
+   1. generate: draws `prompts_per_step` prompts from the phase's sources by their mixing weights, splits them into
+      minibatches (`vibeperf.rl.data.split_minibatches`) and samples G completions of each (the `sampling` section
+      with the phase's completion budget; raw log-probs of the sampled tokens);
+   2. score: `vibeperf.rewards.Scorer` (math-verify, sandboxed code tests);
+   3. advantages: A' = w_ME * A per completion on the device (`vibeperf.rl.advantages`: the MGPO kernel's group
+      statistics, the Long2Short shift where the phase enables it);
+   4. minibatches: prompt + completion sequences packed into rows of `loss.token_budget` tokens (loss on completion
+      tokens only);
+   5. loss and optimizer (`vibeperf.rl.update.policy_update`): old log-probs from a no-grad forward when the step
+      has several minibatches, or, on-policy (one minibatch), the loss forward's own log-probs detached, which
+      saves a forward of the model body per row; then per minibatch the fused `mgpo_loss` (clipping, truncated
+      importance sampling against the engine's log-probs) on each row, scaled so the rows add up to the
+      minibatch's aggregation, backward, foreach clipping and an AdamW step; the entropy and the gap between the
+      trainer's and the engine's log-probs (a weight-sync or numerics check) are measured on every completion token;
+   6. weight push: the new weights go to the engine in memory (`update_weights(model.state_dict().items())`).
+6. Writes one metrics line per step (reward, pass rate, response length, clip fractions, entropy, ratio, log-prob
    gap, seconds spent generating / scoring / updating / syncing) to metrics.jsonl, plots reward.png and length.png,
-   and saves checkpoints (Hugging Face model + tokenizer, optimizer, scheduler, RNG, step, data position, static
-   filter results); `checkpoint.resume=latest` continues exactly when the engine samples reproducibly.
+   and saves checkpoints (`vibeperf.train.Checkpointer`: Hugging Face model + tokenizer, optimizer, scheduler, RNG,
+   step, data position, static filter results); `checkpoint.resume=latest` continues exactly when the engine
+   samples reproducibly.
 
 Launch lines:
     python -m vibeperf rl recipes/rl_tiny.toml                                  # CPU, tiny model, about a minute
@@ -37,7 +44,8 @@ Under torchrun the run is data-parallel: every process draws the same prompts, t
 prompts (contiguous blocks, groups whole; prompt i of a step samples with seed + i wherever it runs, so the samples
 do not depend on the number of processes) and samples them with its own engine on its own GPU (colocated: the engine
 shares the GPU with that process's trainer shard). Blocks and the root are `fully_shard`-ed as in SFT, old
-log-probs and the MGPO loss go through the FSDP root (which gathers the LM-head weight), each row's loss is divided
+log-probs and the MGPO loss go through the FSDP root (the same `FusedLossLM` as in one process; it gathers the
+LM-head weight), each row's loss is divided
 by the minibatch's normaliser summed over processes on the device (tokens, sequences, or sequences x longest), so
 the reduce-scattered gradient equals the one-process gradient. After each step every process gathers the new
 weights bucket by bucket (`rollout.sync_bucket_mb`) into its engine (`update_weights_bucketed`). Metrics are
@@ -47,7 +55,6 @@ processes. Every minibatch needs at least one prompt per process (prompts_per_st
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -65,22 +72,24 @@ import torch
 from vibeperf import distributed as vdist
 from vibeperf.config import ConfigError, config_to_dict
 from vibeperf.files import write_text
-from vibeperf.kernels import linear_logprob, mgpo_loss
 from vibeperf.model import FusedLossLM, load_model, model_path, resolve_device, resolve_precision
+from vibeperf.rewards import Scorer
+from vibeperf.rl.advantages import group_advantages
 from vibeperf.rl.config import RLConfig
 from vibeperf.rl.data import (
     MixtureSampler,
     PhaseData,
     RLRow,
-    Scorer,
+    contiguous,
     fit_prompts,
-    group_advantages,
     load_phase,
     pack_sequences,
+    split_minibatches,
     static_filter,
 )
-from vibeperf.rollout import SamplingConfig, make_engine
-from vibeperf.train import Checkpointer, MetricsWriter, Schedule, clip_gradients, make_optimizer
+from vibeperf.rl.update import UpdateOptions, policy_update
+from vibeperf.rollout import SamplingConfig, engine_from_config
+from vibeperf.train import Checkpointer, FiniteCheck, MetricsWriter, Schedule, make_optimizer
 
 log = logging.getLogger("vibeperf.rl")
 TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "tis_frac")
@@ -208,11 +217,11 @@ class RLTrainer:
         self.start = self.step_count
         self._cursors = cursors
         self.sampler: MixtureSampler | None = None
-        self.autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None
-        self.engine = make_engine(ro.engine, os.fspath(resume) if resume else src, dtype=ro.dtype,
-                                  vllm_options={"kv_cache_gib": ro.kv_cache_gib, "max_model_len": ro.max_model_len,
-                                                "seed": ro.seed},
-                                  hf_options={"device": str(self.device)})  # fmt: skip
+        autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None
+        self.update_options = UpdateOptions(cfg.loss, cfg.optim.grad_clip, self.device, autocast)
+        self.finite = FiniteCheck(self.device, self.step_count)
+        self.engine = engine_from_config(cfg.engine, os.fspath(resume) if resume else src, seed=cfg.sampling.seed,
+                                         device=str(self.device))  # fmt: skip
         self.scorer = Scorer(cfg.reward)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.out_dir, enabled=self.main, resume_step=self.step_count)
@@ -223,20 +232,20 @@ class RLTrainer:
         """`fit_prompts` on every phase against the engine's context and loss.token_budget (rollout.long_prompts)."""
         from transformers import AutoConfig
 
-        ro = self.cfg.rollout
-        context = ro.max_model_len or getattr(AutoConfig.from_pretrained(src), "max_position_embeddings", None)
+        ro, eng = self.cfg.rollout, self.cfg.engine
+        context = eng.max_model_len or getattr(AutoConfig.from_pretrained(src), "max_position_embeddings", None)
         limits = [(self.cfg.loss.token_budget, "loss.token_budget")]
         if context:
-            limits.append((context, "rollout.max_model_len" if ro.max_model_len else "max_position_embeddings"))
+            limits.append((context, "engine.max_model_len" if eng.max_model_len else "max_position_embeddings"))
         limit, name = min(limits)
         for pc, ph in zip(self.cfg.phases, self.phases):
-            fit_prompts(ph, self.tokenizer, max_tokens=pc.max_tokens or ro.max_tokens, limit=limit, limit_name=name,
-                        policy=ro.long_prompts)  # fmt: skip
+            fit_prompts(ph, self.tokenizer, max_tokens=pc.max_tokens or self.cfg.sampling.max_tokens, limit=limit,
+                        limit_name=name, policy=ro.long_prompts)  # fmt: skip
 
     def signature(self) -> dict:
         """What fixes the prompts and their order; a resumed run must match it."""
         c = self.cfg
-        return {"seed": c.train.seed, "rollout_seed": c.rollout.seed, "prompts_per_step": c.rollout.prompts_per_step,
+        return {"seed": c.train.seed, "rollout_seed": c.sampling.seed, "prompts_per_step": c.rollout.prompts_per_step,
                 "group_size": c.rollout.group_size,
                 "phases": [[p.name, p.steps, [[s.name, s.weight, len(s.records)] for s in ph.sources]]
                            for p, ph in zip(c.phases, self.phases)]}  # fmt: skip
@@ -250,7 +259,7 @@ class RLTrainer:
             samples = self.cfg.filter.samples or self.cfg.rollout.group_size
             sampling = self._sampling(pc, sampling_seed(self.cfg.train.seed, f"filter:{data.name}", 0))
             result = static_filter(self.engine, data, self.scorer, samples=samples, sampling=sampling,
-                                   batch_prompts=self.cfg.filter.batch_prompts, rank=self.rank,
+                                   batch_prompts=self.cfg.engine.batch_prompts, rank=self.rank,
                                    world=self.world)  # fmt: skip
             self.filters[data.name] = result.kept
             log.info("static filter, phase %s: %d prompts x %d samples, kept %d, dropped %d never solved and %d "
@@ -269,201 +278,103 @@ class RLTrainer:
         self.sampler = MixtureSampler(data, index, self.cfg.train.seed, state)
 
     def _sampling(self, pc, seed: int) -> SamplingConfig:
-        ro = self.cfg.rollout
-        return SamplingConfig(ro.temperature, ro.top_p, pc.max_tokens or ro.max_tokens, seed)
+        """The recipe's sampling with the phase's completion budget and a derived seed."""
+        sc = self.cfg.sampling
+        return dataclasses.replace(sc, max_tokens=pc.max_tokens or sc.max_tokens, seed=seed)
 
-    def _ctx(self):
-        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+    def step(self) -> dict:
+        """One RL step, top to bottom: generate -> score -> advantages -> minibatches -> loss and optimizer -> weight
+        push; returns its metrics record (host values, over every process)."""
+        cfg, s, dev, size = self.cfg, self.step_count, self.device, self.cfg.rollout.group_size
+        phase, _ = self.schedule.locate(s)
+        if self.sampler is None or self.sampler.phase != phase:
+            self._enter_phase(phase)
+        pc, data = cfg.phases[phase], self.phases[phase]
+        t0 = time.perf_counter()
 
-    def _run_head(self, row: RLRow, fn):
-        """fn(hidden [T, H], weight, bias) on a row's final hidden states and the LM head (in the autocast dtype
-        when autocast is on), through `FusedLossLM` (under FSDP the root, which gathers the head weight and registers
-        the reduce-scatter of its gradient; see vibeperf.model.fused)."""
-        with self._ctx():
-            return self.root(row.row.model_inputs(), head_fn=fn)
+        # 1. generate: this process's block of each minibatch (prompt i of the step samples with seed + i wherever
+        # it runs, so the samples do not depend on the number of processes)
+        picks = self.sampler.draw(s, cfg.rollout.prompts_per_step)  # the same on every process
+        every = [data.sources[i].records[j] for i, j in picks]
+        blocks = split_minibatches(len(every), cfg.loss.minibatches, self.rank, self.world)
+        records = [r for a, b in blocks for r in every[a:b]]
+        sampling = self._sampling(pc, sampling_seed(cfg.train.seed, "step", s))
+        groups = []
+        for a, b in contiguous(blocks):
+            seed = None if sampling.seed is None else sampling.seed + a
+            groups += self.engine.generate([self.engine.chat_prompt(r.prompt) for r in every[a:b]], n=size,
+                                           sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
+        completions = [c for g in groups for c in g.completions]
+        t1 = time.perf_counter()
 
-    @torch.no_grad()
-    def _old_logprobs(self, rows: Sequence[tuple[RLRow, bool]]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Trainer log-probs of every row's targets before the update, plus entropy and the gap to the engine's,
-        over all processes. `rows`: (row, real) pairs; a padding row (real False) runs only for FSDP's collectives."""
-        lc = self.cfg.loss
-        dev = self.device
-        olds, sums, gap_max = [], torch.zeros(3, device=dev), torch.zeros((), device=dev)
-        for r, real in rows:
+        # 2. score (host work: math-verify, code sandboxes)
+        rewards = self.scorer([(r, c.text) for r, g in zip(records, groups) for c in g.completions])
+        reward_failures = list(self.scorer.failures)  # graded 0 because a reward worker crashed or hung
+        lengths = [len(c.token_ids) for c in completions]
 
-            def fn(h, w, b, t=r.row.targets):
-                return linear_logprob(h, w, t, bias=b, return_entropy=True, backend=lc.backend)
+        # 3. advantages on the device, per group (groups are whole on every process)
+        group_index = torch.arange(len(groups), device=dev).repeat_interleave(size)
+        adv, weights, used = group_advantages(
+            torch.tensor(rewards, dtype=torch.float64).to(dev), torch.tensor(lengths).to(dev), group_index,
+            num_groups=len(groups), mgpo_lambda=cfg.loss.mgpo_lambda, scale=cfg.loss.scale,
+            long2short_lambda=pc.long2short_lambda if pc.long2short else None,
+        )  # fmt: skip
+        t2 = time.perf_counter()
 
-            logp, entropy = self._run_head(r, fn)
-            valid = (r.row.targets != -100) & bool(real)
-            gap = (logp - r.rollout_logp).abs()[valid]
-            olds.append(logp)
-            sums += torch.stack([entropy[valid].sum(), gap.sum(), valid.sum().to(torch.float32)])
-            gap_max = torch.maximum(gap_max, gap.max() if gap.numel() else gap.new_zeros(()))
-        sums, gap_max = vdist.all_reduce(sums), vdist.all_reduce(gap_max, "max")
-        n = sums[2].clamp_min(1)
-        return olds, {"entropy_mean": sums[0] / n, "logp_gap_mean": sums[1] / n, "logp_gap_max": gap_max}
+        # 4. minibatches of packed rows, 5. loss and an optimizer step per minibatch
+        lr = self.optimizer.param_groups[0]["lr"]
+        upd = policy_update(self.root, self.optimizer, self._minibatches(groups, blocks), adv, self.update_options)
+        self.scheduler.step()
+        self.finite.update(upd["loss"], upd["grad_norm"])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t3 = time.perf_counter()
 
-    def _minibatch_rows(self, groups, parts: Sequence[Sequence[int]]) -> list[list[tuple[RLRow, bool]]]:
-        """Packed rows of each minibatch (`parts`: this process's group indices per minibatch), as (row, real) pairs;
-        under torchrun padded with zero-weight copies so every process runs as many rows as the busiest one."""
+        # 6. the new weights to the engine
+        self.push_weights()
+        t4 = time.perf_counter()
+        self.step_count += 1
+        self.finite.raise_if_bad(self.step_count)
+        local = {"rewards": rewards, "used": used.tolist(), "weights": weights.tolist(), "lengths": lengths,
+                 "truncated": [c.finish_reason == "length" for c in completions],
+                 "reward_failures": reward_failures}  # fmt: skip
+        times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2,
+                 "time_sync_s": t4 - t3, "time_step_s": t4 - t0}  # fmt: skip
+        sources = {n: sum(data.sources[i].name == n for i, _ in picks) for n in (x.name for x in data.sources)}
+        return self._record(data.name, lr, vdist.gather_lists(local), upd, times, sources)
+
+    def _minibatches(self, groups, blocks: Sequence[tuple[int, int]]) -> list[list[tuple[RLRow, bool]]]:
+        """Packed rows of each minibatch (`blocks`: this process's prompts of each), on the device, as (row, real)
+        pairs; under torchrun padded with zero-weight copies so every process runs as many rows as the busiest."""
         lc, size = self.cfg.loss, self.cfg.rollout.group_size
-        rows = [[r.to(self.device) for r in pack_sequences(groups, [g * size + j for g in part for j in range(size)],
-                                                           lc.token_budget)] for part in parts]  # fmt: skip
+        rows, first = [], 0
+        for a, b in blocks:
+            seq_ids = [g * size + j for g in range(first, first + b - a) for j in range(size)]
+            rows.append([r.to(self.device) for r in pack_sequences(groups, seq_ids, lc.token_budget)])
+            first += b - a
         counts = [len(mb) for mb in rows]
         if self.world > 1:  # one host read per step: the loop lengths must agree across processes
             counts = vdist.all_reduce(torch.tensor(counts, device=self.device), "max").tolist()
         return [[(r, True) for r in mb] + [(mb[0], False)] * (n - len(mb)) for mb, n in zip(rows, counts)]
 
-    def _row_scales(self, mb: Sequence[tuple[RLRow, bool]]) -> list[float] | torch.Tensor:
-        """`row_scales` with the minibatch's normaliser (tokens, sequences, or sequences x longest) summed over every
-        process; padding rows get 0. One process: host floats. Under torchrun: a device tensor [rows], the counts
-        copied once (pinned, non-blocking on CUDA) and all-reduced on the device, no host sync."""
-        agg = self.cfg.loss.aggregation
-        if agg == "token-mean":
-            nums = [sum(r.num_valid) * ok for r, ok in mb]
-        elif agg == "seq-mean-token-mean":
-            nums = [sum(n > 0 for n in r.num_valid) * ok for r, ok in mb]
-        else:
-            nums = [len(r.num_valid) * max(max(r.num_valid), 1) * ok for r, ok in mb]
-        seqs = sum(len(r.num_valid) for r, ok in mb if ok)
-        longest = max((max(r.num_valid) for r, ok in mb if ok), default=0)
-        local = [float(sum(nums)) if agg != "seq-sum-norm" else float(seqs), float(longest)]
-        if self.world == 1:
-            den = max(local[0], 1.0) if agg != "seq-sum-norm" else max(local[0], 1.0) * max(local[1], 1.0)
-            return [n / den for n in nums]
-        host = torch.tensor([*nums, *local], dtype=torch.float32)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        t = host.to(self.device, non_blocking=True)
-        total, longest_all = vdist.all_reduce(t[-2:-1]), vdist.all_reduce(t[-1:], "max")
-        den = total.clamp_min(1) if agg != "seq-sum-norm" else total.clamp_min(1) * longest_all.clamp_min(1)
-        return t[: len(mb)] / den
-
-    def _update(self, groups, adv: torch.Tensor, parts: Sequence[Sequence[int]]) -> dict:
-        """Old log-probs, then one optimizer step per minibatch of groups; returns the update's metrics (over every
-        process). `parts`: this process's group indices of each minibatch."""
-        cfg, lc = self.cfg, self.cfg.loss
-        rows = self._minibatch_rows(groups, parts)
-        olds, stats = self._old_logprobs([x for mb in rows for x in mb])
-        adv = adv.to(self.device, torch.float32)
-        sums = {k: torch.zeros((), device=self.device) for k in (*TOKEN_MEANS, "loss", "tokens", "rows")}
-        ratio_max, gnorms, k = torch.zeros((), device=self.device), [], 0
-        for mb in rows:
-            self.optimizer.zero_grad(set_to_none=True)
-            for (r, real), scale in zip(mb, self._row_scales(mb)):
-
-                def fn(h, w, b, r=r, old=olds[k]):
-                    out = mgpo_loss(h, w, r.row.targets, bias=b, seq_index=r.seq_index,
-                                    group_index=torch.zeros(len(r.seq_ids), dtype=torch.int64, device=self.device),
-                                    advantages=adv[r.seq_ids], old_logp=old,
-                                    rollout_logp=r.rollout_logp if lc.truncated_is else None, eps_low=lc.eps_low,
-                                    eps_high=lc.eps_high, aggregation=lc.aggregation, tis_cap=lc.tis_cap,
-                                    num_groups=1, backend=lc.backend)  # fmt: skip
-                    return out.loss, out.metrics
-
-                loss, metrics = self._run_head(r, fn)
-                (loss * scale).backward()
-                valid = sum(r.num_valid) * real
-                for key in TOKEN_MEANS:
-                    sums[key] += metrics[key] * valid
-                sums["loss"] += loss.detach() * scale
-                sums["tokens"] += valid
-                sums["rows"] += real
-                if real:
-                    ratio_max = torch.maximum(ratio_max, metrics["ratio_max"])
-                k += 1
-            gnorms.append(clip_gradients(self.model, cfg.optim.grad_clip))
-            self.optimizer.step()
-        self.scheduler.step()
-        keys = list(sums)
-        total = vdist.all_reduce(torch.stack([sums[key] for key in keys]))
-        sums = dict(zip(keys, total))
-        tokens = sums["tokens"].clamp_min(1)
-        metrics = {key: sums[key] / tokens for key in TOKEN_MEANS}
-        metrics |= {"loss": sums["loss"] / len(rows), "ratio_max": vdist.all_reduce(ratio_max, "max"),
-                    "grad_norm": torch.stack(gnorms).max(), "rows": int(sums["rows"]), **stats}  # fmt: skip
-        return metrics
-
-    def _my_blocks(self, n_prompts: int) -> list[tuple[int, int]]:
-        """This process's prompts of a step as contiguous [start, end) blocks, one per minibatch: the step's prompts
-        are split into minibatches as in one process, then each minibatch among the processes (groups stay whole)."""
-        m = min(self.cfg.loss.minibatches, n_prompts)
-        if self.world == 1:
-            return [(0, n_prompts)]
-        blocks = []
-        for part in np.array_split(np.arange(n_prompts), m):
-            mine = np.array_split(part, self.world)[self.rank]
-            blocks.append((int(mine[0]), int(mine[-1]) + 1))
-        return blocks
-
-    def step(self) -> dict:
-        """One RL step (see the module docstring); returns its metrics record (host values, over every process)."""
-        cfg, s = self.cfg, self.step_count
-        phase, _ = self.schedule.locate(s)
-        if self.sampler is None or self.sampler.phase != phase:
-            self._enter_phase(phase)
-        pc, data, size = cfg.phases[phase], self.phases[phase], cfg.rollout.group_size
-        t0 = time.perf_counter()
-        picks = self.sampler.draw(s, cfg.rollout.prompts_per_step)  # the same on every process
-        every = [data.sources[i].records[j] for i, j in picks]
-        sampling = self._sampling(pc, sampling_seed(cfg.train.seed, "step", s))
-        blocks = self._my_blocks(len(every))
-        records, groups, parts = [], [], []
-        for a, b in blocks:
-            # prompt i of the step samples with seed + i, wherever it runs
-            seed = None if sampling.seed is None else sampling.seed + a
-            parts.append(list(range(len(groups), len(groups) + b - a)))
-            records += every[a:b]
-            groups += self.engine.generate([self.engine.chat_prompt(r.prompt) for r in every[a:b]], n=size,
-                                           sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
-        if self.world == 1:
-            m = min(cfg.loss.minibatches, len(groups))
-            parts = [[int(g) for g in p] for p in np.array_split(np.arange(len(groups)), m) if len(p)]
-        t1 = time.perf_counter()
-        completions = [c for g in groups for c in g.completions]
-        rewards = torch.tensor(self.scorer([(r, c.text) for r, g in zip(records, groups) for c in g.completions]),
-                               dtype=torch.float64)  # fmt: skip
-        reward_failures = list(self.scorer.failures)  # graded 0 because a reward worker crashed or hung
-        lengths = torch.tensor([len(c.token_ids) for c in completions])
-        group_index = torch.arange(len(groups)).repeat_interleave(size)
-        l2s = pc.long2short_lambda if pc.long2short else None
-        adv, weights, used = group_advantages(rewards, lengths, group_index, num_groups=len(groups),
-                                              mgpo_lambda=cfg.loss.mgpo_lambda, scale=cfg.loss.scale,
-                                              long2short_lambda=l2s)  # fmt: skip
-        t2 = time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]
-        upd = self._update(groups, adv, parts)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t3 = time.perf_counter()
-        self.push_weights()
-        t4 = time.perf_counter()
-        self.step_count += 1
-        local = {"rewards": rewards.tolist(), "used": used.tolist(), "weights": weights.tolist(),
-                 "lengths": lengths.tolist(),
-                 "truncated": [c.finish_reason == "length" for c in completions],
-                 "reward_failures": reward_failures}  # fmt: skip
-        glob = vdist.gather_lists(local)
+    def _record(self, phase: str, lr: float, glob: dict, upd: dict, times: dict, sources: dict) -> dict:
+        """The step's metrics line from the gathered host lists and the update's device metrics."""
+        size = self.cfg.rollout.group_size
         rewards, used, weights = (torch.tensor(glob[k], dtype=torch.float64) for k in ("rewards", "used", "weights"))
         lengths = torch.tensor(glob["lengths"])
         grouped = rewards.view(-1, size)
-        record = {
-            "step": self.step_count, "phase": data.name, "lr": lr,
+        upd = {k: v.item() for k, v in upd.items()}
+        upd["rows"] = int(upd["rows"])
+        return {
+            "step": self.step_count, "phase": phase, "lr": lr,
             "reward_mean": rewards.mean().item(), "pass_rate": (rewards == 1).double().mean().item(),
             "reward_used_mean": used.mean().item(), "mgpo_weight_mean": weights.mean().item(),
             "zero_adv_groups": (grouped.amax(1) == grouped.amin(1)).double().mean().item(),
             "response_length_mean": lengths.double().mean().item(), "response_length_max": int(lengths.max()),
             "truncated_frac": sum(glob["truncated"]) / len(glob["truncated"]),
-            "reward_failures": len(glob["reward_failures"]),
-            **{k: (v.item() if torch.is_tensor(v) else v) for k, v in upd.items()},
-            "completion_tokens": int(lengths.sum()), "time_generate_s": t1 - t0, "time_score_s": t2 - t1,
-            "time_update_s": t3 - t2, "time_sync_s": t4 - t3, "time_step_s": t4 - t0,
-            "sources": {n: sum(data.sources[i].name == n for i, _ in picks) for n in (x.name for x in data.sources)},
+            "reward_failures": len(glob["reward_failures"]), **upd,
+            "completion_tokens": int(lengths.sum()), **times, "sources": sources,
         }  # fmt: skip
-        if not (np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"])):
-            raise FloatingPointError(f"non-finite loss or gradient norm at step {self.step_count}: {record}")
-        return record
 
     def push_weights(self) -> None:
         """The new weights to this process's engine: the whole state dict in one process; under FSDP gathered one

@@ -6,7 +6,8 @@
 
 `make_engine(kind, model_dir, ...)` builds one: "vllm" (`VLLMEngine`, vLLM in this process), "hf" (`HFEngine`,
 transformers `generate`), or "auto": vLLM when it is installed and imports, else transformers; the choice and why is
-logged on the `vibeperf.rollout` logger and kept in `engine.name`. The interface, data types and log-prob convention
+logged on the `vibeperf.rollout` logger and kept in `engine.name`. `engine_from_config(EngineConfig, model_dir)` is
+how the stages build one from their recipe's `engine` section. The interface, data types and log-prob convention
 are in `vibeperf.rollout.base`.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vibeperf.config import EngineConfig
 from vibeperf.rollout.base import (
     LOGPROBS_MODES,
     CheckpointWeights,
@@ -88,6 +90,18 @@ def make_engine(
     return engine
 
 
+def engine_from_config(cfg: EngineConfig, model_dir: str | Path, *, seed: int | None = 0,
+                       device: str | None = None) -> RolloutEngine:  # fmt: skip
+    """`make_engine` with the options of an `EngineConfig`; `device` is the stage's own, used when cfg.device is
+    "auto" (None: the transformers engine picks cuda when available, else cpu)."""
+    vllm_options: dict[str, Any] = {"kv_cache_gib": cfg.kv_cache_gib, "seed": seed}
+    if cfg.max_model_len is not None:
+        vllm_options["max_model_len"] = cfg.max_model_len
+    device = device if cfg.device == "auto" else cfg.device
+    hf_options = {} if device is None else {"device": device}
+    return make_engine(cfg.kind, model_dir, dtype=cfg.dtype, vllm_options=vllm_options, hf_options=hf_options)
+
+
 __all__ = [
     "ENGINE_KINDS",
     "CheckpointWeights",
@@ -97,5 +111,6 @@ __all__ = [
     "RolloutGroup",
     "SamplingConfig",
     "chat_text",
+    "engine_from_config",
     "make_engine",
 ]

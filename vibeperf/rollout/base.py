@@ -34,7 +34,6 @@ equal prompts in one batch still get different samples. Samples are not identica
 from __future__ import annotations
 
 import json
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,39 +41,10 @@ from pathlib import Path
 
 import torch
 
+from vibeperf.config import SamplingConfig
+
 LOGPROBS_MODES = ("raw", "processed")
 FINISH_REASONS = ("stop", "length")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How completions are sampled."""
-
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy decoding."""
-    top_p: float = 0.95
-    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p (1.0 disables)."""
-    max_tokens: int = 1024
-    """Maximum number of completion tokens (the stop token included)."""
-    seed: int | None = None
-    """Seed of the sampler (prompt i uses seed + i); None: not reproducible."""
-
-    def __post_init__(self):
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when decoding is greedy (temperature == 0)."""
-        return self.temperature == 0
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Packed-sequence SFT: the curriculum's data (`data`), the step's loss over packed rows and the loop (`trainer`).
 
-    from vibeperf.config import SFTConfig, load_config
+    from vibeperf.config import load_config
+    from vibeperf.sft.config import SFTConfig
     from vibeperf.sft import train
     result = train(load_config(SFTConfig, "recipes/sft_tiny.toml", ["train.max_steps=10"]))
 

@@ -22,10 +22,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vibeperf.config import SFTConfig, StageConfig
 from vibeperf.data import DataError, SFTRecord, read_lines
 from vibeperf.data.sources import read_sft_rows
 from vibeperf.model import Sample, tokenize_records, truncate
+from vibeperf.sft.config import SFTConfig, StageConfig
 
 log = logging.getLogger("vibeperf.sft")
 

@@ -1,7 +1,7 @@
 """Packed-sequence SFT with a curriculum of stages, on one device (or many under torchrun, see the end).
 
 What a run does, in order:
-1. Reads the recipe (TOML/JSON plus `key=value` overrides) into `vibeperf.config.SFTConfig`.
+1. Reads the recipe (TOML/JSON plus `key=value` overrides) into `vibeperf.sft.config.SFTConfig`.
 2. Reads and validates every data file of every stage, then tokenises with the chat template (loss on assistant
    tokens only) and filters each stage: minimum length, difficulty from precomputed verdicts, truncation to the
    stage's token budget (`vibeperf.sft.data`). A malformed line stops the run here, before the model is loaded.
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from vibeperf import distributed as vdist
-from vibeperf.config import SFTConfig, config_to_dict
+from vibeperf.config import config_to_dict
 from vibeperf.files import write_text
 from vibeperf.model import (
     ATTENTION_CALLS,
@@ -75,6 +75,7 @@ from vibeperf.model import (
     resolve_precision,
     step_flops,
 )
+from vibeperf.sft.config import SFTConfig
 from vibeperf.sft.data import StageData, prepare_stages
 from vibeperf.train import Checkpointer, FiniteCheck, MetricsWriter, Schedule, clip_gradients, make_optimizer
 

@@ -10,7 +10,10 @@ float, str, `X | None`, `list[X]`, `tuple[X, ...]`, `Literal[...]`, nested datac
 Overrides: `a.b=value`; list items by index (`stages.1.min_tokens=6000`, or `stages[1].min_tokens=6000`). The value is
 read as a TOML value when it parses as one (`1e-5`, `true`, `[1, 2]`, `"text"`), else kept as a bare string
 (`model.path=/ckpt/qwen`); `none` or `null` clears an optional field. Relative paths are taken from the working
-directory. This module also holds the sections shared by the trainers and the SFT configuration.
+directory.
+
+Renamed keys: a config class may list `RENAMED = {"old_key": "new.dotted.key"}` (a ClassVar); a recipe or override
+that still uses an old key fails with `rollout.engine: renamed to engine.kind`, not with a bare "unknown key".
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -136,7 +138,7 @@ def _build(cls: type[T], data: dict, key: str) -> T:
     unknown = sorted(set(data) - set(hints))
     if unknown:
         where = f"{key}.{unknown[0]}" if key else unknown[0]
-        raise ConfigError(f"{where}: unknown key (valid keys here: {', '.join(hints)})")
+        raise ConfigError(f"{where}: {_unknown(cls, unknown[0])}")
     kwargs = {}
     for name, tp in hints.items():
         sub = f"{key}.{name}" if key else name
@@ -148,6 +150,14 @@ def _build(cls: type[T], data: dict, key: str) -> T:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{key}.{e}" if key else str(e)) from None
+
+
+def _unknown(cls: type, name: str) -> str:
+    """Why `name` is not a key of `cls`: renamed (where to), or unknown (the valid keys)."""
+    renamed = getattr(cls, "RENAMED", {})
+    if name in renamed:
+        return f"renamed to {renamed[name]} (update the recipe or override)"
+    return f"unknown key (valid keys here: {', '.join(_hints(cls))})"
 
 
 def _is_required(cls: type, name: str) -> bool:
@@ -215,7 +225,7 @@ def apply_overrides(cls: type, data: dict, overrides: Sequence[str]) -> dict:
                     raise ConfigError(f"override {item!r}: {'.'.join(done)} is not a table in the recipe")
                 hints = _hints(tp)
                 if part not in hints:
-                    raise ConfigError(f"override {item!r}: {here}: unknown key (valid keys here: {', '.join(hints)})")
+                    raise ConfigError(f"override {item!r}: {here}: {_unknown(tp, part)}")
                 tp = hints[part]
                 if last:
                     node[part] = parse_override_value(text)
@@ -271,8 +281,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
 
 
-def describe_config(cls: type, prefix: str = "") -> list[str]:
-    """One line per leaf key of `cls`: `key: type = default  doc` (list items shown as `key.N.sub`)."""
+def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per leaf key of `cls`: `key: type = default  doc` (list items shown as `key.N.sub`). A section built
+    by a default factory shows that instance's values (`defaults`), not its class defaults."""
     lines = []
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -281,224 +292,21 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
         key = f"{prefix}{f.name}"
         item = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
         if dataclasses.is_dataclass(inner):
-            lines += describe_config(inner, key + ".")
+            sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            lines += describe_config(inner, key + ".", sub)
         elif item is not None and dataclasses.is_dataclass(item):
             lines.append(f"{key}: list of tables  {docs[f.name]}")
             lines += describe_config(item, key + ".N.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            if defaults is not None:
+                default = getattr(defaults, f.name)
             if typing.get_origin(tp) is Literal:
                 shown = "|".join(map(str, typing.get_args(tp)))
             else:
                 shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
             lines.append(f"{key}: {shown} = {default!r}  {docs[f.name]}")
     return lines
-
-
-@dataclass
-class DataFile:
-    """A data file and how its columns become record fields (vibeperf.data.sources); in a recipe, a data entry
-    written as a table: `{path = "train.parquet", fields = {prompt = "problem"}, domain = "math"}`."""
-
-    path: str
-    """JSONL, JSONL.gz or parquet file, or `package:NAME/PATH`."""
-    fields: dict[str, str] = field(default_factory=dict)
-    """Record field -> column of this file; fields not named are read from the column of their own name."""
-    domain: str = ""
-    """Domain of the rows that have none ("" : every row must have one)."""
-    prompt_template: str = ""
-    """Prompt template in which `{prompt}` stands for the row's prompt ("" : the prompt as it is)."""
-
-    def __post_init__(self):
-        check(bool(self.path.strip()), "path", "must not be empty")
-        columns = list(self.fields.values())
-        for name, column in self.fields.items():
-            check(bool(name.strip()) and bool(column.strip()), f"fields.{name}", "field and column must be non-empty")
-            check(columns.count(column) == 1, f"fields.{name}", f"column {column!r} is mapped to two fields")
-        check(not self.prompt_template or "{prompt}" in self.prompt_template, "prompt_template",
-              "must contain {prompt} (where the row's prompt goes)")  # fmt: skip
-
-
-@dataclass
-class ModelConfig:
-    """The model to train and how its body runs."""
-
-    path: str = "tiny"
-    """Hugging Face checkpoint directory (config, safetensors, tokenizer); "tiny" is the locally built tiny Qwen2."""
-    attention: Literal["auto", "varlen", "flex", "exact"] = "auto"
-    """Packed-row attention backend (vibeperf.model.attention): auto picks varlen_attn on CUDA, exact on the CPU."""
-    liger: bool = False
-    """Swap in liger_kernel's RMSNorm, RoPE and SwiGLU (Qwen2 only; an error if liger_kernel is not installed)."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and its schedule: linear warm-up to `lr`, then a cosine to `min_lr`."""
-
-    lr: float = 5e-5
-    """Peak learning rate."""
-    min_lr: float = 8e-8
-    """Learning rate at the end of the cosine."""
-    warmup_frac: float = 0.05
-    """Fraction of the steps spent in the linear warm-up."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay of matrices (biases, norms and embeddings of one dimension get none)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (foreach); 0 turns clipping off (the norm is still logged)."""
-
-    def __post_init__(self):
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
-        check(0 <= self.warmup_frac < 1, "warmup_frac", f"must be in [0, 1), got {self.warmup_frac}")
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
-        check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
-        check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
-        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
-
-
-@dataclass
-class CheckpointConfig:
-    """Checkpoints: Hugging Face model files plus optimizer, scheduler, RNG and data position."""
-
-    every: int = 0
-    """Save every this many optimizer steps (0: only at the end)."""
-    keep_last: int = 2
-    """Keep the newest this many step checkpoints (0 keeps all)."""
-    resume: str = ""
-    """"" starts fresh; "latest" resumes from the newest checkpoint under output_dir (fresh if none); else a path."""
-    save_final: bool = True
-    """Save a checkpoint after the last step."""
-
-    def __post_init__(self):
-        check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
-        check(self.keep_last >= 0, "keep_last", f"must be >= 0, got {self.keep_last}")
-
-
-@dataclass
-class LoggingConfig:
-    """Metrics, progress bar and plots."""
-
-    every: int = 1
-    """Write a metrics line every this many steps (each one syncs the host with the device)."""
-    progress: bool = True
-    """Show a tqdm progress bar."""
-    plot: bool = True
-    """Draw the loss curve (loss.png in output_dir) at each checkpoint and at the end."""
-    peak_tflops: float = 0.0
-    """Peak TFLOP/s for the MFU estimate; 0 measures a bf16 matmul on CUDA and leaves MFU out on the CPU."""
-
-    def __post_init__(self):
-        check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
-        check(self.peak_tflops >= 0, "peak_tflops", f"must be >= 0, got {self.peak_tflops}")
-
-
-@dataclass
-class DifficultyConfig:
-    """Keep only problems the reference model gets wrong often (stage 2 of the SFT curriculum)."""
-
-    verdicts: str
-    """JSONL of precomputed verdicts, one line per problem: {"id" or "prompt": ..., "verdicts": [0 or 1, ...]}."""
-    num_samples: int = 8
-    """Reference-model samples per problem; every line must hold exactly this many verdicts (1 = correct)."""
-    min_error_rate: float = 0.75
-    """Keep a problem when the reference model's error rate (share of 0 verdicts) is at least this."""
-
-    def __post_init__(self):
-        check(bool(self.verdicts.strip()), "verdicts", "must name a JSONL file")
-        check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        check(0 <= self.min_error_rate <= 1, "min_error_rate", f"must be in [0, 1], got {self.min_error_rate}")
-
-
-@dataclass
-class StageConfig:
-    """One stage of the SFT curriculum: its data, filters, packing budget and schedule."""
-
-    name: str
-    """Stage name used in logs and metrics."""
-    data: list[str]
-    """SFT JSONL files ({"messages": [...]} or {"prompt", "response"} lines), read in this order."""
-    epochs: int = 1
-    """Passes over the stage's data (reshuffled each epoch)."""
-    token_budget: int = 16384
-    """Tokens per packed row (one micro-batch); longer samples are truncated to it, with a counted warning."""
-    min_tokens: int = 0
-    """Drop samples shorter than this many tokens (the long-sample stage uses 5000)."""
-    difficulty: DifficultyConfig | None = None
-    """Difficulty filter from precomputed reference-model verdicts; absent keeps every problem."""
-    lr: float | None = None
-    """Peak learning rate of this stage (default: optim.lr)."""
-    min_lr: float | None = None
-    """Final learning rate of this stage (default: optim.min_lr)."""
-
-    def __post_init__(self):
-        check(bool(self.name.strip()), "name", "must not be empty")
-        check(len(self.data) > 0, "data", "must list at least one JSONL file")
-        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        check(self.token_budget >= 2, "token_budget", f"must be >= 2, got {self.token_budget}")
-        check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
-        check(self.min_tokens <= self.token_budget, "min_tokens",
-              f"{self.min_tokens} exceeds token_budget={self.token_budget}: every kept sample would be truncated")
-        check(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(self.min_lr is None or self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")
-
-
-@dataclass
-class SFTTrainConfig:
-    """The optimizer step: batch, precision, devices, stopping."""
-
-    global_batch: int = 128
-    """Samples per optimizer step; they are packed into rows, one row per micro-batch (gradient accumulation)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps in total without changing the schedule (0: run every stage through)."""
-    seed: int = 0
-    """Seed of the data order and of the torch, numpy and Python generators."""
-    device: str = "auto"
-    """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
-    precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = "auto"
-    """auto: bf16-autocast on CUDA, fp32 on the CPU. bf16-autocast keeps fp32 weights; bf16 stores them in bf16."""
-    loss_backend: Literal["auto", "triton", "torch"] = "auto"
-    """Backend of the fused LM-head cross-entropy (vibeperf.kernels.linear_cross_entropy)."""
-
-    def __post_init__(self):
-        check(self.global_batch >= 1, "global_batch", f"must be >= 1, got {self.global_batch}")
-        check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
-        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
-              f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
-
-
-@dataclass
-class SFTConfig:
-    """Packed-sequence SFT with a curriculum of stages (vibeperf.sft.trainer)."""
-
-    stages: list[StageConfig]
-    """The curriculum, trained in order; each stage has its own warm-up and cosine."""
-    output_dir: str = "runs/sft"
-    """Where metrics.jsonl, loss.png, config.json and checkpoints/ go."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The model."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer and schedule."""
-    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
-    """Batching, precision and stopping."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Checkpointing and resume."""
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    """Metrics and plots."""
-
-    def __post_init__(self):
-        check(len(self.stages) > 0, "stages", "at least one stage is needed")
-        names = [s.name for s in self.stages]
-        check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
-        check(bool(self.output_dir.strip()), "output_dir", "must not be empty")
 
 
 def run_recipe_command(cls: type[T], args: argparse.Namespace, run: Callable[[T], int], name: str) -> int:
