@@ -295,6 +295,49 @@ def test_on_policy_update_skips_the_old_logprob_forward(aggregation):
         torch.testing.assert_close(g_skip[name], g_forced[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [dict(importance_sampling_level="sequence"), dict(loss_type="cispo", eps_high=5.0),
+     dict(loss_type="sapo", entropy_coef=0.01), dict(loss_type="dapo", aggregation="token-mean", delta=1.5,
+                                                     clip_ratio_c=3.0, entropy_coef=0.01)],
+    ids=["gspo", "cispo", "sapo-entropy", "dapo-delta-dualclip-entropy"],
+)
+def test_update_runs_the_loss_family(settings):
+    """LossConfig's policy-loss settings reach the kernel (issue 17): on-policy (old_logp=None, three passes also for
+    GSPO) and with the forced old-log-prob pass (off-policy code path: GSPO's extra scoring pass) give the same loss
+    and gradients, and the setting changes the loss or the gradients against plain GRPO (on-policy CISPO has GRPO's
+    gradient, not its loss)."""
+    from vibeperf.config import ModelConfig
+    from vibeperf.model import FusedLossLM, load_model
+    from vibeperf.rl.config import LossConfig
+    from vibeperf.rl.update import UpdateOptions, policy_update
+    from vibeperf.tiny_model import get_tiny_model
+
+    gen = torch.Generator().manual_seed(5)
+    rows = [(r, True) for r in pack_sequences(_fake_groups(4, 4, gen), list(range(16)), budget=48)]
+    adv = torch.randn(16, generator=gen)
+    grads = {}
+    for name, kw in [("skip", settings), ("forced", dict(settings, force_old_logp_pass=True)), ("grpo", {})]:
+        model = load_model(ModelConfig(), str(get_tiny_model()), torch.device("cpu"), "fp32")
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss_cfg = LossConfig(backend="torch", **kw)
+        metrics = policy_update(FusedLossLM(model), opt, [rows], adv, UpdateOptions(loss_cfg, 0.0, torch.device("cpu")))
+        grads[name] = (metrics["loss"], torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads["skip"], grads["forced"], rtol=1e-5, atol=1e-7)
+    same_loss = torch.allclose(grads["skip"][0], grads["grpo"][0], rtol=1e-3, atol=1e-6)
+    assert not (same_loss and torch.allclose(grads["skip"][1], grads["grpo"][1], rtol=1e-3, atol=1e-6))
+
+
+def test_bad_loss_setting_names_its_key():
+    from vibeperf.config import ConfigError
+    from vibeperf.rl.config import LossConfig
+
+    with pytest.raises(ConfigError, match="clip_ratio_c"):
+        LossConfig(clip_ratio_c=0.5)
+    with pytest.raises(ConfigError, match="importance_sampling_level"):
+        LossConfig(loss_type="cispo", importance_sampling_level="sequence")
+
+
 def test_b7_runs_on_the_cpu(capsys):
     """B7 (vibeperf.bench.b7_rl) at a tiny size: both modes pass its correctness check and are timed."""
     from vibeperf.bench import b7_rl

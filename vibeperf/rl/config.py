@@ -24,6 +24,7 @@ from vibeperf.config import (
     check,
     check_device_name,
 )
+from vibeperf.kernels import PolicyLossOptions
 
 
 @dataclass
@@ -56,7 +57,24 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    """The MGPO policy loss (vibeperf.kernels.policy_loss with the MGPO preset, DESIGN.md section 2)."""
+    """The policy loss (vibeperf.kernels.policy_loss, DESIGN.md sections 2 and 2b); the defaults are the MGPO
+    recipe's (loss_type "grpo", token ratios, no entropy bonus)."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "grpo"
+    """The per-token objective (TRL's names): PPO-clip for grpo/bnpo/dr_grpo/dapo, CISPO (eps_high is then the
+    absolute bound of the detached IS weight), SAPO. The aggregation stays `aggregation`."""
+    importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"
+    """Importance ratio per token, per sequence (GSPO: the mean log-ratio of the sequence) or GSPO-token."""
+    delta: float | None = None
+    """Two-sided clip (INTELLECT-2): the ratio is clamped from above at delta (> 1) first; None: off."""
+    clip_ratio_c: float | None = None
+    """Dual-clip: the loss of a token with A' < 0 is capped at -clip_ratio_c * A' (> 1); None: off."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's temperature for A' > 0."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's temperature for A' <= 0."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: loss - entropy_coef * aggregation(entropy), its gradient formed in the same LM-head pass."""
 
     mgpo_lambda: float = 1.0
     """lambda of the MaxEnt weight w_ME = exp(-lambda * D_ME(p_c || 0.5)); 0 is plain GRPO."""
@@ -90,6 +108,21 @@ class LossConfig:
         check(self.tis_cap > 0, "tis_cap", f"must be > 0, got {self.tis_cap}")
         check(self.minibatches >= 1, "minibatches", f"must be >= 1, got {self.minibatches}")
         check(self.token_budget >= 2, "token_budget", f"must be >= 2, got {self.token_budget}")
+        try:
+            self.policy_options()
+        except ValueError as exc:
+            check(False, str(exc).split(":")[0].removeprefix("PolicyLossOptions."), str(exc).split(": ", 1)[-1])
+
+    def policy_options(self) -> PolicyLossOptions:
+        """The kernel options of this loss (advantages are given to the kernel, so mgpo_lambda and scale act
+        upstream; truncated_is is the token-level rollout correction with cap tis_cap)."""
+        return PolicyLossOptions(
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+            epsilon_low=self.eps_low, epsilon_high=self.eps_high, delta=self.delta, clip_ratio_c=self.clip_ratio_c,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+            aggregation=self.aggregation, rollout_correction="token_tis" if self.truncated_is else None,
+            rollout_cap=self.tis_cap, entropy_coef=self.entropy_coef,
+        )  # fmt: skip
 
 
 @dataclass

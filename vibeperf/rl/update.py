@@ -1,8 +1,8 @@
 """The policy update of one RL step: old log-probs (skipped when on-policy), the MGPO loss per packed row, AdamW.
 
 `policy_update(root, minibatches, advantages, opts)` runs, for the rows of each minibatch (one optimizer step per
-minibatch), the model body and the fused LM-head MGPO loss (`vibeperf.kernels.policy_loss` with the MGPO preset,
-`vibeperf.kernels.mgpo.mgpo_options`) through the
+minibatch), the model body and the fused LM-head policy loss (`vibeperf.kernels.policy_loss` with
+`LossConfig.policy_options`: the MGPO preset by default) through the
 `vibeperf.model.FusedLossLM` root, in one code path for one process and for FSDP (where `root` is the sharded root
 and padding rows keep the collectives matched):
 
@@ -32,7 +32,6 @@ import torch
 
 from vibeperf import distributed as vdist
 from vibeperf.kernels import PolicyLossOptions, linear_logprob, policy_loss
-from vibeperf.kernels.mgpo import mgpo_options
 from vibeperf.rl.config import LossConfig
 from vibeperf.rl.data import RLRow, row_scales
 from vibeperf.train import clip_gradients
@@ -54,10 +53,8 @@ class UpdateOptions:
 
     @property
     def policy(self) -> PolicyLossOptions:
-        """The kernel options of the MGPO loss (advantages are given, so mgpo_lambda and scale act upstream)."""
-        lc = self.loss
-        return mgpo_options(eps_low=lc.eps_low, eps_high=lc.eps_high, aggregation=lc.aggregation, tis_cap=lc.tis_cap,
-                            with_rollout=lc.truncated_is)  # fmt: skip
+        """The kernel options of the loss (`LossConfig.policy_options`)."""
+        return self.loss.policy_options()
 
     def context(self):
         if self.autocast is None:
@@ -141,7 +138,7 @@ def policy_update(
                 current = _logprobs(h, w, b, r.row.targets, lc.backend) if old is None else None
                 out = policy_loss(h, w, r.row.targets, bias=b, seq_index=r.seq_index,
                                   group_index=torch.zeros(len(r.seq_ids), dtype=torch.int64, device=dev),
-                                  advantages=advantages[r.seq_ids], old_logp=old if old is not None else current[0],
+                                  advantages=advantages[r.seq_ids], old_logp=old,
                                   rollout_logp=r.rollout_logp if lc.truncated_is else None, options=policy,
                                   num_groups=1, backend=lc.backend)  # fmt: skip
                 return out.loss, out.metrics, current
