@@ -47,12 +47,19 @@ class RolloutConfig:
     the file and record; "skip" drops such prompts and logs how many per source."""
     sync_bucket_mb: float = 256.0
     """Under torchrun: the weight push to the engine gathers the sharded parameters this many MiB at a time."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: within this many tokens of the phase's max_tokens the reward falls linearly
+    to -overlong_penalty (a completion cut at max_tokens gets all of it); 0: off."""
+    overlong_penalty: float = 1.0
+    """The largest overlong punishment (subtracted from the reward the advantages use)."""
 
     def __post_init__(self):
         check(self.group_size >= 2, "group_size", f"must be >= 2 (a group of one has no advantage), got "
               f"{self.group_size}")  # fmt: skip
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         check(self.sync_bucket_mb > 0, "sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
+        check(self.overlong_buffer >= 0, "overlong_buffer", f"must be >= 0, got {self.overlong_buffer}")
+        check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
 
 
 @dataclass

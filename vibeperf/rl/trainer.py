@@ -74,7 +74,7 @@ from vibeperf.config import ConfigError, config_to_dict
 from vibeperf.files import write_text
 from vibeperf.model import FusedLossLM, load_model, model_path, resolve_device, resolve_precision
 from vibeperf.rewards import Scorer
-from vibeperf.rl.advantages import group_advantages
+from vibeperf.rl.advantages import group_advantages, overlong_penalty
 from vibeperf.rl.config import RLConfig
 from vibeperf.rl.data import (
     MixtureSampler,
@@ -314,10 +314,15 @@ class RLTrainer:
 
         # 3. advantages on the device, per group (groups are whole on every process)
         group_index = torch.arange(len(groups), device=dev).repeat_interleave(size)
+        lengths_t = torch.tensor(lengths).to(dev)
+        overlong = None
+        if cfg.rollout.overlong_buffer:
+            overlong = overlong_penalty(lengths_t, max_tokens=sampling.max_tokens, factor=cfg.rollout.overlong_penalty,
+                                        buffer=min(cfg.rollout.overlong_buffer, sampling.max_tokens))  # fmt: skip
         adv, weights, used = group_advantages(
-            torch.tensor(rewards, dtype=torch.float64).to(dev), torch.tensor(lengths).to(dev), group_index,
+            torch.tensor(rewards, dtype=torch.float64).to(dev), lengths_t, group_index,
             num_groups=len(groups), mgpo_lambda=cfg.loss.mgpo_lambda, scale=cfg.loss.scale,
-            long2short_lambda=pc.long2short_lambda if pc.long2short else None,
+            long2short_lambda=pc.long2short_lambda if pc.long2short else None, reward_shift=overlong,
         )  # fmt: skip
         t2 = time.perf_counter()
 
