@@ -224,7 +224,10 @@ class RLTrainer:
                                          device=str(self.device))  # fmt: skip
         self.scorer = Scorer(cfg.reward)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsWriter(self.out_dir, enabled=self.main, resume_step=self.step_count)
+        lg = cfg.logging
+        self.metrics = MetricsWriter(self.out_dir, enabled=self.main, resume_step=self.step_count,
+                                     tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,
+                                     run_config=config_to_dict(cfg))  # fmt: skip
         if self.main:
             write_text(self.out_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1) + "\n")
 
@@ -432,7 +435,8 @@ class RLTrainer:
         return RLResult(self.step_count, self.out_dir, ckpt, self.engine.name, last, self.filters)
 
     def close(self) -> None:
-        """Release the scorer workers and the engine, then the process group (under torchrun)."""
+        """Release the metrics sinks, the scorer workers and the engine, then the process group (under torchrun)."""
+        self.metrics.close()
         self.scorer.close()
         self.engine.close()
         vdist.destroy_distributed()
