@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 from vibeperf.config import (
     CheckpointConfig,
+    DataFile,
     EngineConfig,
     LoggingConfig,
     LossBackend,
@@ -151,8 +152,10 @@ class StaticFilterConfig:
 class SourceConfig:
     """One data source of a phase: RL JSONL files and the share of each step's prompts drawn from them."""
 
-    files: list[str]
-    """RL JSONL files ({"prompt", "domain", "answer" | "tests"} lines), read in this order."""
+    files: list[str | DataFile]
+    """RL data files (JSONL, JSONL.gz or parquet; {"prompt", "domain", "answer" | "tests"} rows, tests in any format of
+    vibeperf.data.code_formats), read in order; an entry is a path or a table {path, fields, domain, prompt_template}
+    mapping the file's own columns (vibeperf.config.DataFile)."""
     weight: float = 1.0
     """Mixing weight: each prompt slot of a step picks this source with probability weight / sum of weights."""
     name: str = ""
