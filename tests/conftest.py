@@ -5,6 +5,8 @@
 - Every floating-point result of torch.empty / empty_like / empty_strided / new_empty is filled with NaN, so an
   element a kernel forgot to write fails loudly instead of passing on whatever memory held.
 - Every test starts from the same seeds.
+- Fixtures several modules share: `one_torch_thread` (module scope), `restore_threads`. Shared plain helpers are in
+  tests/helpers.py.
 """
 
 import functools
@@ -48,6 +50,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: the tiny model gains nothing from threads, and on a busy 2-core
+    machine 2 OpenMP threads ran ~10x slower. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """For a test that runs the RL trainer: it fixes torch's thread count and exports OMP_NUM_THREADS (before vLLM
+    starts), and its engines run without TRITON_INTERPRET; the rest of the suite gets its own settings back."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(threads)))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -38,13 +38,7 @@ RECIPE = ROOT / "recipes" / "clr_tiny.toml"
 SOLUTION = "First, 3 + 4 = 7. Then Ada has 7 apples!\nSo the answer is \\boxed{7}."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from threads on a busy 2-core machine (see tests/test_rollout.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CLAIM_CASES = [

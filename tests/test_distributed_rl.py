@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import metrics_lines, without_times
 
 from vibeperf.config import config_from_dict
 from vibeperf.data import write_jsonl
@@ -19,7 +19,6 @@ from vibeperf.rl.config import RLConfig
 from vibeperf.rl.synthetic import digit_records
 
 ROOT = Path(__file__).resolve().parents[1]
-TIME_KEYS = ("time_generate_s", "time_score_s", "time_update_s", "time_sync_s", "time_step_s")
 
 
 def _config(data: Path, out: Path, **overrides) -> RLConfig:
@@ -69,17 +68,8 @@ def _worker(data: Path, out: Path) -> None:
     (out / f"worker{os.environ['RANK']}.json").write_text(json.dumps({"push_gaps": gaps, "blocks": sizes}))
 
 
-@pytest.fixture
-def _restore_threads(monkeypatch):
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(threads)))
-    yield
-    torch.set_num_threads(threads)
-
-
 def _lines(out: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+    return without_times(metrics_lines(out / "metrics.jsonl"))
 
 
 def _assert_lines_close(a: list[dict], b: list[dict], *, skip: tuple[str, ...] = ()) -> None:
@@ -93,7 +83,7 @@ def _assert_lines_close(a: list[dict], b: list[dict], *, skip: tuple[str, ...] =
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_rl_on_two_processes_equals_one_and_resumes_in_one(tmp_path, _restore_threads):
+def test_rl_on_two_processes_equals_one_and_resumes_in_one(tmp_path, restore_threads):
     from safetensors.torch import load_file
 
     from vibeperf.rl.trainer import resolve_model_path, train

@@ -13,20 +13,18 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TIME_KEYS, metrics_lines, run_report_script, without_times
 from vibeperf.kernels import mgpo_loss
 
 from vibeperf.config import ConfigError, config_from_dict, describe_config, load_config
 from vibeperf.data import RLRecord, write_jsonl
 from vibeperf.rewards import Scorer
-from vibeperf.rl.advantages import group_advantages, long2short_shift, overlong_penalty
+from vibeperf.rl.advantages import group_advantages, long2short_shift
 from vibeperf.rl.config import RLConfig
 from vibeperf.rl.data import (
     MixtureSampler,
@@ -43,7 +41,6 @@ from vibeperf.rollout import Completion, RolloutGroup, SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "rl_tiny.toml"
-TIME_KEYS = ("time_generate_s", "time_score_s", "time_update_s", "time_sync_s", "time_step_s")
 
 
 def test_recipes_load_and_check_values():
@@ -77,9 +74,8 @@ def test_cli_describe_and_print_config(capsys):
     assert json.loads(capsys.readouterr().out)["rollout"]["group_size"] == 4
 
 
-def _loop_advantages(rewards, lengths, groups, *, lam, mgpo_lambda, penalty=None):
-    """Long2Short then MGPO advantages, one group at a time in plain Python (DESIGN.md section 2); `penalty` [S]
-    (the overlong punishment) is added to the rewards the advantages use, not to p_c."""
+def _loop_advantages(rewards, lengths, groups, *, lam, mgpo_lambda):
+    """Long2Short then MGPO advantages, one group at a time in plain Python (DESIGN.md section 2)."""
     out = [0.0] * len(rewards)
     for g in sorted(set(groups)):
         idx = [i for i, x in enumerate(groups) if x == g]
@@ -92,8 +88,6 @@ def _loop_advantages(rewards, lengths, groups, *, lam, mgpo_lambda, penalty=None
             m = max(abs(v - s_bar) for v in s.values())
             for k in correct:
                 shifted[k] = r[k] + lam * (s[k] - s_bar) / m
-        if penalty is not None:
-            shifted = [v + penalty[i] for v, i in zip(shifted, idx)]
         mean = sum(shifted) / len(shifted)
         std = math.sqrt(sum((v - mean) ** 2 for v in shifted) / (len(shifted) - 1)) if len(shifted) > 1 else 0.0
         equal = max(shifted) == min(shifted)
@@ -129,33 +123,6 @@ def test_group_advantages_match_loop(lam):
             assert float(s.abs().max()) in (0.0, pytest.approx(lam))
         assert torch.all(shift[36:42] == 0) and torch.any(adv[30:36] != 0)
         assert float(weights[5]) == pytest.approx(math.exp(-math.log(2)))  # p_c = 1 from the unshifted rewards
-
-
-@pytest.mark.parametrize("lam", [None, 0.2], ids=["plain", "long2short"])
-def test_overlong_penalty_matches_dapo(lam):
-    """DAPO's soft overlong punishment (L = 40, buffer 10): 0 up to 30 tokens, linear to -0.5 at 40, -0.5 beyond;
-    it shapes the rewards of the advantages while w_ME keeps the unshaped p_c."""
-    dapo = lambda n: 0.0 if n <= 30 else (0.5 * (30 - n) / 10 if n <= 40 else -0.5)
-    gen = torch.Generator().manual_seed(2)
-    groups = torch.arange(7).repeat_interleave(6)
-    rewards = (torch.rand(42, generator=gen) < 0.5).double()
-    rewards[30:36] = 1.0
-    lengths = torch.randint(3, 45, (42,), generator=gen)
-    lengths[:4] = torch.tensor([30, 31, 40, 44])
-    pen = overlong_penalty(lengths, max_tokens=40, buffer=10, factor=0.5)
-    assert pen.tolist() == pytest.approx([dapo(n) for n in lengths.tolist()])
-    adv, weights, used = group_advantages(rewards, lengths, groups, num_groups=7, mgpo_lambda=1.0, scale="group",
-                                          long2short_lambda=lam, reward_shift=pen)  # fmt: skip
-    expected = _loop_advantages(rewards.tolist(), lengths.tolist(), groups.tolist(), lam=lam or 0.0, mgpo_lambda=1.0,
-                                penalty=pen.tolist())  # fmt: skip
-    torch.testing.assert_close(adv.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
-    assert float(weights[5]) == pytest.approx(math.exp(-math.log(2)))  # group 5 all correct: p_c = 1, unshaped
-    if lam is None:  # the all-correct group gets a signal from the lengths alone; short completions are not shaped
-        assert torch.any(adv[30:36] != 0) and torch.all((used - rewards)[lengths <= 30] == 0)
-    from vibeperf.rl.config import RolloutConfig
-
-    with pytest.raises(ConfigError, match="overlong_buffer"):
-        RolloutConfig(overlong_buffer=-1)
 
 
 @pytest.mark.parametrize("lam", [0.2, 1.0])
@@ -379,19 +346,8 @@ def test_b7_runs_on_the_cpu(capsys):
     assert len(rows) >= 4 and all(" y  " in line and "tok/s" in line for line in rows[-4:]), rows
 
 
-@pytest.fixture
-def _restore_threads(monkeypatch):
-    """The trainer fixes torch's thread count and exports OMP_NUM_THREADS; give the rest of the suite its own back."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(threads)))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _hf_config(tmp_path: Path, out: str, loss: dict | None = None, rollout: dict | None = None, **train) -> RLConfig:
-    """Two phases of two steps (the second with Long2Short), transformers engine, small groups; `loss` / `rollout`
-    add settings to those sections."""
+def _hf_config(tmp_path: Path, out: str, **train) -> RLConfig:
+    """Two phases of two steps (the second with Long2Short), transformers engine, small groups."""
     files = []
     for seed in (0, 1):
         path = tmp_path / f"digit{seed}.jsonl"
@@ -401,9 +357,9 @@ def _hf_config(tmp_path: Path, out: str, loss: dict | None = None, rollout: dict
     return config_from_dict(RLConfig, {
         "output_dir": str(tmp_path / out), "model": {"path": "tiny-warm"},
         "optim": {"lr": 5e-4, "min_lr": 5e-4, "warmup_frac": 0.0},
-        "rollout": {"group_size": 4, "prompts_per_step": 4, **(rollout or {})},
-        "engine": {"kind": "hf", "dtype": "float32"}, "sampling": {"max_tokens": 6, "seed": 0},
-        "loss": {"backend": "torch", "minibatches": 2, "token_budget": 256, **(loss or {})},
+        "rollout": {"group_size": 4, "prompts_per_step": 4}, "engine": {"kind": "hf", "dtype": "float32"},
+        "sampling": {"max_tokens": 6, "seed": 0},
+        "loss": {"backend": "torch", "minibatches": 2, "token_budget": 256},
         "train": {"cpu_threads": 1, "device": "cpu", **train},
         "logging": {"progress": False},
         "checkpoint": {"resume": "latest", "keep_last": 0},
@@ -412,7 +368,7 @@ def _hf_config(tmp_path: Path, out: str, loss: dict | None = None, rollout: dict
     })  # fmt: skip
 
 
-def test_hf_loop_resume_is_exact(tmp_path, _restore_threads):
+def test_hf_loop_resume_is_exact(tmp_path, restore_threads):
     """4 steps in one go == 3 steps, then a resumed run to 4 (across the phase boundary, the second phase's static
     filter and data position restored from the checkpoint). The transformers engine samples reproducibly."""
     from safetensors.torch import load_file
@@ -427,8 +383,7 @@ def test_hf_loop_resume_is_exact(tmp_path, _restore_threads):
     a = load_file(full.last_checkpoint / "model.safetensors")
     b = load_file(resumed.last_checkpoint / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    lines = lambda r: [{k: v for k, v in json.loads(x).items() if k not in TIME_KEYS}
-                       for x in (r.output_dir / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    lines = lambda r: without_times(metrics_lines(r.output_dir / "metrics.jsonl"))
     assert lines(full) == lines(resumed) and [x["phase"] for x in lines(full)] == ["one", "one", "two", "two"]
     for name in ("reward.png", "length.png", "static_filter/one.json", "static_filter/two.json", "config.json"):
         assert (full.output_dir / name).is_file(), name
@@ -491,10 +446,9 @@ def _vllm_report(out_path: str) -> None:
         for x, y in zip(opt_a["optimizer"]["state"].values(), opt_b["optimizer"]["state"].values())
         for key in ("exp_avg", "exp_avg_sq")
     )
-    main_lines = [json.loads(x) for x in (work / "main" / "metrics.jsonl").read_text().splitlines()][:8]
-    res_lines = [json.loads(x) for x in (resumed.output_dir / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
-    report["resume_metrics_equal"] = strip(main_lines[4:]) == strip(res_lines)
+    main_lines = metrics_lines(work / "main" / "metrics.jsonl")[:8]
+    res_lines = metrics_lines(resumed.output_dir / "metrics.jsonl")
+    report["resume_metrics_equal"] = without_times(main_lines[4:]) == without_times(res_lines)
     report["resume_lines"] = [r["step"] for r in res_lines]
     Path(out_path).write_text(json.dumps(report, indent=1))
 
@@ -505,12 +459,8 @@ def vllm_report(tmp_path_factory) -> dict:
         pytest.skip("vllm is not installed")
     out = tmp_path_factory.mktemp("rl") / "report.json"
     start = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, "--vllm-report", str(out)], capture_output=True, text=True,
-                          timeout=420, env=env, cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
-    report["rows"] = [json.loads(x) for x in Path(report["metrics"]).read_text().splitlines()]
+    report = run_report_script(__file__, out, timeout=420)
+    report["rows"] = metrics_lines(report["metrics"])
     rows = report["rows"]
     first, last = rows[:10], rows[-10:]
     print(f"RL vLLM report ({time.perf_counter() - start:.1f} s): setup {report['setup_s']:.1f} s, "
@@ -518,32 +468,6 @@ def vllm_report(tmp_path_factory) -> dict:
           f"{sum(r['reward_mean'] for r in first) / 10:.3f}, last 10 {sum(r['reward_mean'] for r in last) / 10:.3f}; "
           f"max log-prob gap {max(r['logp_gap_max'] for r in rows):.2e}")  # fmt: skip
     return report
-
-
-@pytest.mark.parametrize(
-    "loss,rollout",
-    [(dict(importance_sampling_level="sequence", entropy_coef=0.01), dict(overlong_buffer=3)),
-     (dict(loss_type="cispo", eps_high=2.0, aggregation="token-mean"), {})],
-    ids=["gspo-entropy-overlong", "cispo"],
-)
-def test_hf_loop_with_the_loss_family_resumes_exactly(tmp_path, _restore_threads, loss, rollout):
-    """The loop with issue 17's settings on (GSPO + entropy bonus + overlong shaping, CISPO): 3 steps in one go ==
-    2 steps, then a resumed run to 3; every loss finite."""
-    from safetensors.torch import load_file
-
-    from vibeperf.rl.trainer import train
-
-    full = train(_hf_config(tmp_path, "full", loss, rollout, max_steps=3))
-    train(_hf_config(tmp_path, "part", loss, rollout, max_steps=2))
-    resumed = train(_hf_config(tmp_path, "part", loss, rollout, max_steps=3))
-    a = load_file(full.last_checkpoint / "model.safetensors")
-    b = load_file(resumed.last_checkpoint / "model.safetensors")
-    assert resumed.steps == 3 and all(torch.equal(a[k], b[k]) for k in a)
-    lines = lambda r: [{k: v for k, v in json.loads(x).items() if k not in TIME_KEYS}
-                       for x in (r.output_dir / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
-    assert lines(full) == lines(resumed) and all(math.isfinite(x["loss"]) for x in lines(full))
-    if rollout:  # some completions reach the 6-token budget: the shaped rewards differ from the raw ones
-        assert any(x["reward_used_mean"] != x["reward_mean"] for x in lines(full))
 
 
 @pytest.mark.slow

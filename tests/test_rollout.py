@@ -12,14 +12,12 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_report_script
 from transformers import AutoModelForCausalLM
 
 from vibeperf.rollout import CheckpointWeights, SamplingConfig, make_engine
@@ -74,13 +72,7 @@ def _processed_logprobs(model, prompt_ids: list[int], token_ids: list[int], temp
     return z.masked_fill(mask, float("-inf")).log_softmax(-1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from threads; on a busy 2-core machine, 2 OpenMP threads ran ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -364,15 +356,7 @@ def vllm_report(tmp_path_factory) -> dict:
         pytest.skip("vllm is not installed")
     out = tmp_path_factory.mktemp("vllm") / "report.json"
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--vllm-report", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = run_report_script(__file__, out, timeout=300)
     numbers = {k: v for k, v in report.items() if "gap" in k or k.endswith("_s")}
     print(f"vLLM report ({time.perf_counter() - start:.1f} s): {json.dumps(numbers)}")
     return report

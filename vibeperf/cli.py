@@ -3,8 +3,11 @@
     vibeperf sft RECIPE [key=value ...]       packed-sequence SFT (python -m vibeperf sft ...)
     vibeperf sft --describe                   every config key with its type, default and meaning
 
-A subcommand is `Subcommand(help, add_arguments, run)`: `add_arguments(parser)` declares its arguments and
-`run(args) -> int` does the work and returns the exit status. Adding one is one line in `SUBCOMMANDS`.
+The convention: a subcommand is `Subcommand(help, module, recipe)`, and `module` defines `run_cli(args) -> int`,
+which does the work and returns the exit status. A recipe subcommand (`recipe=True`) takes the shared recipe
+arguments (a recipe file, `key=value` overrides, `--describe`, `--print-config`, `--recipe-list`); any other defines
+`add_arguments(parser)` too. The module is imported only when its subcommand runs (or, without a recipe, when the
+parser is built). Adding one is one line in `SUBCOMMANDS`.
 Every failure a user can act on (`vibeperf.errors.UserError`: recipe, data, model directory, device, resume, a run
 stopped by a named fault; or an OSError such as a full disk) prints one line `error: ...` on stderr and exits with
 status 2; `--verbose` (or VIBEPERF_DEBUG=1) prints the traceback too. Output: the run's progress goes to stderr
@@ -15,24 +18,35 @@ unless `--verbose`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 
 @dataclass(frozen=True)
 class Subcommand:
-    """A subcommand: its one-line help, its argument declarations, and the function that runs it."""
+    """A subcommand: its one-line help, the module that implements it, and whether it takes a recipe."""
 
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    module: str
+    recipe: bool = False
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        (recipe_arguments if self.recipe else self.load().add_arguments)(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return self.load().run_cli(args)
 
 
-def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
+def recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every recipe subcommand takes."""
     parser.add_argument("recipe", nargs="?", help="recipe file (.toml or .json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-5")
     parser.add_argument("--describe", action="store_true", help="list every config key and exit")
@@ -40,55 +54,23 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe-list", action="store_true", help="list the recipes shipped with vibeperf and exit")
 
 
-def _run_sft(args: argparse.Namespace) -> int:
-    from vibeperf.config import run_recipe_command
-    from vibeperf.sft.config import SFTConfig
-
-    def run(cfg: SFTConfig) -> int:
-        from vibeperf.sft.trainer import train
-
-        result = train(cfg)
-        print(f"sft: {result.steps} steps, last loss {result.last_loss}, output {result.output_dir}, "
-              f"checkpoint {result.last_checkpoint}, attention {result.attention}")  # fmt: skip
-        return 0
-
-    return run_recipe_command(SFTConfig, args, run, "sft")
-
-
-def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from vibeperf import demo
-
-    demo.add_arguments(parser)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from vibeperf import demo
-
-    return demo.main(args)
-
-
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "sft": Subcommand("packed-sequence SFT with a curriculum of stages", _recipe_arguments, _run_sft),
-    "demo": Subcommand("the end-to-end job on the tiny local model (see vibeperf/demo/)", _demo_arguments, _run_demo),
-    "rl": Subcommand("MGPO RL in phases", _recipe_arguments, lambda a: __import__("vibeperf.rl").rl.run_cli(a)),
-    "clr": Subcommand("CLR answer selection", _recipe_arguments, lambda a: __import__("vibeperf.clr").clr.run_cli(a)),
-    "eval": Subcommand("pass@k evaluation per domain and subdomain", _recipe_arguments,
-                       lambda a: __import__("vibeperf.eval.passk").eval.passk.cli_main(a)),
-    "spectrum": Subcommand("probe checkpoints per subdomain, keep the best by pass@k, merge them", _recipe_arguments,
-                           lambda a: __import__("vibeperf.eval.spectrum").eval.spectrum.cli_main(a)),
+    "sft": Subcommand("packed-sequence SFT with a curriculum of stages", "vibeperf.sft", recipe=True),
+    "demo": Subcommand("the end-to-end job on the tiny local model (see vibeperf/demo/)", "vibeperf.demo"),
+    "rl": Subcommand("MGPO RL in phases", "vibeperf.rl", recipe=True),
+    "clr": Subcommand("CLR answer selection", "vibeperf.clr", recipe=True),
+    "eval": Subcommand("pass@k evaluation per domain and subdomain", "vibeperf.eval.passk", recipe=True),
+    "spectrum": Subcommand("probe checkpoints per subdomain, keep the best by pass@k, merge them",
+                           "vibeperf.eval.spectrum", recipe=True),
     "distill": Subcommand("offline self-distillation: rejection sampling, learning-potential weights",
-                          _recipe_arguments,
-                          lambda a: __import__("vibeperf.distill.run").distill.run.cli_main(a)),
+                          "vibeperf.distill.run", recipe=True),
     "bench": Subcommand("microbenchmarks: check, time, save, and --compare against a baseline (see vibeperf/bench/)",
-                        lambda p: __import__("vibeperf.bench.run").bench.run.add_arguments(p),
-                        lambda a: __import__("vibeperf.bench.run").bench.run.main(a)),
+                        "vibeperf.bench.run"),
     "env": Subcommand("versions, GPUs, the extension and which backend each `auto` picks here (for bug reports)",
-                      lambda p: __import__("vibeperf.env").env.add_arguments(p),
-                      lambda a: __import__("vibeperf.env").env.cli_main(a)),
+                      "vibeperf.env"),
     "score": Subcommand("NLL, log-probs and entropy of texts (JSONL in, JSONL out; 64K-token sequences)",
-                        lambda p: __import__("vibeperf.score").score.add_arguments(p),
-                        lambda a: __import__("vibeperf.score").score.cli_main(a)),
-}
+                        "vibeperf.score"),
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

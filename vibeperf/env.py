@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def cli_main(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     doc = collect()
     print(json.dumps(doc, indent=1) if args.json else format_report(doc))
     return 0

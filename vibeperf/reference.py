@@ -1,4 +1,5 @@
-"""Plain references for the recipe formulas of DESIGN.md section 2 that are not kernels.
+"""Plain references for the VibeThinker recipe formulas that are not kernels (the LM-head losses have theirs in
+kernels/*/reference.py). They are test oracles: production code has its own functions, tested against these.
 
 Long2Short reward shift, unbiased pass@k, learning potential and CLR aggregation. Each is written to be obviously
 right; `clr_aggregate_reference` is a plain Python loop on purpose, the oracle for a vectorised aggregator.

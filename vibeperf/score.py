@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vibeperf.data import SFTRecord, write_jsonl
-from vibeperf.data.jsonl import _field, _parse_sft, _read_jsonl
+from vibeperf.data.jsonl import get_field, parse_sft_record, read_records
 
 if TYPE_CHECKING:  # vibeperf.model imports transformers: loaded when scoring, not when the CLI builds its parser
     from vibeperf.model import PackedRow, Sample
@@ -166,16 +166,16 @@ def text_sample(tokenizer, text: str, source: str = "") -> Sample:
 
 
 def _parse_score_line(obj: Mapping[str, Any]) -> tuple[str | None, str | SFTRecord]:
-    record_id = _field(obj, "id", (str, int), default=None)
+    record_id = get_field(obj, "id", (str, int), default=None)
     record_id = None if record_id is None else str(record_id)
     if "text" in obj:
-        return record_id, _field(obj, "text", (str,), nonempty=True)
-    return record_id, _parse_sft(obj)
+        return record_id, get_field(obj, "text", (str,), nonempty=True)
+    return record_id, parse_sft_record(obj)
 
 
 def read_score_jsonl(path: str | os.PathLike) -> list[tuple[str | None, str | SFTRecord]]:
     """(id, text or SFTRecord) per line of a scoring input file; DataError naming file:line:field on a bad line."""
-    return _read_jsonl(path, _parse_score_line)
+    return read_records(path, _parse_score_line)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", choices=("auto", "varlen", "flex", "exact"))
 
 
-def cli_main(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     """`vibeperf score`: read, tokenise, score, write (see the module docstring)."""
     from vibeperf.model import tokenize_records
 

@@ -2,7 +2,7 @@
 
 For each query, K trajectories each carry an answer cluster id and M claim verdicts v_{k,m} in [0, 1].
 Trajectory reliability r_k = ((1/M) sum_m v_{k,m})^M; Score(G) = sum_{k in G} r_k; the highest-scoring cluster
-wins; ties go to the larger cluster, then to the cluster whose first member comes first (DESIGN.md section 2).
+wins; ties go to the larger cluster, then to the cluster whose first member comes first.
 Scores equal to 12 decimal places count as tied, here and in `vibeperf.reference.clr_aggregate_reference`, so the
 choice never depends on the order in which a GPU happened to add the r_k.
 """

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from math_verify import parse, verify
 
-from vibeperf.rewards.math import _timeouts, math_reward
+from vibeperf.rewards.math import math_reward, signal_timeout
 
 _SPACES = re.compile(r"\s+|\\[,;:! ]|\\q?quad\b")
 _SIZING = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])")
@@ -70,7 +70,7 @@ class AnswerClusterer:
         if key not in self._parsed:
             self.stats["parse_calls"] += 1
             try:
-                self._parsed[key] = parse(f"\\boxed{{{key}}}", parsing_timeout=_timeouts(self.timeout_s))
+                self._parsed[key] = parse(f"\\boxed{{{key}}}", parsing_timeout=signal_timeout(self.timeout_s))
             # An unparseable answer is still an answer: it matches its own text only.
             except Exception:
                 self.stats["parse_errors"] += 1
@@ -91,7 +91,7 @@ class AnswerClusterer:
         if gold and pred:
             self.stats["verify_calls"] += 1
             try:
-                result = bool(verify(gold, pred, timeout_seconds=_timeouts(self.timeout_s)))
+                result = bool(verify(gold, pred, timeout_seconds=signal_timeout(self.timeout_s)))
             except Exception:
                 self.stats["verify_errors"] += 1
         self._equal[pair] = result

@@ -1,5 +1,5 @@
-"""CLR inference, DESIGN.md section 2: K candidates per query, M claims each judged by the same model, and the
-reliability-weighted vote over answer clusters.
+"""CLR inference (claim-level reliability, from the VibeThinker papers): K candidates per query, M claims each
+judged by the same model, and the reliability-weighted vote over answer clusters.
 
     vibeperf clr recipes/clr_tiny.toml [key=value ...]      (python -m vibeperf clr ...)
     vibeperf clr --describe                                 every config key with its type, default and meaning
@@ -54,7 +54,7 @@ from vibeperf.clr.prompts import (
     verification_prompt,
 )
 from vibeperf.config import EngineConfig, check, config_to_dict
-from vibeperf.data.jsonl import _field, _read_jsonl, write_jsonl
+from vibeperf.data.jsonl import get_field, read_records, write_jsonl
 
 logger = logging.getLogger(__name__)
 FALLBACKS = ("no_answer", "solution_clipped", "sentences", "truncated", "padded", "claims_padded", "claims_dropped",
@@ -179,15 +179,15 @@ class CLRQuery:
 
 
 def _parse_query(obj) -> CLRQuery:
-    prompt = _field(obj, "prompt", (str,), nonempty=True)
-    answer = _field(obj, "answer", (str, int, float), default=None, nonempty=True)
-    query_id = _field(obj, "id", (str, int), default=None)
+    prompt = get_field(obj, "prompt", (str,), nonempty=True)
+    answer = get_field(obj, "answer", (str, int, float), default=None, nonempty=True)
+    query_id = get_field(obj, "id", (str, int), default=None)
     return CLRQuery(prompt, None if answer is None else str(answer), None if query_id is None else str(query_id))
 
 
 def read_queries(path: str | os.PathLike) -> list[CLRQuery]:
     """The queries of a JSONL file; DataError naming file:line and field at the first malformed line."""
-    return _read_jsonl(path, _parse_query)
+    return read_records(path, _parse_query)
 
 
 def make_clr_engine(cfg: CLRConfig):
@@ -467,7 +467,7 @@ def format_summary(summary: dict) -> str:
 
 
 def run_cli(args) -> int:
-    """The `vibeperf clr` subcommand (arguments as `vibeperf.cli._recipe_arguments` declares them)."""
+    """The `vibeperf clr` subcommand (arguments as `vibeperf.cli.recipe_arguments` declares them)."""
     from vibeperf.config import run_recipe_command
 
     def run(cfg: CLRConfig) -> int:

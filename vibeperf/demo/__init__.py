@@ -338,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, sampling and training (default 0)")
 
 
-def main(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     from vibeperf.demo.report import accuracy_table
 
     summary = run(Path(args.out), args.size, args.seed)
@@ -347,4 +347,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["SIZES", "DemoSize", "add_arguments", "main", "run"]
+__all__ = ["SIZES", "DemoSize", "add_arguments", "run", "run_cli"]

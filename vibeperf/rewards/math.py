@@ -92,7 +92,7 @@ def last_boxed(text: str) -> str | None:
     raise ValueError(f"unbalanced braces in the last \\boxed{{...}}: '{_short(text[matches[-1].start() :])}'")
 
 
-def _timeouts(timeout_s: int | None) -> int | None:
+def signal_timeout(timeout_s: int | None) -> int | None:
     """math-verify's signal timeouts only in the main thread; elsewhere none (they would raise)."""
     if timeout_s is None or threading.current_thread() is not threading.main_thread():
         return None
@@ -111,7 +111,7 @@ def _parse_gold(gold: str, timeout: int | None) -> list:
 
 
 def _math_reward(gold: str, completion: str, require_boxed: bool, timeout_s: int | None) -> RewardResult:
-    timeout = _timeouts(timeout_s)
+    timeout = signal_timeout(timeout_s)
     gold_parsed = _parse_gold(normalize_answer(gold), timeout)
     if not gold_parsed:
         return RewardResult(0.0, f"gold answer '{_short(gold)}' could not be parsed")

@@ -13,7 +13,6 @@ from typing import ClassVar, Literal
 
 from vibeperf.config import (
     CheckpointConfig,
-    DataFile,
     EngineConfig,
     LoggingConfig,
     LossBackend,
@@ -48,25 +47,18 @@ class RolloutConfig:
     the file and record; "skip" drops such prompts and logs how many per source."""
     sync_bucket_mb: float = 256.0
     """Under torchrun: the weight push to the engine gathers the sharded parameters this many MiB at a time."""
-    overlong_buffer: int = 0
-    """DAPO's soft overlong punishment: within this many tokens of the phase's max_tokens the reward falls linearly
-    to -overlong_penalty (a completion cut at max_tokens gets all of it); 0: off."""
-    overlong_penalty: float = 1.0
-    """The largest overlong punishment (subtracted from the reward the advantages use)."""
 
     def __post_init__(self):
         check(self.group_size >= 2, "group_size", f"must be >= 2 (a group of one has no advantage), got "
               f"{self.group_size}")  # fmt: skip
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         check(self.sync_bucket_mb > 0, "sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
-        check(self.overlong_buffer >= 0, "overlong_buffer", f"must be >= 0, got {self.overlong_buffer}")
-        check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
 
 
 @dataclass
 class LossConfig:
-    """The policy loss (vibeperf.kernels.policy_loss, DESIGN.md sections 2 and 2b); the defaults are the MGPO
-    recipe's (loss_type "grpo", token ratios, no entropy bonus)."""
+    """The policy loss (vibeperf.kernels.policy_loss; formulas in kernels/policy/reference.py); the defaults are the
+    MGPO recipe's (loss_type "grpo", token ratios, no entropy bonus)."""
 
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "grpo"
     """The per-token objective (TRL's names): PPO-clip for grpo/bnpo/dr_grpo/dapo, CISPO (eps_high is then the
@@ -135,7 +127,8 @@ class LossConfig:
 
 @dataclass
 class StaticFilterConfig:
-    """Before each phase, drop the prompts the starting checkpoint always or never solves (DESIGN.md section 2)."""
+    """Before each phase, drop the prompts the starting checkpoint always or never solves (accuracy 1 or 0 over its
+    samples), as the VibeThinker recipe does."""
 
     RENAMED: ClassVar[dict[str, str]] = {"batch_prompts": "engine.batch_prompts"}
 
@@ -152,10 +145,8 @@ class StaticFilterConfig:
 class SourceConfig:
     """One data source of a phase: RL JSONL files and the share of each step's prompts drawn from them."""
 
-    files: list[str | DataFile]
-    """RL data files (JSONL, JSONL.gz or parquet; {"prompt", "domain", "answer" | "tests"} rows, tests in any format of
-    vibeperf.data.code_formats), read in order; an entry is a path or a table {path, fields, domain, prompt_template}
-    mapping the file's own columns (vibeperf.config.DataFile)."""
+    files: list[str]
+    """RL JSONL files ({"prompt", "domain", "answer" | "tests"} lines), read in this order."""
     weight: float = 1.0
     """Mixing weight: each prompt slot of a step picks this source with probability weight / sum of weights."""
     name: str = ""

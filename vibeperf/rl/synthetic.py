@@ -43,17 +43,6 @@ def format_records(n: int, *, seed: int = 0) -> list[dict]:
             for r in digit_records(n, seed=seed + 1000)]  # fmt: skip
 
 
-def write_tiny_rl_data(out_dir) -> None:
-    """Write the data of recipes/rl_tiny.toml: rl_tiny_digit.jsonl (256 prompts) and rl_tiny_digit_b.jsonl (a
-    second source of 128 prompts from another seed, to show the mixture)."""
-    from vibeperf.data import write_jsonl
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "rl_tiny_digit.jsonl", digit_records(256, seed=0))
-    write_jsonl(out / "rl_tiny_digit_b.jsonl", digit_records(128, seed=1))
-
-
 def _build_warm(out_dir: Path, steps: int) -> None:
     from vibeperf.config import config_from_dict
     from vibeperf.data import write_jsonl

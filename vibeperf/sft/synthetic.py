@@ -27,24 +27,3 @@ def synthetic_records(n: int, *, task: str = "copy", seed: int = 0, min_words: i
             prompt, response = f"What is {a} plus {b}?", f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
         out.append({"id": f"{task}-{seed}-{i}", "prompt": prompt, "response": response})
     return out
-
-
-def write_tiny_data(out_dir) -> None:
-    """Write the data of recipes/sft_tiny.toml: sft_tiny_broad.jsonl (copy + arith), sft_tiny_long.jsonl (long copy
-    prompts) and sft_tiny_verdicts.jsonl (made-up reference-model verdicts, 8 per long problem)."""
-    from pathlib import Path
-
-    from vibeperf.data import write_jsonl
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    broad = [r for pair in zip(synthetic_records(192, task="copy"), synthetic_records(192, task="arith")) for r in pair]
-    long = synthetic_records(96, task="copy", seed=1, min_words=16, max_words=40)
-    rng = random.Random("verdicts")
-    verdicts = []
-    for r in long:
-        p_correct = rng.choice((0.05, 0.5, 0.9))  # a made-up difficulty per problem
-        verdicts.append({"id": r["id"], "verdicts": [int(rng.random() < p_correct) for _ in range(8)]})
-    write_jsonl(out / "sft_tiny_broad.jsonl", broad)
-    write_jsonl(out / "sft_tiny_long.jsonl", long)
-    write_jsonl(out / "sft_tiny_verdicts.jsonl", verdicts)

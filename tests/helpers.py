@@ -1,0 +1,36 @@
+"""Helpers that several test modules share (their shared fixtures, `one_torch_thread` and `restore_threads`, are in
+conftest.py). Import as `from helpers import ...`: pytest puts this folder on sys.path, and so does running a test
+module as a script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIME_KEYS = ("time_generate_s", "time_score_s", "time_update_s", "time_sync_s", "time_step_s")
+"""The RL metrics that are wall-clock times: they differ between otherwise identical runs."""
+
+
+def without_times(rows: list[dict]) -> list[dict]:
+    """Metrics lines without their wall-clock times."""
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+def metrics_lines(path: Path) -> list[dict]:
+    """The JSON lines of a metrics.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_report_script(script: str, out: Path, *, timeout: float) -> dict:
+    """Run the test module `script` as a script (`--vllm-report out`) in a child process without TRITON_INTERPRET,
+    and return the JSON report it wrote: vLLM binds OpenMP threads and freezes torch's thread count for its whole
+    process, so it runs apart from the test session."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--vllm-report", str(out)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(Path(out).read_text())
