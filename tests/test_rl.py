@@ -24,7 +24,7 @@ from vibeperf.kernels import mgpo_loss
 from vibeperf.config import ConfigError, config_from_dict, describe_config, load_config
 from vibeperf.data import RLRecord, write_jsonl
 from vibeperf.rewards import Scorer
-from vibeperf.rl.advantages import group_advantages, long2short_shift
+from vibeperf.rl.advantages import group_advantages, long2short_shift, overlong_penalty
 from vibeperf.rl.config import RLConfig
 from vibeperf.rl.data import (
     MixtureSampler,
@@ -74,8 +74,9 @@ def test_cli_describe_and_print_config(capsys):
     assert json.loads(capsys.readouterr().out)["rollout"]["group_size"] == 4
 
 
-def _loop_advantages(rewards, lengths, groups, *, lam, mgpo_lambda):
-    """Long2Short then MGPO advantages, one group at a time in plain Python (DESIGN.md section 2)."""
+def _loop_advantages(rewards, lengths, groups, *, lam, mgpo_lambda, penalty=None):
+    """Long2Short then MGPO advantages, one group at a time in plain Python (DESIGN.md section 2); `penalty` [S]
+    (the overlong punishment) is added to the rewards the advantages use, not to p_c."""
     out = [0.0] * len(rewards)
     for g in sorted(set(groups)):
         idx = [i for i, x in enumerate(groups) if x == g]
@@ -88,6 +89,8 @@ def _loop_advantages(rewards, lengths, groups, *, lam, mgpo_lambda):
             m = max(abs(v - s_bar) for v in s.values())
             for k in correct:
                 shifted[k] = r[k] + lam * (s[k] - s_bar) / m
+        if penalty is not None:
+            shifted = [v + penalty[i] for v, i in zip(shifted, idx)]
         mean = sum(shifted) / len(shifted)
         std = math.sqrt(sum((v - mean) ** 2 for v in shifted) / (len(shifted) - 1)) if len(shifted) > 1 else 0.0
         equal = max(shifted) == min(shifted)
@@ -123,6 +126,33 @@ def test_group_advantages_match_loop(lam):
             assert float(s.abs().max()) in (0.0, pytest.approx(lam))
         assert torch.all(shift[36:42] == 0) and torch.any(adv[30:36] != 0)
         assert float(weights[5]) == pytest.approx(math.exp(-math.log(2)))  # p_c = 1 from the unshifted rewards
+
+
+@pytest.mark.parametrize("lam", [None, 0.2], ids=["plain", "long2short"])
+def test_overlong_penalty_matches_dapo(lam):
+    """DAPO's soft overlong punishment (L = 40, buffer 10): 0 up to 30 tokens, linear to -0.5 at 40, -0.5 beyond;
+    it shapes the rewards of the advantages while w_ME keeps the unshaped p_c."""
+    dapo = lambda n: 0.0 if n <= 30 else (0.5 * (30 - n) / 10 if n <= 40 else -0.5)
+    gen = torch.Generator().manual_seed(2)
+    groups = torch.arange(7).repeat_interleave(6)
+    rewards = (torch.rand(42, generator=gen) < 0.5).double()
+    rewards[30:36] = 1.0
+    lengths = torch.randint(3, 45, (42,), generator=gen)
+    lengths[:4] = torch.tensor([30, 31, 40, 44])
+    pen = overlong_penalty(lengths, max_tokens=40, buffer=10, factor=0.5)
+    assert pen.tolist() == pytest.approx([dapo(n) for n in lengths.tolist()])
+    adv, weights, used = group_advantages(rewards, lengths, groups, num_groups=7, mgpo_lambda=1.0, scale="group",
+                                          long2short_lambda=lam, reward_shift=pen)  # fmt: skip
+    expected = _loop_advantages(rewards.tolist(), lengths.tolist(), groups.tolist(), lam=lam or 0.0, mgpo_lambda=1.0,
+                                penalty=pen.tolist())  # fmt: skip
+    torch.testing.assert_close(adv.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert float(weights[5]) == pytest.approx(math.exp(-math.log(2)))  # group 5 all correct: p_c = 1, unshaped
+    if lam is None:  # the all-correct group gets a signal from the lengths alone; short completions are not shaped
+        assert torch.any(adv[30:36] != 0) and torch.all((used - rewards)[lengths <= 30] == 0)
+    from vibeperf.rl.config import RolloutConfig
+
+    with pytest.raises(ConfigError, match="overlong_buffer"):
+        RolloutConfig(overlong_buffer=-1)
 
 
 @pytest.mark.parametrize("lam", [0.2, 1.0])
@@ -346,8 +376,9 @@ def test_b7_runs_on_the_cpu(capsys):
     assert len(rows) >= 4 and all(" y  " in line and "tok/s" in line for line in rows[-4:]), rows
 
 
-def _hf_config(tmp_path: Path, out: str, **train) -> RLConfig:
-    """Two phases of two steps (the second with Long2Short), transformers engine, small groups."""
+def _hf_config(tmp_path: Path, out: str, loss: dict | None = None, rollout: dict | None = None, **train) -> RLConfig:
+    """Two phases of two steps (the second with Long2Short), transformers engine, small groups; `loss` / `rollout`
+    add settings to those sections."""
     files = []
     for seed in (0, 1):
         path = tmp_path / f"digit{seed}.jsonl"
@@ -357,9 +388,9 @@ def _hf_config(tmp_path: Path, out: str, **train) -> RLConfig:
     return config_from_dict(RLConfig, {
         "output_dir": str(tmp_path / out), "model": {"path": "tiny-warm"},
         "optim": {"lr": 5e-4, "min_lr": 5e-4, "warmup_frac": 0.0},
-        "rollout": {"group_size": 4, "prompts_per_step": 4}, "engine": {"kind": "hf", "dtype": "float32"},
-        "sampling": {"max_tokens": 6, "seed": 0},
-        "loss": {"backend": "torch", "minibatches": 2, "token_budget": 256},
+        "rollout": {"group_size": 4, "prompts_per_step": 4, **(rollout or {})},
+        "engine": {"kind": "hf", "dtype": "float32"}, "sampling": {"max_tokens": 6, "seed": 0},
+        "loss": {"backend": "torch", "minibatches": 2, "token_budget": 256, **(loss or {})},
         "train": {"cpu_threads": 1, "device": "cpu", **train},
         "logging": {"progress": False},
         "checkpoint": {"resume": "latest", "keep_last": 0},
@@ -468,6 +499,32 @@ def vllm_report(tmp_path_factory) -> dict:
           f"{sum(r['reward_mean'] for r in first) / 10:.3f}, last 10 {sum(r['reward_mean'] for r in last) / 10:.3f}; "
           f"max log-prob gap {max(r['logp_gap_max'] for r in rows):.2e}")  # fmt: skip
     return report
+
+
+@pytest.mark.parametrize(
+    "loss,rollout",
+    [(dict(importance_sampling_level="sequence", entropy_coef=0.01), dict(overlong_buffer=3)),
+     (dict(loss_type="cispo", eps_high=2.0, aggregation="token-mean"), {})],
+    ids=["gspo-entropy-overlong", "cispo"],
+)
+def test_hf_loop_with_the_loss_family_resumes_exactly(tmp_path, restore_threads, loss, rollout):
+    """The loop with issue 17's settings on (GSPO + entropy bonus + overlong shaping, CISPO): 3 steps in one go ==
+    2 steps, then a resumed run to 3; every loss finite."""
+    from safetensors.torch import load_file
+
+    from vibeperf.rl.trainer import train
+
+    full = train(_hf_config(tmp_path, "full", loss, rollout, max_steps=3))
+    train(_hf_config(tmp_path, "part", loss, rollout, max_steps=2))
+    resumed = train(_hf_config(tmp_path, "part", loss, rollout, max_steps=3))
+    a = load_file(full.last_checkpoint / "model.safetensors")
+    b = load_file(resumed.last_checkpoint / "model.safetensors")
+    assert resumed.steps == 3 and all(torch.equal(a[k], b[k]) for k in a)
+    lines = lambda r: [{k: v for k, v in json.loads(x).items() if k not in TIME_KEYS}
+                       for x in (r.output_dir / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert lines(full) == lines(resumed) and all(math.isfinite(x["loss"]) for x in lines(full))
+    if rollout:  # some completions reach the 6-token budget: the shaped rewards differ from the raw ones
+        assert any(x["reward_used_mean"] != x["reward_mean"] for x in lines(full))
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ Qwen2.5-3B LM head: H = 2048, V = 151,936, bf16), every implementation is run on
 reference (a wrong result is reported and never timed), warmed up (autotuning included), then timed with
 triton.testing.do_bench medians. The peak is a plain 8192^3 bf16 matmul measured in the same run. A short table is
 printed last and the full JSON goes to --save PATH, else <results dir>/<gpu>_<date>.json (`common.results_dir()`:
-benchmarks/results/ in a source checkout, else ./vibeperf-results/). `--save` with no path saves this GPU's baseline
-for later `--compare` runs (`compare.user_baseline_path`). Without a GPU the same runner runs B1 and B2 at a CPU size
-(`cpu_cases.py`), timed with perf_counter medians.
+benchmarks/results/ in a source checkout, else ./vibeperf-results/; a --compare run only with --save). `--save`
+with no path saves this GPU's baseline for later `--compare` runs (`compare.user_baseline_path`). Without a GPU the
+same runner runs B1 and B2 at a CPU size (`cpu_cases.py`), timed with perf_counter medians.
 
 --compare reruns the cases of a baseline (a saved run, a floors file, or with no file this GPU's committed floors,
 else its saved baseline: `compare.default_baseline`), prints old / new / ratio per case and exits 1 on a regression
@@ -150,11 +150,11 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = [r for key_rows in by_key.values() for r in key_rows]
-    save = args.save
-    if save == "":
-        save = compare.user_baseline_path(gpu)
-    path = write_results(rows, peak, args.tag, Path(save) if save else None)
-    print(f"\nresults: {path}\npeak {peak:.2f} TFLOP/s\n" + format_table(rows))
+    save = compare.user_baseline_path(gpu) if args.save == "" else args.save
+    # A comparison rerun (a subset of implementations) is written only where --save says, never as the newest
+    # committed results of a checkout (the README's tables are generated from those).
+    path = write_results(rows, peak, args.tag, Path(save) if save else None) if save or not expectations else None
+    print(f"\nresults: {path or 'not saved (--save PATH)'}\npeak {peak:.2f} TFLOP/s\n" + format_table(rows))
     if not expectations:
         return 0
     verdicts = compare.evaluate(expectations, by_key)

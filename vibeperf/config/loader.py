@@ -2,7 +2,8 @@
 
 The loader is generic: `load_config(SomeConfig, "recipes/x.toml", ["optim.lr=1e-5", "stages.1.epochs=2"])` builds any
 dataclass tree from a recipe file plus overrides, checking every value against the field's type annotation (bool, int,
-float, str, `X | None`, `list[X]`, `tuple[X, ...]`, `Literal[...]`, nested dataclasses). Each field carries a docstring
+float, str, `X | None`, `list[X]`, `tuple[X, ...]`, `dict[str, X]`, `Literal[...]`, nested dataclasses, `str | Table`
+for a value written as a string or as a table). Each field carries a docstring
 (the string literal under it, torchtitan's convention; `field_docs` reads them) and each class checks its values in
 `__post_init__`. Every problem is a `ConfigError` naming the file and the dotted key, e.g.
 `recipes/sft.toml: optim.lr: expected a number, got string 'fast'`.
@@ -94,6 +95,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {_describe(value)}")
         return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):  # `str | SomeTable`: a string, or a table of the dataclass
+        arms = typing.get_args(tp)
+        if str in arms and isinstance(value, str):
+            return value
+        table = next((a for a in arms if dataclasses.is_dataclass(a)), None)
+        if table is not None and isinstance(value, dict):
+            return _build(table, value, key)
+        raise ConfigError(f"{key}: expected a string or a table, got {_describe(value)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {_describe(value)}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is Literal:
         if value not in typing.get_args(tp):
             allowed = ", ".join(repr(a) for a in typing.get_args(tp))
@@ -291,16 +305,22 @@ def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[s
         inner = _optional_inner(tp) or tp
         key = f"{prefix}{f.name}"
         item = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
+        table = next((a for a in typing.get_args(item) if dataclasses.is_dataclass(a)), None) if item else None
         if dataclasses.is_dataclass(inner):
             sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             lines += describe_config(inner, key + ".", sub)
         elif item is not None and dataclasses.is_dataclass(item):
             lines.append(f"{key}: list of tables  {docs[f.name]}")
             lines += describe_config(item, key + ".N.")
+        elif table is not None:
+            lines.append(f"{key}: list of strings or tables  {docs[f.name]}")
+            lines += describe_config(table, key + ".N.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else "(required)"
             if defaults is not None:
                 default = getattr(defaults, f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
             if typing.get_origin(tp) is Literal:
                 shown = "|".join(map(str, typing.get_args(tp)))
             else:

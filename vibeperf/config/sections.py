@@ -134,6 +134,12 @@ class LoggingConfig:
     """Draw the loss curve (loss.png in output_dir) at each checkpoint and at the end."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s for the MFU estimate; 0 measures a bf16 matmul on CUDA and leaves MFU out on the CPU."""
+    tensorboard: Literal["auto", True, False] = "auto"
+    """TensorBoard event files beside metrics.jsonl, with the same scalars: auto = when tensorboard is installed."""
+    wandb: Literal["auto", True, False] = "auto"
+    """Weights & Biases, the same scalars: auto = when wandb is installed and WANDB_API_KEY or WANDB_MODE is set."""
+    wandb_project: str = "vibeperf"
+    """The W&B project the run is logged to."""
 
     def __post_init__(self):
         check(self.every >= 1, "every", f"must be >= 1, got {self.every}")

@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vibeperf.config import Attention, EngineConfig, LossBackend, RewardConfig, SamplingConfig, check, check_device_name
+from vibeperf.config import (
+    Attention,
+    DataFile,
+    EngineConfig,
+    LossBackend,
+    RewardConfig,
+    SamplingConfig,
+    check,
+    check_device_name,
+)
 from vibeperf.eval.config import eval_sampling
 
 
@@ -60,8 +69,8 @@ class SelectionConfig:
 class DistillConfig:
     """Offline self-distillation: rejection sampling, learning-potential scoring and selection (vibeperf.distill)."""
 
-    data: list[str]
-    """RL JSONL files of the prompts ({"prompt", "domain", "answer" | "tests"}), read in order."""
+    data: list[str | DataFile]
+    """RL data files of the prompts (as `EvalConfig.data`), read in order."""
     generators: list[str]
     """Checkpoints that sample the trajectories (the RL checkpoints): checkpoint directories, or directories of them
     (every checkpoint inside, in natural name order); "tiny" is the tiny local model."""

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from vibeperf import distributed as vdist
-from vibeperf.data import Message, SFTRecord, read_rl_jsonl, write_jsonl
+from vibeperf.data import Message, SFTRecord, read_rl, write_jsonl
 from vibeperf.distill.config import DistillConfig
 from vibeperf.distill.select import bucket_names, select_traces
 from vibeperf.eval.sampling import CheckpointEngines, sample_and_grade
@@ -129,7 +129,7 @@ def run_distill(
     from vibeperf.score import load_scorer, score_samples
 
     t0 = time.perf_counter()
-    records = [r for path in cfg.data for r in read_rl_jsonl(path)]
+    records = [r for source in cfg.data for r in read_rl(source)]
     if cfg.max_problems:
         records = records[: cfg.max_problems]
     generators = [p for g in cfg.generators

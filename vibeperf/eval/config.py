@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vibeperf.config import EngineConfig, RewardConfig, SamplingConfig, check
+from vibeperf.config import DataFile, EngineConfig, RewardConfig, SamplingConfig, check
 
 
 def eval_sampling() -> SamplingConfig:
@@ -35,8 +35,10 @@ class SamplesConfig:
 class EvalConfig:
     """Pass@k evaluation of one checkpoint on verifiable problems (vibeperf.eval.passk)."""
 
-    data: list[str]
-    """RL JSONL files ({"prompt", "domain", "answer" | "tests", optional "subdomain", "id"}), read in order."""
+    data: list[str | DataFile]
+    """RL data files (JSONL, JSONL.gz or parquet; {"prompt", "domain", "answer" | "tests", optional "subdomain", "id"}
+    rows, tests in any format of vibeperf.data.code_formats), read in order; an entry is a path or a table {path,
+    fields, domain, prompt_template} mapping the file's own columns (vibeperf.config.DataFile)."""
     model: str = "tiny"
     """Hugging Face checkpoint directory; "tiny" is the locally built tiny Qwen2."""
     output_dir: str = "runs/eval"
@@ -71,8 +73,9 @@ class SpectrumConfig:
     checkpoints: list[str]
     """Checkpoint directories, or directories holding checkpoints (each subdirectory with a config.json and
     safetensors, in natural name order: step_9 before step_10); all must share one architecture."""
-    data: list[str]
-    """Probing sets: RL JSONL files; problems are grouped by "subdomain" (their "domain" when they have none)."""
+    data: list[str | DataFile]
+    """Probing sets: RL data files (as `EvalConfig.data`); problems are grouped by "subdomain" (their "domain" when they
+    have none)."""
     output_dir: str = "runs/spectrum"
     """Where probe.jsonl, selection.json and the merged checkpoint (merged/) go."""
     k: int = 8

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vibeperf.data import read_rl_jsonl, write_jsonl
+from vibeperf.data import read_rl, write_jsonl
+from vibeperf.data.sources import describe
 from vibeperf.eval.config import EvalConfig
 from vibeperf.eval.sampling import Graded, sample_and_grade, samples_for
 from vibeperf.files import save_figure
@@ -180,7 +181,7 @@ def run_eval(cfg: EvalConfig, *, engine: RolloutEngine | None = None, progress: 
     from vibeperf.model import model_path
 
     t0 = time.perf_counter()
-    records = [r for path in cfg.data for r in read_rl_jsonl(path)]
+    records = [r for source in cfg.data for r in read_rl(source)]
     if cfg.max_problems:
         records = records[: cfg.max_problems]
     own = engine is None
@@ -201,7 +202,8 @@ def run_eval(cfg: EvalConfig, *, engine: RolloutEngine | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "results.jsonl", [problem_row(g, completions=cfg.save_completions) for g in results])
     seconds = time.perf_counter() - t0
-    doc = {"model": cfg.model, "engine": engine.name, "data": cfg.data, "seconds": round(seconds, 2),
+    doc = {"model": cfg.model, "engine": engine.name, "data": [describe(d) for d in cfg.data],
+           "seconds": round(seconds, 2),
            "sampling": vars(cfg.sampling), "groups": [vars(s) for s in summaries]}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(doc, indent=1) + "\n")
     if cfg.plot:

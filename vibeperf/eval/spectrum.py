@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vibeperf.data import read_rl_jsonl, write_jsonl
+from vibeperf.data import read_rl, write_jsonl
+from vibeperf.data.sources import describe
 from vibeperf.eval.config import SpectrumConfig
 from vibeperf.eval.passk import pass_at_k_curves
 from vibeperf.eval.sampling import CheckpointEngines, sample_and_grade, subdomain_of
@@ -239,14 +240,15 @@ def run_spectrum(
     """Probe, select and merge as the module docstring says; `make(model_dir)` overrides how engines are built."""
     t0 = time.perf_counter()
     checkpoints = [os.fspath(p) for p in find_checkpoints(cfg.checkpoints)]
-    records = [r for path in cfg.data for r in read_rl_jsonl(path)]
+    records = [r for source in cfg.data for r in read_rl(source)]
     if cfg.max_problems:
         records = records[: cfg.max_problems]
     present = sorted({subdomain_of(r) for r in records})
     subdomains = list(cfg.subdomains) or present
     missing = [s for s in subdomains if s not in present]
     if missing:
-        raise ValueError(f"subdomains {missing} have no problems in {cfg.data} (found {present})")
+        files = [describe(d) for d in cfg.data]
+        raise ValueError(f"subdomains {missing} have no problems in {files} (found {present})")
     records = [r for r in records if subdomain_of(r) in subdomains]
     log.info("spectrum: %d checkpoints, %d problems in subdomains %s", len(checkpoints), len(records), subdomains)
     engines = CheckpointEngines(cfg.engine, make)

@@ -10,6 +10,8 @@
   completions). The trainer calls it once per step on the whole step's groups, then hands each packed row its
   sequences' A' (`mgpo_loss(advantages=...)`): a row may hold part of a group, so the group statistics cannot be
   taken row by row.
+- `overlong_penalty`: DAPO's soft overlong punishment, a length-dependent reward term added to the rewards the
+  advantages use (the MaxEnt weight and Long2Short's correct set still read the unshaped rewards).
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def long2short_shift(
     return r + torch.where(correct & active[group_index], lam * dev / max_dev[group_index].clamp_min(1e-300), 0.0)
 
 
+def overlong_penalty(lengths: torch.Tensor, *, max_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment [S] fp64 of completions of `lengths` [S] tokens with budget L = max_tokens and
+    buffer B (0 < B <= L): 0 up to L - B tokens, then falling linearly to -factor at L: factor * ((L - B) - len) / B;
+    -factor beyond L (a completion cut at the budget has len = L)."""
+    length = lengths.to(torch.float64)
+    soft = factor * ((max_tokens - buffer) - length) / buffer
+    return torch.where(length <= max_tokens - buffer, 0.0, torch.where(length <= max_tokens, soft, -factor))
+
+
 def group_advantages(
     rewards: torch.Tensor,
     lengths: torch.Tensor,
@@ -49,13 +60,24 @@ def group_advantages(
     mgpo_lambda: float,
     scale: str,
     long2short_lambda: float | None,
+    reward_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A' [S] fp32, w_ME [num_groups] fp32, the rewards the advantages use [S] fp64) of a step's completions.
 
     rewards: [S] in [0, 1] (1 = correct); lengths: [S] completion tokens; group_index: [S] int64; all on one device.
-    Without Long2Short (`long2short_lambda` None) this is the kernel's `group_statistics(rewards)`.
+    Without Long2Short (`long2short_lambda` None) and reward_shift this is the kernel's `group_statistics(rewards)`.
+    reward_shift: [S] added to the rewards the advantages use (`overlong_penalty`); w_ME keeps the unshifted p_c.
     """
     r = rewards.to(torch.float64)
+    if reward_shift is not None:
+        shaped = r + reward_shift.to(torch.float64)
+        if long2short_lambda is not None:
+            shaped = long2short_shift(r, lengths, group_index, num_groups=num_groups, lam=long2short_lambda) + (
+                reward_shift.to(torch.float64)
+            )
+        adv, _ = group_statistics(shaped, group_index, num_groups=num_groups, mgpo_lambda=0.0, scale=scale)
+        _, weights = group_statistics(r, group_index, num_groups=num_groups, mgpo_lambda=mgpo_lambda, scale=scale)
+        return weights[group_index] * adv, weights, shaped
     if long2short_lambda is None:
         adv, weights = group_statistics(r, group_index, num_groups=num_groups, mgpo_lambda=mgpo_lambda, scale=scale)
         return adv, weights, r

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 from vibeperf.config import (
     CheckpointConfig,
+    DataFile,
     EngineConfig,
     LoggingConfig,
     LossBackend,
@@ -47,12 +48,19 @@ class RolloutConfig:
     the file and record; "skip" drops such prompts and logs how many per source."""
     sync_bucket_mb: float = 256.0
     """Under torchrun: the weight push to the engine gathers the sharded parameters this many MiB at a time."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: within this many tokens of the phase's max_tokens the reward falls linearly
+    to -overlong_penalty (a completion cut at max_tokens gets all of it); 0: off."""
+    overlong_penalty: float = 1.0
+    """The largest overlong punishment (subtracted from the reward the advantages use)."""
 
     def __post_init__(self):
         check(self.group_size >= 2, "group_size", f"must be >= 2 (a group of one has no advantage), got "
               f"{self.group_size}")  # fmt: skip
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         check(self.sync_bucket_mb > 0, "sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
+        check(self.overlong_buffer >= 0, "overlong_buffer", f"must be >= 0, got {self.overlong_buffer}")
+        check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
 
 
 @dataclass
@@ -145,8 +153,10 @@ class StaticFilterConfig:
 class SourceConfig:
     """One data source of a phase: RL JSONL files and the share of each step's prompts drawn from them."""
 
-    files: list[str]
-    """RL JSONL files ({"prompt", "domain", "answer" | "tests"} lines), read in this order."""
+    files: list[str | DataFile]
+    """RL data files (JSONL, JSONL.gz or parquet; {"prompt", "domain", "answer" | "tests"} rows, tests in any format of
+    vibeperf.data.code_formats), read in order; an entry is a path or a table {path, fields, domain, prompt_template}
+    mapping the file's own columns (vibeperf.config.DataFile)."""
     weight: float = 1.0
     """Mixing weight: each prompt slot of a step picks this source with probability weight / sum of weights."""
     name: str = ""

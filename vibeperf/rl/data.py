@@ -1,6 +1,6 @@
 """The RL loop's data side: phase data, the prompt mixture, the static filter, minibatches and packed rows.
 
-- `load_phase`: reads every RL JSONL file of a phase (`vibeperf.data.read_rl_jsonl`) and checks each record's domain
+- `load_phase`: reads every RL data file of a phase (`vibeperf.data.read_rl`) and checks each record's domain
   and target before anything runs, so a bad line stops the run early with `file: record N: ...`.
 - `fit_prompts`: the prompts whose chat-templated length plus the completion budget exceed the context, refused
   (DataError naming the file and record) or dropped and counted, before any model loads.
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from vibeperf import distributed as vdist
-from vibeperf.data import DataError, RLRecord, read_rl_jsonl
+from vibeperf.data import DataError, RLRecord, read_rl
+from vibeperf.data.sources import describe
 from vibeperf.model import PackedRow, Sample, pack_rows
 from vibeperf.rewards import Scorer, domain_kind
 from vibeperf.rl.config import PhaseConfig
@@ -63,13 +64,14 @@ def load_phase(cfg: PhaseConfig) -> PhaseData:
     """Read and check every file of a phase (DataError naming the file and record on a bad one)."""
     sources, names = [], set()
     for sc in cfg.sources:
-        name = sc.name or Path(sc.files[0]).stem
+        name = sc.name or Path(describe(sc.files[0]).removesuffix(".gz")).stem
         if name in names:
             raise DataError(f"phase {cfg.name!r}: two sources named {name!r}; give them distinct `name`s")
         names.add(name)
         records, origins = [], []
-        for path in sc.files:
-            for j, rec in enumerate(read_rl_jsonl(path)):
+        for source in sc.files:
+            path = describe(source)
+            for j, rec in enumerate(read_rl(source)):
                 try:
                     kind = domain_kind(rec.domain)
                 except ValueError as e:

@@ -74,7 +74,7 @@ from vibeperf.config import ConfigError, config_to_dict
 from vibeperf.files import write_text
 from vibeperf.model import FusedLossLM, load_model, model_path, resolve_device, resolve_precision
 from vibeperf.rewards import Scorer
-from vibeperf.rl.advantages import group_advantages
+from vibeperf.rl.advantages import group_advantages, overlong_penalty
 from vibeperf.rl.config import RLConfig
 from vibeperf.rl.data import (
     MixtureSampler,
@@ -224,7 +224,10 @@ class RLTrainer:
                                          device=str(self.device))  # fmt: skip
         self.scorer = Scorer(cfg.reward)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsWriter(self.out_dir, enabled=self.main, resume_step=self.step_count)
+        lg = cfg.logging
+        self.metrics = MetricsWriter(self.out_dir, enabled=self.main, resume_step=self.step_count,
+                                     tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,
+                                     run_config=config_to_dict(cfg))  # fmt: skip
         if self.main:
             write_text(self.out_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1) + "\n")
 
@@ -314,10 +317,15 @@ class RLTrainer:
 
         # 3. advantages on the device, per group (groups are whole on every process)
         group_index = torch.arange(len(groups), device=dev).repeat_interleave(size)
+        lengths_t = torch.tensor(lengths).to(dev)
+        overlong = None
+        if cfg.rollout.overlong_buffer:
+            overlong = overlong_penalty(lengths_t, max_tokens=sampling.max_tokens, factor=cfg.rollout.overlong_penalty,
+                                        buffer=min(cfg.rollout.overlong_buffer, sampling.max_tokens))  # fmt: skip
         adv, weights, used = group_advantages(
-            torch.tensor(rewards, dtype=torch.float64).to(dev), torch.tensor(lengths).to(dev), group_index,
+            torch.tensor(rewards, dtype=torch.float64).to(dev), lengths_t, group_index,
             num_groups=len(groups), mgpo_lambda=cfg.loss.mgpo_lambda, scale=cfg.loss.scale,
-            long2short_lambda=pc.long2short_lambda if pc.long2short else None,
+            long2short_lambda=pc.long2short_lambda if pc.long2short else None, reward_shift=overlong,
         )  # fmt: skip
         t2 = time.perf_counter()
 
@@ -427,7 +435,8 @@ class RLTrainer:
         return RLResult(self.step_count, self.out_dir, ckpt, self.engine.name, last, self.filters)
 
     def close(self) -> None:
-        """Release the scorer workers and the engine, then the process group (under torchrun)."""
+        """Release the metrics sinks, the scorer workers and the engine, then the process group (under torchrun)."""
+        self.metrics.close()
         self.scorer.close()
         self.engine.close()
         vdist.destroy_distributed()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from vibeperf.config import (
     CheckpointConfig,
+    DataFile,
     LoggingConfig,
     LossBackend,
     ModelConfig,
@@ -42,8 +43,9 @@ class StageConfig:
 
     name: str
     """Stage name used in logs and metrics."""
-    data: list[str]
-    """SFT JSONL files ({"messages": [...]} or {"prompt", "response"} lines), read in this order."""
+    data: list[str | DataFile]
+    """SFT data files (JSONL, JSONL.gz or parquet; {"messages": [...]} or {"prompt", "response"} rows), read in this
+    order; an entry is a path or a table {path, fields, ...} mapping the file's own columns (`DataFile`)."""
     epochs: int = 1
     """Passes over the stage's data (reshuffled each epoch)."""
     token_budget: int = 16384

@@ -229,7 +229,9 @@ def train(cfg: SFTConfig) -> TrainResult:
         log.info("resumed from %s at step %d (stage %s, epoch %d, batch %d)", resume, step, state["stage_name"],
                  state["epoch"], state["batch"])  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsWriter(out_dir, enabled=main, resume_step=step)
+    lg = cfg.logging
+    metrics = MetricsWriter(out_dir, enabled=main, resume_step=step, tensorboard=lg.tensorboard, wandb=lg.wandb,
+                            wandb_project=lg.wandb_project, run_config=config_to_dict(cfg))  # fmt: skip
     if main:
         write_text(out_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1) + "\n")
 
@@ -302,6 +304,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     elif cfg.logging.plot:
         plot_loss(metrics)
     log.info("done: %d steps, last loss %s, attention calls %s", step, last_loss, dict(ATTENTION_CALLS))
+    metrics.close()
     vdist.destroy_distributed()
     return TrainResult(step, last_loss, out_dir, last_ckpt, dict(ATTENTION_CALLS),
                        [{"name": p.name, "steps": p.num_steps, **sd.stats} for p, sd in zip(plans, stages)])

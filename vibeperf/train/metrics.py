@@ -4,27 +4,58 @@
 (a resumed run rewrites the rest); `write(record)` appends a line; `plot(name, panels, segment_key)` draws panels of
 curves against the step into out_dir/name (atomically), with a dashed line where `segment_key` (the SFT stage, the RL
 phase) changes. Only the process with `enabled` (rank 0) touches files.
+
+Where users look: each record's numeric fields also go, under the same names and at the same step, to TensorBoard
+event files beside metrics.jsonl and to Weights & Biases, each by its switch (`logging.tensorboard`,
+`logging.wandb`: true, false, or "auto" = when the package is installed, and for W&B configured by WANDB_API_KEY
+or WANDB_MODE, so it never prompts). Neither is imported when its switch is off or the package is absent, so
+nothing changes without them; a switch set to true without its package is a one-line ConfigError.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from vibeperf.config import ConfigError
 from vibeperf.files import save_figure, write_text
 
 # A panel: (y-axis label, [(metrics key, legend label), ...]).
 Panel = tuple[str, Sequence[tuple[str, str]]]
 
 
-class MetricsWriter:
-    """metrics.jsonl of a run and its plots (see the module docstring)."""
+def sink_enabled(switch: bool | str, module: str, key: str, configured: bool = True) -> bool:
+    """Whether a metrics sink is on: `switch` true/false, or "auto" = `module` installed (and `configured`)."""
+    installed = importlib.util.find_spec(module) is not None
+    if switch is True and not installed:
+        raise ConfigError(f"{key}: true, but {module} is not installed (pip install {module}, or set it to auto)")
+    return installed and configured if switch == "auto" else bool(switch)
 
-    def __init__(self, out_dir: Path | str, *, enabled: bool = True, resume_step: int = 0):
+
+def scalars(record: dict) -> dict[str, float]:
+    """The numeric fields of a metrics record (bools and strings left out; one level of nesting as `a/b`)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in scalars(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            out[key] = float(value)
+    return out
+
+
+class MetricsWriter:
+    """metrics.jsonl of a run and its plots, and the same scalars to TensorBoard / W&B (see the module docstring)."""
+
+    def __init__(self, out_dir: Path | str, *, enabled: bool = True, resume_step: int = 0,
+                 tensorboard: bool | str = False, wandb: bool | str = False, wandb_project: str = "vibeperf",
+                 run_config: dict | None = None):  # fmt: skip
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.tensorboard = self.wandb = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -33,11 +64,38 @@ class MetricsWriter:
             write_text(self.path, "".join(line + "\n" for line in keep))
         elif not resume_step:
             self.path.write_text("")
+        if sink_enabled(tensorboard, "tensorboard", "logging.tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run's events after the resumed step replace the first run's in the viewer
+            self.tensorboard = SummaryWriter(log_dir=str(self.out_dir), purge_step=resume_step + 1 if resume_step
+                                             else None)  # fmt: skip
+        configured = bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
+        if sink_enabled(wandb, "wandb", "logging.wandb", configured):
+            import wandb as wandb_module
+
+            self.wandb = wandb_module.init(project=wandb_project, name=self.out_dir.name, dir=str(self.out_dir),
+                                           config=run_config, resume="allow")  # fmt: skip
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        values = scalars(record) if self.tensorboard or self.wandb else {}
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, global_step=record["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=record["step"])
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard and W&B sinks (metrics.jsonl needs nothing)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def rows(self) -> list[dict]:
         if not self.path.is_file():
