@@ -24,7 +24,7 @@ from vibeperf.kernels import PolicyLossOptions, linear_cross_entropy, linear_log
 from vibeperf.kernels.policy import policy_loss_reference
 
 from .common import relative_error
-from .registry import B3_SEQS, TOL, Benchmark, H, Impl, V, _b2_reference, _b3_inputs, _grads, _optional
+from .registry import B3_SEQS, BENCHMARKS, TOL, Benchmark, H, Impl, V, _b2_reference, _b3_inputs, _grads, _optional
 
 SEQ_RATIOS = [0.5, 1.5, 0.95, 1.1, 0.7, 1.3, 0.85, 1.0]
 LIGER_SHARED = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
@@ -147,3 +147,4 @@ BENCHMARK = Benchmark(
     impls=_impls(),
     rep_ms=600.0,
 )
+BENCHMARKS["B3-policy"] = BENCHMARK
