@@ -6,8 +6,8 @@
 #   cuda      backend="cuda" GPU tests + compute-sanitizer memcheck over the CUDA path
 #   test      every `-m gpu` test (perf-regression floors included)
 #   bench     B1-B3 (vibeperf.bench.run, extra args passed on) + B6 (CLR aggregator)
-#   compare   `vibeperf bench --compare --quick` against this GPU's committed floors (or its saved baseline), then a
-#             saved B1,B2 run at 8K tokens compared with a rerun (--save $OUT/baseline.json, --compare it, 5%)
+#   compare   `vibeperf bench --compare --quick` against this GPU's committed floors (or its saved baseline), saved
+#             to $OUT/baseline.json, then the same cases rerun and compared with that file (5% tolerance)
 #   model     B4 (packed SFT step, 3B shape) + B5 (64K-token scoring, 3B shape)
 #   dist      multi-GPU checks (vibeperf.bench.dist_check: FSDP2 SFT/RL 2 GPUs vs 1, resume 2 -> 1, scaling)
 #   profile   per-kernel device time of the Triton and CUDA backends (vibeperf.bench.profile_backends)
@@ -70,11 +70,10 @@ for spec in "${steps[@]}"; do
     test) run_step "$secs" gpu_tests.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/ ;;
     bench) run_step "$secs" bench.log python3 -m vibeperf.bench.run "${bench_args[@]}"
            run_step "$secs" bench.log python3 -m vibeperf.bench.b6_clr ;;
-    compare) run_step "$secs" compare.log python3 -m vibeperf bench --compare --quick "${bench_args[@]}"
-             run_step "$secs" compare.log python3 -m vibeperf bench --only B1,B2 --sizes 8192 --quick \
-               --save "$OUT/baseline.json"
+    compare) run_step "$secs" compare.log python3 -m vibeperf bench --compare --quick --save "$OUT/baseline.json" \
+               "${bench_args[@]}"
              run_step "$secs" compare.log python3 -m vibeperf bench --compare "$OUT/baseline.json" --quick \
-               --tolerance 5% ;;
+               --tolerance 5% --save "$OUT/rerun.json" ;;
     model) run_step "$secs" model.log python3 -m vibeperf.bench.b4_sft --pad-batch 1
            run_step "$secs" model.log python3 -m vibeperf.bench.b5_score ;;
     dist) run_step "$secs" dist.log python3 -m vibeperf.bench.dist_check ;;
