@@ -307,8 +307,10 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[SFTRecord | RLRecord 
 
 
 # The readers' building blocks under public names, for line formats defined elsewhere (vibeperf.score's scoring input,
-# vibeperf.clr's queries): `read_records(path, parse)` reads JSONL / parquet rows through `parse(obj)` with
-# `file:line` errors, `get_field(obj, name, types, ...)` reads one typed field, `parse_sft_record(obj)` an SFT record.
+# vibeperf.clr's queries, vibeperf.sft's verdicts): `read_records(path, parse)` reads JSONL / parquet rows through
+# `parse(obj)` with `file:line` errors, `read_rows(path)` yields (file:line, object) pairs, `get_field(obj, name,
+# types, ...)` reads one typed field, `parse_sft_record(obj)` an SFT record.
 read_records = _read_jsonl
+read_rows = _rows
 get_field = _field
 parse_sft_record = _parse_sft

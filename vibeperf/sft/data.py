@@ -16,13 +16,13 @@ tokenising or training. Then, per stage, in file order:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vibeperf.data import DataError, SFTRecord, read_lines
+from vibeperf.data import DataError, SFTRecord
+from vibeperf.data.jsonl import read_rows
 from vibeperf.data.sources import read_sft_rows
 from vibeperf.model import Sample, tokenize_records, truncate
 from vibeperf.sft.config import SFTConfig, StageConfig
@@ -64,14 +64,7 @@ def read_verdicts(path: str, num_samples: int) -> _Verdicts:
     by_prompt: dict[str, tuple[int, ...]] = {}
     if not os.path.exists(path):
         raise DataError(f"{path}: verdict file not found")
-    for lineno, text in read_lines(path):
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object")
+    for where, obj in read_rows(path):
         key_id, prompt = obj.get("id"), obj.get("prompt")
         if key_id is None and prompt is None:
             raise DataError(f"{where}: field 'id': missing: give 'id' or 'prompt'")
