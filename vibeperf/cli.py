@@ -129,3 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(error_line(e), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.verbose or os.environ.get("VIBEPERF_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -24,11 +24,13 @@ def run_cli(args: argparse.Namespace) -> int:
 
     def run(cfg: RLConfig) -> int:
         from vibeperf.rl.trainer import train
+        from vibeperf.train import stopped_note
 
         result = train(cfg)
         last = result.last_metrics or {}
         print(f"rl: {result.steps} steps with the {result.engine} engine, last reward {last.get('reward_mean')}, "
-              f"output {result.output_dir}, checkpoint {result.last_checkpoint}")  # fmt: skip
+              f"output {result.output_dir}, checkpoint {result.last_checkpoint}"
+              f"{stopped_note(result.stopped_by)}")  # fmt: skip
         return 0
 
     return run_recipe_command(RLConfig, args, run, "rl")

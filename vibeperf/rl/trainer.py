@@ -89,7 +89,7 @@ from vibeperf.rl.data import (
 )
 from vibeperf.rl.update import UpdateOptions, policy_update
 from vibeperf.rollout import SamplingConfig, engine_from_config
-from vibeperf.train import Checkpointer, FiniteCheck, MetricsWriter, Schedule, make_optimizer
+from vibeperf.train import Checkpointer, FiniteCheck, MetricsWriter, Preemption, Schedule, make_optimizer
 
 log = logging.getLogger("vibeperf.rl")
 TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "tis_frac")
@@ -158,6 +158,8 @@ class RLResult:
     engine: str
     last_metrics: dict | None
     filters: dict
+    stopped_by: str | None = None
+    """The signal that stopped the run early (SIGTERM, SIGINT; a checkpoint was saved), None if it ran to the end."""
 
 
 class RLTrainer:
@@ -416,23 +418,28 @@ class RLTrainer:
         cfg, last, ckpt = self.cfg, None, None
         bar = tqdm(total=self.stop, initial=self.step_count, disable=not (cfg.logging.progress and self.main),
                    dynamic_ncols=True, desc="rl")  # fmt: skip
-        while self.step_count < self.stop:
-            record = self.step()
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", len=f"{record['response_length_mean']:.0f}")
-            if self.step_count % cfg.logging.every == 0 or self.step_count == self.stop:
-                self.metrics.write(record)
-                last = record
-            if cfg.checkpoint.every and self.step_count % cfg.checkpoint.every == 0 and self.step_count < self.stop:
-                ckpt = self.save()
-            if on_step is not None:
-                on_step(self, record)
+        with Preemption(self.device) as preempt:
+            while self.step_count < self.stop and not preempt.requested():
+                record = self.step()
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", len=f"{record['response_length_mean']:.0f}")
+                if self.step_count % cfg.logging.every == 0 or self.step_count == self.stop:
+                    self.metrics.write(record)
+                    last = record
+                if cfg.checkpoint.every and self.step_count % cfg.checkpoint.every == 0 and self.step_count < self.stop:
+                    ckpt = self.save()
+                if on_step is not None:
+                    on_step(self, record)
         bar.close()
-        if cfg.checkpoint.save_final and self.step_count > self.start:
+        if preempt.signal is not None and self.step_count < self.stop:
+            ckpt = self.save()
+            log.warning("stopped by %s after step %d; checkpoint %s (continue with checkpoint.resume=latest)",
+                        preempt.signal, self.step_count, ckpt)  # fmt: skip
+        elif cfg.checkpoint.save_final and self.step_count > self.start:
             ckpt = self.save()
         elif cfg.logging.plot:
             plot_curves(self.metrics)
-        return RLResult(self.step_count, self.out_dir, ckpt, self.engine.name, last, self.filters)
+        return RLResult(self.step_count, self.out_dir, ckpt, self.engine.name, last, self.filters, preempt.signal)
 
     def close(self) -> None:
         """Release the metrics sinks, the scorer workers and the engine, then the process group (under torchrun)."""

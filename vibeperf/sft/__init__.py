@@ -21,11 +21,13 @@ def run_cli(args: argparse.Namespace) -> int:
     """`vibeperf sft RECIPE [key=value ...] [--describe | --print-config]`."""
     from vibeperf.config import run_recipe_command
     from vibeperf.sft.config import SFTConfig
+    from vibeperf.train import stopped_note
 
     def run(cfg: SFTConfig) -> int:
         result = train(cfg)
         print(f"sft: {result.steps} steps, last loss {result.last_loss}, output {result.output_dir}, "
-              f"checkpoint {result.last_checkpoint}, attention {result.attention}")  # fmt: skip
+              f"checkpoint {result.last_checkpoint}, attention {result.attention}"
+              f"{stopped_note(result.stopped_by)}")  # fmt: skip
         return 0
 
     return run_recipe_command(SFTConfig, args, run, "sft")

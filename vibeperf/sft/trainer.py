@@ -77,7 +77,15 @@ from vibeperf.model import (
 )
 from vibeperf.sft.config import SFTConfig
 from vibeperf.sft.data import StageData, prepare_stages
-from vibeperf.train import Checkpointer, FiniteCheck, MetricsWriter, Schedule, clip_gradients, make_optimizer
+from vibeperf.train import (
+    Checkpointer,
+    FiniteCheck,
+    MetricsWriter,
+    Preemption,
+    Schedule,
+    clip_gradients,
+    make_optimizer,
+)
 
 log = logging.getLogger("vibeperf.sft")
 
@@ -184,6 +192,8 @@ class TrainResult:
     last_checkpoint: Path | None
     attention: dict
     stages: list[dict]
+    stopped_by: str | None = None
+    """The signal that stopped the run early (SIGTERM, SIGINT; a checkpoint was saved), None if it ran to the end."""
 
 
 def train(cfg: SFTConfig) -> TrainResult:
@@ -245,6 +255,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     interval = {"steps": 0, "tokens": 0, "flops": 0.0, "t0": time.perf_counter()}
     last_loss, last_ckpt, start = None, None, step
     bar = tqdm(total=stop, initial=step, disable=not (cfg.logging.progress and main), dynamic_ncols=True, desc="sft")
+    preempt = Preemption(device)
 
     def position(s: int) -> dict:
         plan, epoch, batch = locate(plans, schedule, s) if s < total else (plans[-1], plans[-1].epochs, 0)
@@ -258,48 +269,54 @@ def train(cfg: SFTConfig) -> TrainResult:
         log.info("checkpoint %s", path)
         return path
 
-    while step < stop:
-        plan, epoch, batch = locate(plans, schedule, step)
-        key = (plan.index, epoch)
-        if key not in orders:
-            orders = {key: epoch_order(cfg.train.seed, plan.index, epoch, plan.num_samples)}
-        idx = orders[key][batch * cfg.train.global_batch : (batch + 1) * cfg.train.global_batch]
-        samples: list[Sample] = [stages[plan.index].samples[i] for i in idx]
-        rows = pack_rows(samples, stages[plan.index].token_budget)
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = forward_backward(model, rows, loss_backend=cfg.train.loss_backend, autocast_dtype=autocast_dtype,
-                                   fsdp_root=fsdp_root)  # fmt: skip
-        gnorm = clip_gradients(model, cfg.optim.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        finite.update(loss, gnorm)
-        loss_sum += loss
-        lengths = [n for r in rows for n in r.seq_lengths]
-        interval["steps"] += 1
-        interval["tokens"] += sum(lengths)
-        interval["flops"] += step_flops(model.config, n_params, lengths)
-        step += 1
-        bar.update(1)
-        if step % cfg.logging.every == 0 or step == stop:
-            finite.raise_if_bad(step)
-            dt = time.perf_counter() - interval["t0"]
-            last_loss = loss_sum.item() / interval["steps"]
-            record = {
-                "step": step, "stage": plan.name, "epoch": epoch, "loss": last_loss, "lr": lr,
-                "grad_norm": gnorm.item(), "tokens": interval["tokens"], "tokens_per_s": interval["tokens"] / dt,
-                "mfu": interval["flops"] / dt / (peak * 1e12) if peak else None, "time_s": dt,
-            }  # fmt: skip
-            if step - start <= cfg.logging.every:
-                record["attention"] = dict(ATTENTION_CALLS)
-            metrics.write(record)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-            loss_sum.zero_()
-            interval.update(steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop:
-            last_ckpt = checkpoint(step)
+    with preempt:
+        while step < stop and not preempt.requested():
+            plan, epoch, batch = locate(plans, schedule, step)
+            key = (plan.index, epoch)
+            if key not in orders:
+                orders = {key: epoch_order(cfg.train.seed, plan.index, epoch, plan.num_samples)}
+            idx = orders[key][batch * cfg.train.global_batch : (batch + 1) * cfg.train.global_batch]
+            samples: list[Sample] = [stages[plan.index].samples[i] for i in idx]
+            rows = pack_rows(samples, stages[plan.index].token_budget)
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = forward_backward(model, rows, loss_backend=cfg.train.loss_backend, autocast_dtype=autocast_dtype,
+                                       fsdp_root=fsdp_root)  # fmt: skip
+            gnorm = clip_gradients(model, cfg.optim.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            finite.update(loss, gnorm)
+            loss_sum += loss
+            lengths = [n for r in rows for n in r.seq_lengths]
+            interval["steps"] += 1
+            interval["tokens"] += sum(lengths)
+            interval["flops"] += step_flops(model.config, n_params, lengths)
+            step += 1
+            bar.update(1)
+            if step % cfg.logging.every == 0 or step == stop:
+                finite.raise_if_bad(step)
+                dt = time.perf_counter() - interval["t0"]
+                last_loss = loss_sum.item() / interval["steps"]
+                record = {
+                    "step": step, "stage": plan.name, "epoch": epoch, "loss": last_loss, "lr": lr,
+                    "grad_norm": gnorm.item(), "tokens": interval["tokens"], "tokens_per_s": interval["tokens"] / dt,
+                    "mfu": interval["flops"] / dt / (peak * 1e12) if peak else None, "time_s": dt,
+                }  # fmt: skip
+                if step - start <= cfg.logging.every:
+                    record["attention"] = dict(ATTENTION_CALLS)
+                metrics.write(record)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                loss_sum.zero_()
+                interval.update(steps=0, tokens=0, flops=0.0, t0=time.perf_counter())
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop:
+                last_ckpt = checkpoint(step)
     bar.close()
-    if cfg.checkpoint.save_final and step > start:
+    if preempt.signal is not None and step < stop:
+        finite.raise_if_bad(step)
+        last_ckpt = checkpoint(step)
+        log.warning("stopped by %s after step %d; checkpoint %s (continue with checkpoint.resume=latest)",
+                    preempt.signal, step, last_ckpt)  # fmt: skip
+    elif cfg.checkpoint.save_final and step > start:
         last_ckpt = checkpoint(step)
     elif cfg.logging.plot:
         plot_loss(metrics)
@@ -307,4 +324,5 @@ def train(cfg: SFTConfig) -> TrainResult:
     metrics.close()
     vdist.destroy_distributed()
     return TrainResult(step, last_loss, out_dir, last_ckpt, dict(ATTENTION_CALLS),
-                       [{"name": p.name, "steps": p.num_steps, **sd.stats} for p, sd in zip(plans, stages)])
+                       [{"name": p.name, "steps": p.num_steps, **sd.stats} for p, sd in zip(plans, stages)],
+                       preempt.signal)  # fmt: skip

@@ -3,7 +3,8 @@
 - `optim`: `make_optimizer` (AdamW), `clip_gradients` (foreach; DTensor-aware), `FiniteCheck` (loss / grad norm).
 - `schedule`: `Schedule` of `Segment`s (an SFT stage, an RL phase), each a linear warm-up and a cosine.
 - `checkpoint`: `Checkpointer` (atomic save, list, resume, keep-last, HF export, DCP shards under torchrun).
-- `metrics`: `MetricsWriter` (metrics.jsonl, plots drawn from it, atomic files).
+- `metrics`: `MetricsWriter` (metrics.jsonl, plots drawn from it, atomic files; a torn last line dropped on resume).
+- `preempt`: `Preemption` (SIGTERM / SIGINT: checkpoint at the next step boundary, stop, exit 0).
 
 The stage loops (`vibeperf.sft.trainer`, `vibeperf.rl.trainer`, `vibeperf.distill`) use these; nothing here imports a
 stage.
@@ -12,6 +13,7 @@ stage.
 from vibeperf.train.checkpoint import STATE_JSON, STATE_PT, Checkpointer, list_checkpoints, rng_state, set_rng_state
 from vibeperf.train.metrics import MetricsWriter
 from vibeperf.train.optim import FiniteCheck, clip_gradients, make_optimizer
+from vibeperf.train.preempt import Preemption, stopped_note
 from vibeperf.train.schedule import Schedule, Segment
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "Checkpointer",
     "FiniteCheck",
     "MetricsWriter",
+    "Preemption",
     "Schedule",
     "Segment",
     "clip_gradients",
@@ -27,4 +30,5 @@ __all__ = [
     "make_optimizer",
     "rng_state",
     "set_rng_state",
+    "stopped_note",
 ]

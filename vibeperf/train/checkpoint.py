@@ -14,6 +14,7 @@ picks that one. `load` restores optimizer, scheduler and RNG, after checking the
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -23,7 +24,9 @@ import torch
 
 from vibeperf import distributed as vdist
 from vibeperf.config import CheckpointConfig, ConfigError
-from vibeperf.files import atomic_dir
+from vibeperf.files import atomic_dir, remove_stale_tmp
+
+log = logging.getLogger("vibeperf.train")
 
 STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
 
@@ -58,7 +61,18 @@ class Checkpointer:
 
     def __init__(self, out_dir: Path | str, cfg: CheckpointConfig, *, sharded: bool = False):
         self.out_dir, self.cfg, self.sharded = Path(out_dir), cfg, sharded
+        if vdist.rank() == 0:
+            self._remove_stale()
 
+    def _remove_stale(self) -> None:
+        """Temporary checkpoint directories and files that runs killed while saving left in this run's output
+        directory (`vibeperf.files.remove_stale_tmp`; a sharded save's fixed-name directory too)."""
+        root = self.out_dir / "checkpoints"
+        sharded = tuple(p.name for p in root.glob(".step_*.tmp-sharded")) if root.is_dir() else ()
+        removed = remove_stale_tmp(root, also=sharded) + remove_stale_tmp(self.out_dir)
+        if removed:
+            log.warning("removed %d temporary file(s) of earlier runs that were stopped while saving: %s",
+                        len(removed), ", ".join(p.name for p in removed[:4]) + (", ..." if len(removed) > 4 else ""))
     def list(self) -> list[Path]:
         return list_checkpoints(self.out_dir)
 

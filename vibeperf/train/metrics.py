@@ -10,18 +10,26 @@ event files beside metrics.jsonl and to Weights & Biases, each by its switch (`l
 `logging.wandb`: true, false, or "auto" = when the package is installed, and for W&B configured by WANDB_API_KEY
 or WANDB_MODE, so it never prompts). Neither is imported when its switch is off or the package is absent, so
 nothing changes without them; a switch set to true without its package is a one-line ConfigError.
+
+Crash safety: each line goes out in one `write` of the whole line with its newline, flushed. A process killed during
+that write leaves a last line without its newline (or not JSON): on a resume (and in `rows()`) such a torn last line
+is dropped with a warning that names it; a malformed line anywhere else is a DataError naming `file:line`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from vibeperf.config import ConfigError
+from vibeperf.data import DataError
 from vibeperf.files import save_figure, write_text
+
+log = logging.getLogger("vibeperf.train")
 
 # A panel: (y-axis label, [(metrics key, legend label), ...]).
 Panel = tuple[str, Sequence[tuple[str, str]]]
@@ -60,7 +68,7 @@ class MetricsWriter:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume_step and self.path.is_file():
-            keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= resume_step]
+            keep = [line for line, row in self._read(warn=True) if row["step"] <= resume_step]
             write_text(self.path, "".join(line + "\n" for line in keep))
         elif not resume_step:
             self.path.write_text("")
@@ -82,6 +90,7 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
         values = scalars(record) if self.tensorboard or self.wandb else {}
         if self.tensorboard is not None:
             for key, value in values.items():
@@ -97,10 +106,32 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.finish()
 
+    def _read(self, *, warn: bool = False) -> list[tuple[str, dict]]:
+        """(line, record) of metrics.jsonl; a torn last line dropped (with a warning if `warn`), see the docstring."""
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = text.split("\n")
+        final = max((i for i, x in enumerate(lines) if x.strip()), default=-1)
+        rows = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            last = i == final
+            try:
+                row = json.loads(line) if i < len(lines) - 1 else None  # no newline after it: torn
+            except json.JSONDecodeError:
+                row = None
+            if row is None or not isinstance(row, dict) or "step" not in row:
+                if last:
+                    if warn:
+                        log.warning("%s:%d: torn last line (the run was stopped while writing it) dropped: %r",
+                                    self.path, i + 1, line[:80])  # fmt: skip
+                    break
+                raise DataError(f"{self.path}:{i + 1}: not a metrics record: {line[:80]!r}")
+            rows.append((line, row))
+        return rows
+
     def rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [row for _, row in self._read()] if self.path.is_file() else []
 
     def plot(self, name: str, panels: Sequence[Panel], *, segment_key: str, xlabel: str = "step",
              height_ratios: Sequence[float] | None = None, size: tuple[float, float] = (8, 5)) -> None:  # fmt: skip
