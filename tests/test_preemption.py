@@ -169,8 +169,8 @@ def test_first_signal_asks_for_a_stop_the_second_acts_at_once():
 
 
 def test_rl_sigint_checkpoints_exits_0_and_resumes_bit_identically(tmp_path):
-    common = ["model.path=tiny-warm", "rollout.engine=hf", "rollout.group_size=4", "rollout.prompts_per_step=4",
-              "rollout.max_tokens=6", "loss.backend=torch", "loss.minibatches=2", "loss.token_budget=256",
+    common = ["model.path=tiny-warm", "engine.kind=hf", "rollout.group_size=4", "rollout.prompts_per_step=4",
+              "sampling.max_tokens=6", "loss.backend=torch", "loss.minibatches=2", "loss.token_budget=256",
               "train.cpu_threads=1", "train.device=cpu", "filter.enabled=false", "phases.0.steps=5",
               "logging.progress=false", "logging.plot=false", "checkpoint.keep_last=0"]  # fmt: skip
     recipe = str(ROOT / "recipes" / "rl_tiny.toml")

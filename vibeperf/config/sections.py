@@ -92,6 +92,10 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (foreach); 0 turns clipping off (the norm is still logged)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is not finite: "stop" ends the run naming the step (checked on the device,
+    read at each logging step; the last checkpoint stays the latest); "skip" leaves weights and optimizer state as
+    they were for that update, counts it (metrics: nonfinite_skipped) and goes on (one host sync per update)."""
 
     def __post_init__(self):
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

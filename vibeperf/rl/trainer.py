@@ -55,6 +55,7 @@ processes. Every minibatch needs at least one prompt per process (prompts_per_st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -71,6 +72,7 @@ import torch
 
 from vibeperf import distributed as vdist
 from vibeperf.config import ConfigError, config_to_dict
+from vibeperf.errors import RunError, UserError
 from vibeperf.files import write_text
 from vibeperf.model import FusedLossLM, load_model, model_path, resolve_device, resolve_precision
 from vibeperf.rewards import Scorer
@@ -217,11 +219,11 @@ class RLTrainer:
             self.step_count, self.filters, cursors = state["step"], state["filters"], state["cursors"]
             log.info("resumed from %s at step %d (phase %s)", resume, self.step_count, state["phase_name"])
         self.start = self.step_count
+        self.finite = FiniteCheck(self.device, self.step_count, cfg.optim.nonfinite)
         self._cursors = cursors
         self.sampler: MixtureSampler | None = None
         autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None
         self.update_options = UpdateOptions(cfg.loss, cfg.optim.grad_clip, self.device, autocast)
-        self.finite = FiniteCheck(self.device, self.step_count)
         self.engine = engine_from_config(cfg.engine, os.fspath(resume) if resume else src, seed=cfg.sampling.seed,
                                          device=str(self.device))  # fmt: skip
         self.scorer = Scorer(cfg.reward)
@@ -307,8 +309,9 @@ class RLTrainer:
         groups = []
         for a, b in contiguous(blocks):
             seed = None if sampling.seed is None else sampling.seed + a
-            groups += self.engine.generate([self.engine.chat_prompt(r.prompt) for r in every[a:b]], n=size,
-                                           sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
+            with self._engine_fault("sampling"):
+                groups += self.engine.generate([self.engine.chat_prompt(r.prompt) for r in every[a:b]], n=size,
+                                               sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
         completions = [c for g in groups for c in g.completions]
         t1 = time.perf_counter()
 
@@ -333,7 +336,8 @@ class RLTrainer:
 
         # 4. minibatches of packed rows, 5. loss and an optimizer step per minibatch
         lr = self.optimizer.param_groups[0]["lr"]
-        upd = policy_update(self.root, self.optimizer, self._minibatches(groups, blocks), adv, self.update_options)
+        upd = policy_update(self.root, self.optimizer, self._minibatches(groups, blocks), adv, self.update_options,
+                            finite=self.finite)  # fmt: skip
         self.scheduler.step()
         self.finite.update(upd["loss"], upd["grad_norm"])
         if dev.type == "cuda":
@@ -341,7 +345,8 @@ class RLTrainer:
         t3 = time.perf_counter()
 
         # 6. the new weights to the engine
-        self.push_weights()
+        with self._engine_fault("taking the new weights"):
+            self.push_weights()
         t4 = time.perf_counter()
         self.step_count += 1
         self.finite.raise_if_bad(self.step_count)
@@ -351,7 +356,10 @@ class RLTrainer:
         times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2,
                  "time_sync_s": t4 - t3, "time_step_s": t4 - t0}  # fmt: skip
         sources = {n: sum(data.sources[i].name == n for i, _ in picks) for n in (x.name for x in data.sources)}
-        return self._record(data.name, lr, vdist.gather_lists(local), upd, times, sources)
+        record = self._record(data.name, lr, vdist.gather_lists(local), upd, times, sources)
+        if cfg.optim.nonfinite == "skip":
+            record["nonfinite_skipped"] = self.finite.skipped
+        return record
 
     def _minibatches(self, groups, blocks: Sequence[tuple[int, int]]) -> list[list[tuple[RLRow, bool]]]:
         """Packed rows of each minibatch (`blocks`: this process's prompts of each), on the device, as (row, real)
@@ -385,6 +393,18 @@ class RLTrainer:
             "reward_failures": len(glob["reward_failures"]), **upd,
             "completion_tokens": int(lengths.sum()), **times, "sources": sources,
         }  # fmt: skip
+
+    @contextlib.contextmanager
+    def _engine_fault(self, what: str):
+        """The rollout engine's failures as a RunError naming the step (the run stops; its checkpoints are intact)."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as e:
+            raise RunError(f"step {self.step_count + 1}: the rollout engine ({self.engine.name}) failed while {what}: "
+                           f"{type(e).__name__}: {' '.join(str(e).split())[:300]}; the run stops, its last checkpoint "
+                           "is intact (continue with checkpoint.resume=latest)") from e
 
     def push_weights(self) -> None:
         """The new weights to this process's engine: the whole state dict in one process; under FSDP gathered one

@@ -34,7 +34,7 @@ from vibeperf import distributed as vdist
 from vibeperf.kernels import PolicyLossOptions, linear_logprob, policy_loss
 from vibeperf.rl.config import LossConfig
 from vibeperf.rl.data import RLRow, row_scales
-from vibeperf.train import clip_gradients
+from vibeperf.train import FiniteCheck, clip_gradients
 
 TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "tis_frac")
 
@@ -119,10 +119,14 @@ def policy_update(
     minibatches: Sequence[Minibatch],
     advantages: torch.Tensor,
     opts: UpdateOptions,
+    *,
+    finite: FiniteCheck | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step per minibatch of packed rows (see the module docstring); returns the update's metrics as
     device tensors (over every process). `advantages`: [S] A' of the step's sequences (indexed by `RLRow.seq_ids`),
-    on the device; `root`: a `FusedLossLM` (the FSDP root under torchrun), whose parameters the optimizer steps."""
+    on the device; `root`: a `FusedLossLM` (the FSDP root under torchrun), whose parameters the optimizer steps.
+    `finite`: the run's non-finite policy; under optim.nonfinite="skip" it leaves out a minibatch's optimizer step
+    whose loss or grad norm is not finite (`FiniteCheck.allow`)."""
     lc, dev, policy = opts.loss, opts.device, opts.policy
     gap = _Gap(dev)
     skip_old = on_policy(minibatches, lc)
@@ -131,6 +135,7 @@ def policy_update(
     ratio_max, gnorms, k = torch.zeros((), device=dev), [], 0
     for mb in minibatches:
         optimizer.zero_grad(set_to_none=True)
+        loss_before = sums["loss"].clone()
         scales = row_scales([r for r, _ in mb], lc.aggregation, real=[ok for _, ok in mb], device=dev)
         for (r, real), scale in zip(mb, scales):
 
@@ -158,7 +163,8 @@ def policy_update(
                 ratio_max = torch.maximum(ratio_max, metrics["ratio_max"])
             k += 1
         gnorms.append(clip_gradients(root, opts.grad_clip))
-        optimizer.step()
+        if finite is None or finite.allow(sums["loss"] - loss_before, gnorms[-1]):
+            optimizer.step()
     keys = list(sums)
     sums = dict(zip(keys, vdist.all_reduce(torch.stack([sums[key] for key in keys]))))
     tokens = sums["tokens"].clamp_min(1)

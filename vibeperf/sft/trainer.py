@@ -250,7 +250,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     autocast_dtype = torch.bfloat16 if precision == "bf16-autocast" else None
     orders: dict[tuple[int, int], list[int]] = {}
     ATTENTION_CALLS.clear()
-    finite = FiniteCheck(device, step)
+    finite = FiniteCheck(device, step, cfg.optim.nonfinite)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     interval = {"steps": 0, "tokens": 0, "flops": 0.0, "t0": time.perf_counter()}
     last_loss, last_ckpt, start = None, None, step
@@ -283,9 +283,9 @@ def train(cfg: SFTConfig) -> TrainResult:
                                        fsdp_root=fsdp_root)  # fmt: skip
             gnorm = clip_gradients(model, cfg.optim.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            if finite.allow(loss, gnorm):
+                optimizer.step()
             scheduler.step()
-            finite.update(loss, gnorm)
             loss_sum += loss
             lengths = [n for r in rows for n in r.seq_lengths]
             interval["steps"] += 1
@@ -304,6 +304,8 @@ def train(cfg: SFTConfig) -> TrainResult:
                 }  # fmt: skip
                 if step - start <= cfg.logging.every:
                     record["attention"] = dict(ATTENTION_CALLS)
+                if cfg.optim.nonfinite == "skip":
+                    record["nonfinite_skipped"] = finite.skipped
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
                 loss_sum.zero_()

@@ -24,6 +24,7 @@ import torch
 
 from vibeperf import distributed as vdist
 from vibeperf.config import CheckpointConfig, ConfigError
+from vibeperf.errors import RunError
 from vibeperf.files import atomic_dir, remove_stale_tmp
 
 log = logging.getLogger("vibeperf.train")
@@ -89,8 +90,22 @@ class Checkpointer:
         return path
 
     def save(self, model, tokenizer, optimizer, scheduler, state: dict) -> Path:
-        """Write checkpoints/step_{state['step']} (a collective under torchrun; files from rank 0)."""
+        """Write checkpoints/step_{state['step']} (a collective under torchrun; files from rank 0).
+
+        A write that fails (a full disk, a quota) leaves no partial directory and raises a RunError naming the step,
+        the cause and the checkpoint that stays the latest."""
         final = self.out_dir / "checkpoints" / f"step_{state['step']:08d}"
+        try:
+            self._save(final, model, tokenizer, optimizer, scheduler, state)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            latest = self.list()
+            cause = f"{e.strerror}: {e.filename or final}" if isinstance(e, OSError) and e.strerror else str(e)
+            raise RunError(f"step {state['step']}: the checkpoint could not be written ({type(e).__name__}: "
+                           f"{' '.join(cause.split())[:300]}); the latest checkpoint is still "
+                           f"{latest[-1] if latest else 'none'}") from e  # fmt: skip
+        return final
+
+    def _save(self, final: Path, model, tokenizer, optimizer, scheduler, state: dict) -> None:
         if self.sharded:
             self._save_sharded(final, model, tokenizer, optimizer, scheduler, state)
         else:
@@ -101,7 +116,6 @@ class Checkpointer:
                 torch.save(blob, tmp / STATE_PT)
                 (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
             self._prune()
-        return final
 
     def _save_sharded(self, final: Path, model, tokenizer, optimizer, scheduler, state: dict) -> None:
         # every rank writes its DCP shards into the same temporary directory, so its name is fixed

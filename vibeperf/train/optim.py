@@ -3,8 +3,10 @@
 - `make_optimizer(model, optim, device)`: AdamW with weight decay on matrices only; fused on CUDA, foreach on the CPU.
 - `clip_gradients(model, max_norm)`: the global gradient norm (foreach kernels; a DTensor norm under FSDP is made
   full), gradients scaled to `max_norm` when it is > 0.
-- `FiniteCheck`: collects "loss or grad norm not finite" on the device step after step (no host sync) and raises
-  `FloatingPointError` naming the steps when the caller reads it (at a logging step, which syncs anyway).
+- `FiniteCheck`: the `optim.nonfinite` policy of a step whose loss or grad norm is not finite. "stop": collected on
+  the device update after update (no host sync) and raised as a `RunError` naming the steps when the caller reads it
+  (at a logging step, which syncs anyway). "skip": `allow()` reads it before each optimizer step (one host sync; under
+  torchrun the verdict of every process counts) and the update is left out and counted.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vibeperf import distributed as vdist
 from vibeperf.config import OptimConfig
 from vibeperf.distributed import to_full
+from vibeperf.errors import RunError
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -37,17 +41,35 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 class FiniteCheck:
-    """A device flag set when a step's loss or grad norm is not finite; `raise_if_bad` reads it (one host sync)."""
+    """The non-finite policy of a training loop (see the module docstring); `skipped` counts the updates left out."""
 
-    def __init__(self, device: torch.device, first_step: int = 0):
+    def __init__(self, device: torch.device, first_step: int = 0, policy: str = "stop"):
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"policy must be 'stop' or 'skip', got {policy!r}")
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.first = first_step
+        self.first, self.policy, self.skipped = first_step, policy, 0
+
+    def allow(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether to apply the update of this loss and grad norm: always under "stop" (the flag is collected for
+        `raise_if_bad`); under "skip" only when both are finite everywhere (else counted in `skipped`)."""
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        if self.policy == "stop":
+            self.bad |= bad
+            return True
+        if bool(vdist.all_reduce(bad.to(torch.float32), "max")):
+            self.skipped += 1
+            return False
+        return True
 
     def update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Collect the flag only (the update was applied)."""
         self.bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
 
     def raise_if_bad(self, step: int) -> None:
-        """FloatingPointError when a step since the last call (or `first_step`) up to `step` was not finite."""
+        """RunError when a step since the last call (or `first_step`) up to `step` was not finite."""
         if bool(self.bad):
-            raise FloatingPointError(f"non-finite loss or gradient norm between steps {self.first + 1} and {step}")
+            first = self.first + 1
+            steps = f"step {step}" if first == step else f"a step between {first} and {step}"
+            raise RunError(f"{steps}: non-finite loss or gradient norm; the run stops here, its last checkpoint stays "
+                           "the latest (optim.nonfinite=skip leaves such updates out instead)")  # fmt: skip
         self.first = step
