@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vibeperf.config import CheckpointConfig, ConfigError, OptimConfig
+from vibeperf.errors import RunError
 from vibeperf.train import Checkpointer, MetricsWriter, Schedule, Segment, list_checkpoints
 
 
@@ -78,7 +79,8 @@ def test_checkpointer_leaves_nothing_on_a_failed_save(tmp_path):
     model = Broken(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    with pytest.raises(OSError, match="disk full"):
+    message = r"^step 1: the checkpoint could not be written \(OSError: disk full\); the latest checkpoint is still"
+    with pytest.raises(RunError, match=message):
         Checkpointer(tmp_path, CheckpointConfig()).save(model, _Tokenizer(), opt, sched, {"step": 1})
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
