@@ -13,15 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vibeperf.config import SFTConfig, config_from_dict, load_config
+from vibeperf.config import config_from_dict, load_config
 from vibeperf.data import write_jsonl
 from vibeperf.errors import RunError
-from vibeperf.rl import scoring
+from vibeperf.rewards import scorer as scoring
 from vibeperf.rl import trainer as rl_trainer
 from vibeperf.rl import update as rl_update
 from vibeperf.rl.config import RLConfig
 from vibeperf.rl.synthetic import digit_records
 from vibeperf.sft import trainer as sft_trainer
+from vibeperf.sft.config import SFTConfig
 from vibeperf.sft.synthetic import synthetic_records
 from vibeperf.tiny_model import get_tiny_model
 from vibeperf.train import checkpoint as checkpoint_mod
@@ -149,15 +150,15 @@ def _crash_once(item):
     if os.path.exists(flag):
         os.unlink(flag)
         os._exit(9)
-    return scoring.Scorer.score(*item)
+    return scoring._grade_in_worker(item)
 
 
 def test_rl_reward_worker_crash_costs_one_reward(tmp_path, monkeypatch):
     flag = tmp_path / "crash"
     flag.write_text("")
     monkeypatch.setenv("VIBEPERF_TEST_CRASH_FLAG", str(flag))
-    monkeypatch.setattr(scoring, "_score_one", _crash_once)
-    result = rl_trainer.train(_rl_config(tmp_path, "run", steps=2, reward__workers=1))
+    monkeypatch.setattr(scoring, "_grade_in_worker", _crash_once)
+    result = rl_trainer.train(_rl_config(tmp_path, "run", steps=2, reward__workers=1, reward__processes=True))
     rows = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 2 and [r["reward_failures"] for r in rows] == [1, 0]
 
