@@ -62,8 +62,9 @@ class FiniteCheck:
         return True
 
     def update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Collect the flag only (the update was applied)."""
-        self.bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        """Collect the flag of updates already applied ("stop"); under "skip" `allow` has decided already."""
+        if self.policy == "stop":
+            self.bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
 
     def raise_if_bad(self, step: int) -> None:
         """RunError when a step since the last call (or `first_step`) up to `step` was not finite."""
