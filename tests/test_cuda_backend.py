@@ -338,10 +338,10 @@ def test_auto_resolution_on_cuda_and_cpu_devices(monkeypatch):
     from vibeperf.kernels.lmhead import resolve_backend
 
     cuda = torch.device("cuda")
-    assert resolve_backend("auto", cuda, has_cuda_path=True, auto=lambda: "cuda") == "cuda"
-    assert resolve_backend("auto", cuda, has_cuda_path=False, auto=lambda: "cuda") == "triton"
+    assert resolve_backend("auto", cuda, auto=lambda: "cuda") == "cuda"
+    assert resolve_backend("auto", cuda, auto=None) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert resolve_backend("auto", torch.device("cpu"), has_cuda_path=True, auto=lambda: "cuda") == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), auto=lambda: "cuda") == "torch"
     monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)  # no CUDA part: never "cuda", whatever the table says
     hidden, weight, _, _ = make_case(4, 10, 8, torch.float32)
     assert autoselect.auto_backend("train", hidden, weight) == "triton"

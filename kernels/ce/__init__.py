@@ -16,6 +16,7 @@ from .reference import linear_cross_entropy_reference, linear_logprob_reference
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "linear_logprob_reference", "linear_cross_entropy_reference"]
 
+
 def linear_logprob(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -35,8 +36,9 @@ def linear_logprob(
     """
     check_head_inputs(hidden, weight, targets, bias, temperature)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    backend = resolve_backend(backend, hidden.device, has_cuda_path=True,
-                              auto=lambda: autoselect.auto_backend("train" if grad else "forward", hidden, weight))
+    backend = resolve_backend(
+        backend, hidden.device, auto=lambda: autoselect.auto_backend("train" if grad else "forward", hidden, weight)
+    )
     hidden, weight, targets, bias = prepare_head_inputs(hidden, weight, targets, bias)
     logp, _, ent = ops.linear_logprob_op(
         hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy), backend
@@ -74,8 +76,7 @@ def linear_cross_entropy(
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
     work = "train" if (need_dh or need_dw) else "forward"
-    backend = resolve_backend(backend, hidden.device, has_cuda_path=True,
-                              auto=lambda: autoselect.auto_backend(work, hidden, weight))  # fmt: skip
+    backend = resolve_backend(backend, hidden.device, auto=lambda: autoselect.auto_backend(work, hidden, weight))
     hidden, weight, targets, bias = prepare_head_inputs(hidden, weight, targets, bias)
     n = hidden.shape[0]
     w = torch.ones(n, device=hidden.device, dtype=torch.float32)

@@ -37,21 +37,20 @@ if FORWARD_SCHEDULE not in FORWARD_SCHEDULES:
     raise ValueError(f"VIBEPERF_LMHEAD_FWD must be one of {sorted(FORWARD_SCHEDULES)}, got {FORWARD_SCHEDULE!r}")
 
 
-def resolve_backend(backend: str, device: torch.device, has_cuda_path: bool = False, auto=None) -> str:
-    """The backend that runs; has_cuda_path says whether the calling op has a "cuda" (vibeperf._C) implementation;
-    auto: a zero-argument callable giving "auto"'s choice on CUDA tensors (`autoselect.auto_backend` of the call)."""
+def resolve_backend(backend: str, device: torch.device, auto=None) -> str:
+    """The backend that runs. auto: a zero-argument callable giving "auto"'s choice on CUDA tensors
+    (`autoselect.auto_backend` of the call), or None where the call has no "cuda" path ("auto" is then "triton");
+    an op refuses an explicit "cuda" it cannot run before it gets here."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cuda":
-        if not has_cuda_path:
-            raise NotImplementedError("backend='cuda' is not built for this op yet (no vibeperf._C path); use 'triton'")
         cuda_backend.require_cuda_ext()
         if device.type != "cuda":
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got {device}")
         return backend
     if backend == "auto":
         if device.type == "cuda":
-            return auto() if (has_cuda_path and auto is not None) else "triton"
+            return auto() if auto is not None else "triton"
         return "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")

@@ -118,8 +118,8 @@ def policy_loss(
     if backend == "cuda" and unsupported is not None:
         raise NotImplementedError(f"backend='cuda' does not run {unsupported} (its row kernel has the PPO-clip / "
                                   "token TIS / k3 subset only); use backend='triton' or 'auto'")  # fmt: skip
-    backend = resolve_backend(backend, hidden.device, has_cuda_path=unsupported is None,
-                              auto=lambda: autoselect.auto_backend("mgpo", hidden, weight))  # fmt: skip
+    auto = (lambda: autoselect.auto_backend("mgpo", hidden, weight)) if unsupported is None else None
+    backend = resolve_backend(backend, hidden.device, auto=auto)
     hidden, weight, targets, bias = prepare_head_inputs(hidden, weight, targets, bias)
     seq_index, group_index = seq_index.to(torch.int64), group_index.to(torch.int64)
     num_sequences = group_index.numel()
