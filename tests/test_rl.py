@@ -324,9 +324,12 @@ def test_on_policy_update_skips_the_old_logprob_forward(aggregation):
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(importance_sampling_level="sequence"), dict(loss_type="cispo", eps_high=5.0),
-     dict(loss_type="sapo", entropy_coef=0.01), dict(loss_type="dapo", aggregation="token-mean", delta=1.5,
-                                                     clip_ratio_c=3.0, entropy_coef=0.01)],
+    [
+        dict(importance_sampling_level="sequence"),
+        dict(loss_type="cispo", eps_high=5.0),
+        dict(loss_type="sapo", entropy_coef=0.01),
+        dict(loss_type="dapo", aggregation="token-mean", delta=1.5, clip_ratio_c=3.0, entropy_coef=0.01),
+    ],
     ids=["gspo", "cispo", "sapo-entropy", "dapo-delta-dualclip-entropy"],
 )
 def test_update_runs_the_loss_family(settings):
@@ -353,6 +356,44 @@ def test_update_runs_the_loss_family(settings):
     torch.testing.assert_close(grads["skip"], grads["forced"], rtol=1e-5, atol=1e-7)
     same_loss = torch.allclose(grads["skip"][0], grads["grpo"][0], rtol=1e-3, atol=1e-6)
     assert not (same_loss and torch.allclose(grads["skip"][1], grads["grpo"][1], rtol=1e-3, atol=1e-6))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, dict(aggregation="token-mean"), dict(importance_sampling_level="sequence", entropy_coef=0.01)],
+    ids=["seq-mean-token-mean", "token-mean", "gspo-entropy"],
+)
+def test_masked_truncated_completion_gets_no_gradient(settings):
+    """rollout.mask_truncated packs a truncated completion with no loss tokens (pack_sequences(no_loss=)): the update's
+    loss and gradients equal those of the step without that completion (the aggregation's normaliser leaves it out
+    too), and differ from those with it."""
+    from vibeperf.config import ModelConfig
+    from vibeperf.model import FusedLossLM, load_model
+    from vibeperf.rl.config import LossConfig
+    from vibeperf.rl.update import UpdateOptions, policy_update
+    from vibeperf.tiny_model import get_tiny_model
+
+    gen = torch.Generator().manual_seed(7)
+    groups = _fake_groups(4, 4, gen)
+    adv = torch.randn(16, generator=gen)
+    cut = 5
+
+    def update(seq_ids, no_loss=()):
+        rows = pack_sequences(groups, seq_ids, budget=48, no_loss=no_loss)
+        model = load_model(ModelConfig(), str(get_tiny_model()), torch.device("cpu"), "fp32")
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        opts = UpdateOptions(LossConfig(backend="torch", **settings), 0.0, torch.device("cpu"))
+        metrics = policy_update(FusedLossLM(model), opt, [[(r, True) for r in rows]], adv, opts)
+        return rows, metrics["loss"], torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    rows, *masked = update(range(16), no_loss={cut})
+    row = next(r for r in rows if cut in r.seq_ids)
+    local = row.seq_ids.index(cut)
+    assert row.num_valid[local] == 0 and torch.all(row.row.targets[row.seq_index == local] == -100)
+    _, *dropped = update([i for i in range(16) if i != cut])
+    _, *full = update(range(16))
+    torch.testing.assert_close(masked, dropped, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(masked[1], full[1], rtol=1e-3, atol=1e-6)
 
 
 def test_bad_loss_setting_names_its_key():
@@ -503,8 +544,10 @@ def vllm_report(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize(
     "loss,rollout",
-    [(dict(importance_sampling_level="sequence", entropy_coef=0.01), dict(overlong_buffer=3)),
-     (dict(loss_type="cispo", eps_high=2.0, aggregation="token-mean"), {})],
+    [
+        (dict(importance_sampling_level="sequence", entropy_coef=0.01), dict(overlong_buffer=3)),
+        (dict(loss_type="cispo", eps_high=2.0, aggregation="token-mean"), {}),
+    ],
     ids=["gspo-entropy-overlong", "cispo"],
 )
 def test_hf_loop_with_the_loss_family_resumes_exactly(tmp_path, restore_threads, loss, rollout):
@@ -525,6 +568,63 @@ def test_hf_loop_with_the_loss_family_resumes_exactly(tmp_path, restore_threads,
     assert lines(full) == lines(resumed) and all(math.isfinite(x["loss"]) for x in lines(full))
     if rollout:  # some completions reach the 6-token budget: the shaped rewards differ from the raw ones
         assert any(x["reward_used_mean"] != x["reward_mean"] for x in lines(full))
+
+
+def test_dapo_switches_reward_rises_and_resume_is_exact(tmp_path, restore_threads):
+    """Issue 17's trainer switches in one transformers-engine run of 40 steps: GSPO + entropy bonus + dynamic sampling
+    + soft overlong punishment + masked truncated completions. Every step holds prompts_per_step groups of mixed
+    rewards or stopped at the draw cap, some steps drew more prompts than they kept, the mean reward of every
+    completion drawn rises (last 10 steps over the first 10), and a run resumed from the step-38 checkpoint ends with
+    the same weights and metrics."""
+    from safetensors.torch import load_file
+
+    from vibeperf.rl.trainer import train
+
+    data = tmp_path / "digit.jsonl"
+    write_jsonl(data, digit_records(96, seed=0))
+
+    def config(out: str, **checkpoint) -> RLConfig:
+        return config_from_dict(RLConfig, {
+            "output_dir": str(tmp_path / out), "model": {"path": "tiny-warm"},
+            "optim": {"lr": 1e-3, "min_lr": 1e-3, "warmup_frac": 0.0, "beta2": 0.99, "weight_decay": 0.0},
+            "rollout": {"group_size": 8, "prompts_per_step": 8, "dynamic_sampling": True, "max_sample_batches": 3,
+                        "overlong_buffer": 2, "mask_truncated": True},
+            "engine": {"kind": "hf", "dtype": "float32"}, "sampling": {"max_tokens": 10, "seed": 0},
+            "loss": {"backend": "torch", "minibatches": 1, "token_budget": 512, "eps_high": 0.28,
+                     "importance_sampling_level": "sequence", "entropy_coef": 0.001},
+            "train": {"cpu_threads": 1, "device": "cpu"}, "logging": {"progress": False, "plot": False},
+            "checkpoint": {"keep_last": 0, **checkpoint},
+            "phases": [{"name": "digit", "steps": 40, "sources": [{"files": [str(data)]}]}],
+        })  # fmt: skip
+
+    full = train(config("full", every=38))
+    resumed = train(config("resumed", resume=str(full.output_dir / "checkpoints" / "step_00000038")))
+    rows = metrics_lines(full.output_dir / "metrics.jsonl")
+    assert len(rows) == 40 and all(math.isfinite(x["loss"]) for x in rows)
+    for x in rows:
+        assert x["prompts_drawn"] == 8 * x["sample_batches"] and x["groups_kept"] == min(x["groups_mixed"], 8)
+        assert x["groups_kept"] == 8 or x["sample_batches"] == 3, x
+    assert any(x["prompts_drawn"] > x["groups_kept"] for x in rows)
+    assert any(x["truncated_frac"] > 0 for x in rows) and any(x["reward_used_mean"] != x["reward_mean"] for x in rows)
+    first, last = (sum(x["reward_drawn_mean"] for x in part) / 10 for part in (rows[:10], rows[-10:]))
+    assert last > first + 0.03, (first, last)
+    a = load_file(full.last_checkpoint / "model.safetensors")
+    b = load_file(resumed.last_checkpoint / "model.safetensors")
+    assert resumed.steps == 40 and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_times(metrics_lines(resumed.output_dir / "metrics.jsonl")) == without_times(rows[38:])
+
+
+def test_dynamic_sampling_is_refused_under_torchrun(monkeypatch):
+    """Dynamic sampling keeps groups across draws on one process; with several processes the trainer refuses it
+    with an error naming the key, before any model loads."""
+    from vibeperf import distributed as vdist
+    from vibeperf.rl.trainer import RLTrainer
+
+    monkeypatch.setattr(vdist, "init_distributed", lambda kind: None)
+    monkeypatch.setattr(vdist, "world_size", lambda: 2)
+    cfg = load_config(RLConfig, RECIPE, ["rollout.dynamic_sampling=true", "train.device=cpu"])
+    with pytest.raises(ConfigError, match="rollout.dynamic_sampling"):
+        RLTrainer(cfg)
 
 
 @pytest.mark.slow

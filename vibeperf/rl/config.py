@@ -53,6 +53,15 @@ class RolloutConfig:
     to -overlong_penalty (a completion cut at max_tokens gets all of it); 0: off."""
     overlong_penalty: float = 1.0
     """The largest overlong punishment (subtracted from the reward the advantages use)."""
+    mask_truncated: bool = False
+    """Overlong filtering (DAPO): a completion cut at the phase's max_tokens (finish reason "length") gets no loss:
+    its tokens leave the loss and its normaliser; it still counts in its group's advantage statistics."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: draw batches of prompts_per_step prompts until the step holds prompts_per_step groups
+    whose rewards are not all equal (the surplus of the last draw is dropped); one process only."""
+    max_sample_batches: int = 4
+    """Dynamic sampling: at most this many draws per step; a step that reaches it trains on the mixed groups found,
+    filled up to prompts_per_step with the uniform ones drawn first."""
 
     def __post_init__(self):
         check(self.group_size >= 2, "group_size", f"must be >= 2 (a group of one has no advantage), got "
@@ -60,6 +69,7 @@ class RolloutConfig:
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         check(self.sync_bucket_mb > 0, "sync_bucket_mb", f"must be > 0, got {self.sync_bucket_mb}")
         check(self.overlong_buffer >= 0, "overlong_buffer", f"must be >= 0, got {self.overlong_buffer}")
+        check(self.max_sample_batches >= 1, "max_sample_batches", f"must be >= 1, got {self.max_sample_batches}")
         check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,9 +150,11 @@ class MixtureSampler:
         self.position[src.name] = [epoch + 1, 0] if pos + 1 == len(src.kept) else [epoch, pos + 1]
         return index
 
-    def draw(self, step: int, n: int) -> list[tuple[int, int]]:
-        """(source index, record index) of the `n` prompts of global step `step`."""
-        rng = random.Random(f"vibeperf-rl-mix:{self.seed}:{self.phase}:{step}")
+    def draw(self, step: int, n: int, draw: int = 0) -> list[tuple[int, int]]:
+        """(source index, record index) of the `n` prompts of global step `step` (`draw` > 0: a further draw of the
+        same step, for dynamic sampling)."""
+        key = f"{step}" if draw == 0 else f"{step}:{draw}"
+        rng = random.Random(f"vibeperf-rl-mix:{self.seed}:{self.phase}:{key}")
         picks = rng.choices(range(len(self.data.sources)), weights=[s.weight for s in self.data.sources], k=n)
         return [(i, self._next(i)) for i in picks]
 
@@ -218,8 +220,11 @@ class RLRow:
                      self.num_valid)  # fmt: skip
 
 
-def pack_sequences(groups: Sequence[RolloutGroup], seq_ids: Sequence[int], budget: int) -> list[RLRow]:
-    """Rows of the sequences `seq_ids` (global id = group * G + completion) of `groups`; each fits `budget`."""
+def pack_sequences(
+    groups: Sequence[RolloutGroup], seq_ids: Sequence[int], budget: int, no_loss: Collection[int] = ()
+) -> list[RLRow]:
+    """Rows of the sequences `seq_ids` (global id = group * G + completion) of `groups`; each fits `budget`. The
+    sequences in `no_loss` (masked truncated completions) are packed with no loss tokens (targets -100, num_valid 0)."""
     size = len(groups[0].completions)
     samples, rollout = [], []
     for sid in seq_ids:
@@ -230,7 +235,7 @@ def pack_sequences(groups: Sequence[RolloutGroup], seq_ids: Sequence[int], budge
             raise ValueError(f"a prompt + completion of {p} + {n} tokens exceeds loss.token_budget={budget}; raise "
                              "it to at least the longest prompt plus the completion budget")  # fmt: skip
         ids = torch.tensor(g.prompt_token_ids + c.token_ids, dtype=torch.int32)
-        mask = torch.cat([torch.zeros(p, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+        mask = torch.cat([torch.zeros(p, dtype=torch.bool), torch.full((n,), sid not in no_loss, dtype=torch.bool)])
         samples.append(Sample(ids, mask))
         # position t predicts token t + 1: the completion's log-probs sit at positions p - 1 .. p + n - 2
         rollout.append(torch.cat([torch.zeros(p - 1), c.logprobs.float(), torch.zeros(1)]))

@@ -16,11 +16,14 @@ What a run does, in order:
    1. generate: draws `prompts_per_step` prompts from the phase's sources by their mixing weights, splits them into
       minibatches (`vibeperf.rl.data.split_minibatches`) and samples G completions of each (the `sampling` section
       with the phase's completion budget; raw log-probs of the sampled tokens);
-   2. score: `vibeperf.rewards.Scorer` (math-verify, sandboxed code tests);
+   2. score: `vibeperf.rewards.Scorer` (math-verify, sandboxed code tests); with `rollout.dynamic_sampling` (DAPO,
+      one process) steps 1-2 repeat, at most `rollout.max_sample_batches` draws, until the step holds
+      `prompts_per_step` groups whose rewards are not all equal (metrics sample_batches, prompts_drawn,
+      groups_mixed, groups_kept);
    3. advantages: A' = w_ME * A per completion on the device (`vibeperf.rl.advantages`: the MGPO kernel's group
       statistics, the Long2Short shift where the phase enables it);
    4. minibatches: prompt + completion sequences packed into rows of `loss.token_budget` tokens (loss on completion
-      tokens only);
+      tokens only; none on a truncated completion with `rollout.mask_truncated`);
    5. loss and optimizer (`vibeperf.rl.update.policy_update`): old log-probs from a no-grad forward when the step
       has several minibatches, or, on-policy (one minibatch), the loss forward's own log-probs detached, which
       saves a forward of the model body per row; then per minibatch the fused `mgpo_loss` (clipping, truncated
@@ -151,6 +154,21 @@ def plot_curves(metrics: MetricsWriter) -> None:
 
 
 @dataclass
+class Rollouts:
+    """A step's scored groups on this process, in minibatch-block order, and the prompts they came from."""
+
+    picks: list[tuple[int, int]]
+    groups: list
+    rewards: list[float]
+    failures: list
+    sampling: SamplingConfig
+    generate_s: float
+    counts: dict = dataclasses.field(default_factory=dict)
+    """Dynamic sampling's metrics (draws, prompts drawn, mixed groups found and kept, the reward mean over every
+    completion drawn); empty without it."""
+
+
+@dataclass
 class RLResult:
     """What a run did."""
 
@@ -183,6 +201,9 @@ class RLTrainer:
             raise ConfigError(f"rollout.prompts_per_step={ro.prompts_per_step} split into loss.minibatches="
                               f"{lc.minibatches} leaves fewer prompts per minibatch than the {self.world} processes: "
                               "every process needs at least one group of every minibatch")  # fmt: skip
+        if ro.dynamic_sampling and self.world > 1:
+            raise ConfigError(f"rollout.dynamic_sampling: runs in one process only, not under torchrun ({self.world} "
+                              "processes): the kept groups would have to move between processes")  # fmt: skip
         self.precision = resolve_precision(cfg.train.precision, self.device)
         if self.device.type == "cpu":
             log.info("CPU threads: %d (OMP_NUM_THREADS)", set_cpu_threads(cfg.train.cpu_threads))
@@ -252,10 +273,13 @@ class RLTrainer:
     def signature(self) -> dict:
         """What fixes the prompts and their order; a resumed run must match it."""
         c = self.cfg
-        return {"seed": c.train.seed, "rollout_seed": c.sampling.seed, "prompts_per_step": c.rollout.prompts_per_step,
-                "group_size": c.rollout.group_size,
-                "phases": [[p.name, p.steps, [[s.name, s.weight, len(s.records)] for s in ph.sources]]
-                           for p, ph in zip(c.phases, self.phases)]}  # fmt: skip
+        sig = {"seed": c.train.seed, "rollout_seed": c.sampling.seed, "prompts_per_step": c.rollout.prompts_per_step,
+               "group_size": c.rollout.group_size,
+               "phases": [[p.name, p.steps, [[s.name, s.weight, len(s.records)] for s in ph.sources]]
+                          for p, ph in zip(c.phases, self.phases)]}  # fmt: skip
+        if c.rollout.dynamic_sampling:  # the draws per step move the data position
+            sig["max_sample_batches"] = c.rollout.max_sample_batches
+        return sig
 
     def _enter_phase(self, index: int) -> None:
         """Run (or restore) the phase's static filter and start its prompt sampler."""
@@ -299,25 +323,11 @@ class RLTrainer:
         pc, data = cfg.phases[phase], self.phases[phase]
         t0 = time.perf_counter()
 
-        # 1. generate: this process's block of each minibatch (prompt i of the step samples with seed + i wherever
-        # it runs, so the samples do not depend on the number of processes)
-        picks = self.sampler.draw(s, cfg.rollout.prompts_per_step)  # the same on every process
-        every = [data.sources[i].records[j] for i, j in picks]
-        blocks = split_minibatches(len(every), cfg.loss.minibatches, self.rank, self.world)
-        records = [r for a, b in blocks for r in every[a:b]]
-        sampling = self._sampling(pc, sampling_seed(cfg.train.seed, "step", s))
-        groups = []
-        for a, b in contiguous(blocks):
-            seed = None if sampling.seed is None else sampling.seed + a
-            with self._engine_fault("sampling"):
-                groups += self.engine.generate([self.engine.chat_prompt(r.prompt) for r in every[a:b]], n=size,
-                                               sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
+        # 1. generate and 2. score: one draw, or with dynamic sampling draws until enough groups have mixed rewards
+        ro = self._dynamic_rollout(pc, data) if cfg.rollout.dynamic_sampling else self._rollout(pc, data, 0)
+        blocks = split_minibatches(cfg.rollout.prompts_per_step, cfg.loss.minibatches, self.rank, self.world)
+        groups, rewards, sampling = ro.groups, ro.rewards, ro.sampling
         completions = [c for g in groups for c in g.completions]
-        t1 = time.perf_counter()
-
-        # 2. score (host work: math-verify, code sandboxes)
-        rewards = self.scorer([(r, c.text) for r, g in zip(records, groups) for c in g.completions])
-        reward_failures = list(self.scorer.failures)  # graded 0 because a reward worker crashed or hung
         lengths = [len(c.token_ids) for c in completions]
 
         # 3. advantages on the device, per group (groups are whole on every process)
@@ -352,23 +362,73 @@ class RLTrainer:
         self.finite.raise_if_bad(self.step_count)
         local = {"rewards": rewards, "used": used.tolist(), "weights": weights.tolist(), "lengths": lengths,
                  "truncated": [c.finish_reason == "length" for c in completions],
-                 "reward_failures": reward_failures}  # fmt: skip
-        times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2,
+                 "reward_failures": ro.failures}  # fmt: skip
+        t1 = t0 + ro.generate_s
+        times = {"time_generate_s": ro.generate_s, "time_score_s": t2 - t1, "time_update_s": t3 - t2,
                  "time_sync_s": t4 - t3, "time_step_s": t4 - t0}  # fmt: skip
-        sources = {n: sum(data.sources[i].name == n for i, _ in picks) for n in (x.name for x in data.sources)}
-        record = self._record(data.name, lr, vdist.gather_lists(local), upd, times, sources)
+        sources = {n: sum(data.sources[i].name == n for i, _ in ro.picks) for n in (x.name for x in data.sources)}
+        record = self._record(data.name, lr, vdist.gather_lists(local), upd, times, sources) | ro.counts
         if cfg.optim.nonfinite == "skip":
             record["nonfinite_skipped"] = self.finite.skipped
         return record
+
+    def _rollout(self, pc, data: PhaseData, draw: int) -> Rollouts:
+        """Draw `prompts_per_step` prompts (draw `draw` of this step), generate this process's block of each
+        minibatch (prompt i of a draw samples with seed + i wherever it runs, so the samples do not depend on the
+        number of processes) and score them (host work: math-verify, code sandboxes)."""
+        cfg, s, t0 = self.cfg, self.step_count, time.perf_counter()
+        picks = self.sampler.draw(s, cfg.rollout.prompts_per_step, draw)  # the same on every process
+        every = [data.sources[i].records[j] for i, j in picks]
+        blocks = split_minibatches(len(every), cfg.loss.minibatches, self.rank, self.world)
+        records = [r for a, b in blocks for r in every[a:b]]
+        sampling = self._sampling(pc, sampling_seed(cfg.train.seed, "step" if draw == 0 else f"step:{draw}", s))
+        groups = []
+        for a, b in contiguous(blocks):
+            seed = None if sampling.seed is None else sampling.seed + a
+            with self._engine_fault("sampling"):
+                groups += self.engine.generate([self.engine.chat_prompt(r.prompt) for r in every[a:b]],
+                                               n=cfg.rollout.group_size,
+                                               sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
+        t1 = time.perf_counter()
+        rewards = self.scorer([(r, c.text) for r, g in zip(records, groups) for c in g.completions])
+        failures = list(self.scorer.failures)  # graded 0 because a reward worker crashed or hung
+        return Rollouts(picks, groups, rewards, failures, sampling, t1 - t0)
+
+    def _dynamic_rollout(self, pc, data: PhaseData) -> Rollouts:
+        """DAPO dynamic sampling (one process): draws until prompts_per_step groups have rewards that are not all
+        equal, at most rollout.max_sample_batches draws; the step keeps the first prompts_per_step such groups, at the
+        cap filled up with the uniform groups drawn first. The rewards are host values already: no extra sync."""
+        ro_cfg, size = self.cfg.rollout, self.cfg.rollout.group_size
+        want, mixed, uniform, draws, gen_s = ro_cfg.prompts_per_step, [], [], [], 0.0
+        while len(mixed) < want and len(draws) < ro_cfg.max_sample_batches:
+            ro = self._rollout(pc, data, len(draws))
+            draws.append(ro)
+            gen_s += ro.generate_s
+            for g in range(len(ro.groups)):
+                r = ro.rewards[g * size : (g + 1) * size]
+                (mixed if max(r) != min(r) else uniform).append((ro, g))
+        chosen = mixed[:want] + uniform[: max(0, want - len(mixed))]
+        drawn = [x for ro in draws for x in ro.rewards]
+        counts = {"sample_batches": len(draws), "prompts_drawn": len(draws) * want, "groups_mixed": len(mixed),
+                  "groups_kept": min(len(mixed), want), "reward_drawn_mean": sum(drawn) / len(drawn)}  # fmt: skip
+        return Rollouts(picks=[ro.picks[g] for ro, g in chosen], groups=[ro.groups[g] for ro, g in chosen],
+                        rewards=[x for ro, g in chosen for x in ro.rewards[g * size : (g + 1) * size]],
+                        failures=[f for ro in draws for f in ro.failures], sampling=draws[0].sampling,
+                        generate_s=gen_s, counts=counts)  # fmt: skip
 
     def _minibatches(self, groups, blocks: Sequence[tuple[int, int]]) -> list[list[tuple[RLRow, bool]]]:
         """Packed rows of each minibatch (`blocks`: this process's prompts of each), on the device, as (row, real)
         pairs; under torchrun padded with zero-weight copies so every process runs as many rows as the busiest."""
         lc, size = self.cfg.loss, self.cfg.rollout.group_size
+        no_loss = set()
+        if self.cfg.rollout.mask_truncated:  # overlong filtering: truncated completions get no loss
+            no_loss = {g * size + j for g, grp in enumerate(groups) for j, c in enumerate(grp.completions)
+                       if c.finish_reason == "length"}  # fmt: skip
         rows, first = [], 0
         for a, b in blocks:
             seq_ids = [g * size + j for g in range(first, first + b - a) for j in range(size)]
-            rows.append([r.to(self.device) for r in pack_sequences(groups, seq_ids, lc.token_budget)])
+            packed = pack_sequences(groups, seq_ids, lc.token_budget, no_loss)
+            rows.append([r.to(self.device) for r in packed])
             first += b - a
         counts = [len(mb) for mb in rows]
         if self.world > 1:  # one host read per step: the loop lengths must agree across processes
@@ -402,9 +462,11 @@ class RLTrainer:
         except UserError:
             raise
         except Exception as e:
-            raise RunError(f"step {self.step_count + 1}: the rollout engine ({self.engine.name}) failed while {what}: "
-                           f"{type(e).__name__}: {' '.join(str(e).split())[:300]}; the run stops, its last checkpoint "
-                           "is intact (continue with checkpoint.resume=latest)") from e
+            raise RunError(
+                f"step {self.step_count + 1}: the rollout engine ({self.engine.name}) failed while {what}: "
+                f"{type(e).__name__}: {' '.join(str(e).split())[:300]}; the run stops, its last checkpoint "
+                "is intact (continue with checkpoint.resume=latest)"
+            ) from e
 
     def push_weights(self) -> None:
         """The new weights to this process's engine: the whole state dict in one process; under FSDP gathered one
