@@ -69,7 +69,18 @@ class ModelConfig:
     liger: bool = False
     """Swap in liger_kernel's RMSNorm, RoPE and SwiGLU (Qwen2 only; an error if liger_kernel is not installed)."""
     activation_checkpointing: bool = False
-    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+    """Recompute decoder blocks in the backward pass instead of keeping their activations (how: checkpoint_policy)."""
+    checkpoint_policy: Literal["full", "save-matmuls", "offload"] = "full"
+    """With activation_checkpointing: "full" recomputes the whole block; "save-matmuls" keeps the GEMM and attention
+    outputs and recomputes the cheap ops; "offload" is "full" with the block input held in pinned CPU memory (long
+    rows). See vibeperf.model.body."""
+    checkpoint_every: int = 1
+    """With activation_checkpointing: checkpoint blocks 0, k, 2k, ... (k = this); the others keep their activations."""
+    compile: bool = False
+    """Regional torch.compile of each decoder block (dynamic shapes: packed rows of any length reuse one graph)."""
+
+    def __post_init__(self):
+        check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
 
 
 @dataclass

@@ -21,7 +21,8 @@ FlashAttention integrations):
   -> "flex"; CPU -> "exact".
 Under autocast, query, key and value are cast to the autocast dtype first, as autocast does for SDPA (transformers'
 RoPE returns fp32 queries and keys when the residual stream is fp32). `ATTENTION_CALLS` counts the calls of each
-backend that ran; `resolve_attention` says what will run and why.
+backend that ran in eager mode (calls inside a torch.compile'd region are not counted: a traced counter would
+recompile on every call); `resolve_attention` says what will run and why.
 """
 
 from __future__ import annotations
@@ -94,11 +95,23 @@ def resolve_attention(backend: str, device: torch.device | str, dtype: torch.dty
 
 
 def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [1, Hq, T, D], k/v [1, Hkv, T, D], cu [S+1] -> [1, T, Hq, D]."""
+    """q [1, Hq, T, D], k/v [1, Hkv, T, D], cu [S+1] -> [1, T, Hq, D].
+
+    Eager: a loop over the samples. Under torch.compile: one SDPA with a dense document-causal mask built on the
+    device (the same math without reading the boundaries on the host, so packed rows of any sample count trace to
+    one graph)."""
+    gqa = int(q.shape[1]) != int(k.shape[1])
+    if torch.compiler.is_compiling():
+        t = q.shape[2]
+        doc = torch.searchsorted(cu[1:].long(), torch.arange(t, device=q.device), right=True)  # [T]
+        pos = torch.arange(t, device=q.device)
+        mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])  # [T, T]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
     bounds = cu.tolist()
     outs = [
         F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scale,
-                                       enable_gqa=q.shape[1] != k.shape[1])
+                                       enable_gqa=gqa)
         for a, b in zip(bounds[:-1], bounds[1:])
     ]  # fmt: skip
     return torch.cat(outs, dim=2).transpose(1, 2)
@@ -191,7 +204,8 @@ def varlen_attention_forward(
         out = _flex(query, key, value, cu, scale)
     else:
         out = _exact(query, key, value, cu, scale)
-    ATTENTION_CALLS[name] += 1
+    if not torch.compiler.is_compiling():  # a traced counter would guard on its value: a recompile per call
+        ATTENTION_CALLS[name] += 1
     return out, None
 
 

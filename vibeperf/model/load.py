@@ -3,8 +3,9 @@
 - `resolve_device("auto" | "cpu" | "cuda[:N]")`, `resolve_precision("auto" | ...)`, `compute_dtype(precision)`.
 - `model_path(path)`: a local checkpoint directory, or "tiny" (the locally built tiny Qwen2).
 - `load_model(cfg.model, path, device, precision)`: a transformers causal LM from a local checkpoint, in fp32 (or
-  bf16 for precision "bf16"), switched to varlen attention (`vibeperf.model.attention`), optionally with Liger's
-  RMSNorm/RoPE/SwiGLU and activation checkpointing, in train mode with the KV cache off.
+  bf16 for precision "bf16" / "bf16-master"), switched to varlen attention (`vibeperf.model.attention`), optionally
+  with Liger's RMSNorm/RoPE/SwiGLU, its blocks set up by `vibeperf.model.body.apply_body` (activation checkpointing
+  policy, regional compile), in train mode with the KV cache off.
 - `apply_liger(model)`: liger_kernel's body kernels for Qwen2 (its cross-entropy stays off: the loss is ours).
   Liger is optional; asking for it without it installed is a RuntimeError that says how to get it.
 """
@@ -17,6 +18,7 @@ import torch
 
 from vibeperf.config import ModelConfig
 from vibeperf.model.attention import use_varlen_attention
+from vibeperf.model.body import apply_body
 from vibeperf.preflight import check_device, check_model_dir
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
@@ -80,8 +82,7 @@ def load_model(cfg: ModelConfig, path: str, device: torch.device, precision: str
         apply_liger(model)
     model.to(device)
     use_varlen_attention(model, cfg.attention)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_body(model, cfg)
     model.config.use_cache = False
     model.train()
     return model

@@ -1,0 +1,172 @@
+"""The body switches of vibeperf.model.body and the bf16 master-weight optimizer leave loss and gradients unchanged.
+
+Reference: the tiny Qwen2 in fp32 without any switch, one packed row of three samples. Checkpointing and compile
+(aot_eager on the CPU: dynamo + AOT autograd, the path inductor compiles on the GPU) only change what is kept or
+how it is traced, so fp32 results agree to fp32 rounding (rtol 1e-5 of the gradient norm).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from vibeperf.config import ModelConfig
+from vibeperf.model import FusedLossLM, Sample, load_model, make_row, model_path, use_varlen_attention
+from vibeperf.model.body import BODY_STATS, apply_body, body_report
+
+DEV = torch.device("cpu")
+
+
+def _row(lengths, seed=0, vocab=200):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for n in lengths:
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[: n // 4] = False
+        samples.append(Sample(torch.randint(0, vocab, (n,), generator=g, dtype=torch.int32), mask))
+    return make_row(samples)
+
+
+def _fresh():
+    """The tiny model with varlen attention and no body switch applied yet."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path("tiny"), dtype=torch.float32)
+    use_varlen_attention(model, "auto")
+    model.train()
+    return model
+
+
+def _loss_and_grads(cfg: ModelConfig, rows, **apply_kw):
+    model = _fresh()
+    apply_body(model, cfg, **apply_kw)
+    root = FusedLossLM(model)
+    losses = []
+    for row in rows:
+        loss = root(row.model_inputs(), row.targets, row.token_weight, backend="torch")
+        loss.backward()
+        losses.append(loss.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.stack(losses), grads, model
+
+
+def _assert_same(a, b, rtol=1e-5):
+    (la, ga, _), (lb, gb, _) = a, b
+    torch.testing.assert_close(la, lb, rtol=rtol, atol=0)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        err = (ga[name] - gb[name]).norm() / ga[name].norm().clamp_min(1e-30)
+        assert err < rtol, f"{name}: relative gradient error {err:.2e}"
+
+
+ROWS = [_row([17, 5, 30]), _row([40, 9], seed=1)]
+
+# A plain block (no checkpointing in apply_body) is the reference for every switch.
+PLAIN = ModelConfig(activation_checkpointing=False)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _loss_and_grads(PLAIN, ROWS)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        pytest.param(ModelConfig(activation_checkpointing=True, checkpoint_policy="full"), id="full"),
+        pytest.param(ModelConfig(activation_checkpointing=True, checkpoint_policy="save-matmuls"), id="save-matmuls"),
+        pytest.param(ModelConfig(activation_checkpointing=True, checkpoint_policy="offload"), id="offload"),
+        pytest.param(ModelConfig(activation_checkpointing=True, checkpoint_every=2), id="every-2"),
+    ],
+)
+def test_checkpoint_policy_keeps_loss_and_grads(reference, cfg):
+    BODY_STATS.clear()
+    got = _loss_and_grads(cfg, ROWS)
+    _assert_same(reference, got)
+    modes = body_report(got[2])["checkpoint"]
+    n = len(got[2].model.layers)
+    if cfg.checkpoint_every == 2:
+        assert modes == {"full": (n + 1) // 2, "none": n // 2}
+    else:
+        assert modes == {cfg.checkpoint_policy: n}
+    if cfg.checkpoint_policy == "offload":
+        assert BODY_STATS["offload"] == n * len(ROWS)
+
+
+def test_offload_restores_autocast_in_recompute():
+    """The recompute of an offloaded block runs under the forward's autocast state (bf16 on the CPU here)."""
+    cfgs = [PLAIN, ModelConfig(activation_checkpointing=True, checkpoint_policy="offload")]
+    out = []
+    for cfg in cfgs:
+        model = _fresh()
+        apply_body(model, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = FusedLossLM(model)(ROWS[0].model_inputs(), ROWS[0].targets, ROWS[0].token_weight, backend="torch")
+        loss.backward()
+        out.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    err = (out[0] - out[1]).norm() / out[0].norm()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("policy", ["full", "save-matmuls", "offload"])
+def test_compiled_blocks_match_and_do_not_recompile(reference, policy):
+    """Regional compile (aot_eager) with each checkpoint policy: same loss and grads, no graph break; rows of other
+    lengths and sample counts reuse the graphs (dynamo's count of compiled graphs does not move)."""
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = ModelConfig(activation_checkpointing=True, checkpoint_policy=policy, compile=True)
+    got = _loss_and_grads(cfg, ROWS, compile_backend="aot_eager")
+    _assert_same(reference, got)
+    model = got[2]
+    root = FusedLossLM(model)
+    single = _row([33], seed=9)  # one sample per row may take a second graph (a size-1 boundary slice on the CPU)
+    root(single.model_inputs(), single.targets).backward()
+    before = body_report(model)
+    # offload runs the compiled block twice (no-grad forward, recompute with grad): one graph for each grad mode
+    assert 1 <= before["graphs"] <= (4 if policy == "offload" else 2) and before["graph_breaks"] == 0, before
+    _more_rows(model)
+    assert body_report(model)["graphs"] == before["graphs"]
+
+
+def _more_rows(model):
+    root = FusedLossLM(model)
+    for k, lengths in enumerate([[23, 11, 7, 2], [64], [3, 3, 3, 3, 3, 3]]):
+        row = _row(lengths, seed=5 + k)
+        root(row.model_inputs(), row.targets).backward()
+
+
+def test_static_compile_would_recompile():
+    """The control of the test above: the same blocks compiled with static shapes compile new graphs."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = _fresh()
+    for layer in model.model.layers:
+        layer.compile(dynamic=False, backend="aot_eager")
+    model._vibeperf_body = {"checkpoint": [], "compile": True, "compile_backend": "aot_eager"}
+    _more_rows(model)
+    first = body_report(model)["graphs"]
+    _more_rows(model)
+    root = FusedLossLM(model)
+    row = _row([50, 9])
+    root(row.model_inputs(), row.targets).backward()
+    assert body_report(model)["graphs"] > first
+
+
+def test_load_model_applies_body_switches():
+    cfg = ModelConfig(activation_checkpointing=True, checkpoint_policy="save-matmuls", checkpoint_every=3)
+    model = load_model(cfg, model_path("tiny"), DEV, "fp32")
+    n = len(model.model.layers)
+    assert body_report(model)["checkpoint"] == {"save-matmuls": (n + 2) // 3, "none": n - (n + 2) // 3}
+    with pytest.raises(RuntimeError, match="already"):
+        apply_body(model, cfg)
+
+
+def test_bad_body_switches_are_named():
+    from vibeperf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        ModelConfig(checkpoint_every=0)
+    model = load_model(ModelConfig(), model_path("tiny"), DEV, "fp32")
+    with pytest.raises(ValueError, match="checkpoint_policy"):
+        apply_body(model, ModelConfig(checkpoint_policy="bogus"))

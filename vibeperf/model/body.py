@@ -1,0 +1,163 @@
+"""How the decoder blocks of a loaded model run: activation checkpointing policy and regional torch.compile.
+
+`apply_body(model, cfg)` sets up every decoder block of a transformers causal LM (`model.model.layers`) from the
+`ModelConfig` fields below; the state dict and the module tree are unchanged (each block's `forward` is wrapped on
+the instance, never a class):
+
+- `activation_checkpointing` + `checkpoint_policy` + `checkpoint_every` (applied to blocks 0, k, 2k, ...; the other
+  blocks keep their activations):
+  - "full": recompute the whole block in the backward pass (torch.utils.checkpoint, non-reentrant); the block input
+    stays on the GPU.
+  - "save-matmuls": selective checkpointing (`create_selective_checkpoint_contexts`): the outputs of the matmuls
+    and of attention are kept (`SAVED_OPS`), the cheap ops (norms, RoPE, SiLU, products, adds) are recomputed.
+  - "offload": "full", and the block input is moved to pinned CPU memory until the backward pass needs it
+    (the Arctic-style long-row mode: at 128K tokens the 36 fp32 block inputs of the 3B shape are 36 GiB).
+- `compile`: regional `torch.compile` of each block (one graph shared by all blocks), with `dynamic=True` so that
+  packed rows of any length and sample count reuse the graph (no recompiles; `body_report` counts graphs). With
+  "full"/"save-matmuls" the checkpoint is inside the compiled region (as torchtitan does); with "offload" the
+  compiled block runs inside the offloading wrapper.
+
+`body_report(model)` says what each block runs with, for logs and benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+CHECKPOINT_POLICIES = ("full", "save-matmuls", "offload")
+_aten = torch.ops.aten
+
+
+def _saved_ops() -> frozenset:
+    ops = [_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.linear.default,
+           _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+           _aten._scaled_dot_product_cudnn_attention.default, _aten._flash_attention_forward.default]  # fmt: skip
+    varlen = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)
+    if varlen is not None:
+        ops.append(varlen.default)
+    return frozenset(ops)
+
+
+SAVED_OPS = _saved_ops()
+"""Ops whose outputs "save-matmuls" keeps: GEMMs and attention (the expensive ones to recompute)."""
+
+BODY_STATS: Counter = Counter()
+"""Counts of block calls per mode since import ("offload", "checkpoint", "plain"); tests and reports read it."""
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_save_matmuls)
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (`<base model>.layers`)."""
+    body = getattr(model, model.base_model_prefix, model)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise NotImplementedError(f"{type(model).__name__} has no <base model>.layers ModuleList of decoder blocks")
+    return layers
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Run `fn(x, **kwargs)` without keeping activations; keep only x, in pinned CPU memory; recompute in backward.
+
+    Gradients of the block's parameters are accumulated into `.grad` by the inner backward (as reentrant
+    checkpointing does); the autocast state of the forward is restored for the recompute. Blocks have no dropout
+    in training here (Qwen2/Llama attention_dropout 0), so no RNG state is replayed.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, kwargs, x):
+        ctx.fn, ctx.kwargs, ctx.device = fn, kwargs, x.device
+        dev = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        host.copy_(x.detach(), non_blocking=x.is_cuda)
+        ctx.host = host
+        with torch.no_grad():
+            return fn(x, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+            out = ctx.fn(x, **ctx.kwargs)
+        torch.autograd.backward(out, grad)
+        ctx.host = None
+        return None, None, x.grad
+
+
+def _offloaded(fn, hidden_states, *args, **kwargs):
+    if args:
+        raise TypeError("offloaded checkpointing takes the block's arguments after hidden_states as keywords")
+    BODY_STATS["offload"] += 1
+    if not (torch.is_grad_enabled() and hidden_states.requires_grad):
+        return fn(hidden_states, **kwargs)
+    return _OffloadedCheckpoint.apply(fn, kwargs, hidden_states)
+
+
+def _checkpointed(fn, context_fn, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    if context_fn is None:
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def apply_body(model, cfg, *, compile_backend: str = "inductor") -> None:
+    """Set up the decoder blocks of `model` from `cfg` (a `ModelConfig`); see the module docstring. Call once,
+    after the model is on its device and before the first forward. `compile_backend` is torch.compile's backend
+    (tests pass "aot_eager" to check the traced graph without inductor's compile time)."""
+    policy, every = cfg.checkpoint_policy, cfg.checkpoint_every
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"model.checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
+    if every < 1:
+        raise ValueError(f"model.checkpoint_every must be >= 1, got {every}")
+    if getattr(model, "_vibeperf_body", None) is not None:
+        raise RuntimeError("apply_body was already called on this model")
+    layers = decoder_layers(model)
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    modes = []
+    for i, layer in enumerate(layers):
+        ckpt = cfg.activation_checkpointing and i % every == 0
+        mode = policy if ckpt else "none"
+        forward = layer.forward
+        if mode == "offload":
+            inner = torch.compile(forward, dynamic=True, backend=compile_backend) if cfg.compile else forward
+            layer.forward = functools.partial(_offloaded, inner)
+        else:
+            if mode != "none":
+                layer.forward = functools.partial(_checkpointed, forward,
+                                                  _selective_context if mode == "save-matmuls" else None)  # fmt: skip
+            if cfg.compile:
+                layer.compile(dynamic=True, backend=compile_backend)
+        modes.append(mode)
+    model._vibeperf_body = {"checkpoint": modes, "compile": bool(cfg.compile), "compile_backend": compile_backend}
+
+
+def body_report(model) -> dict:
+    """What the blocks run with: per-mode block counts, compile on/off and its backend, and the graphs dynamo has
+    compiled in this process (`graphs`: constant once every row shape has reused the first graphs) and the graph
+    breaks dynamo met (`graph_breaks`; 0 when each block is one graph)."""
+    info = getattr(model, "_vibeperf_body", None)
+    if info is None:
+        return {"checkpoint": "not applied", "compile": False}
+    out = {"checkpoint": dict(Counter(info["checkpoint"])), "compile": info["compile"]}
+    if info["compile"]:
+        from torch._dynamo.utils import counters
+
+        out["compile_backend"] = info["compile_backend"]
+        out["graphs"] = counters["stats"]["unique_graphs"]
+        out["graph_breaks"] = sum(counters["graph_break"].values())
+    return out
