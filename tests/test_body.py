@@ -170,3 +170,41 @@ def test_bad_body_switches_are_named():
     model = load_model(ModelConfig(), model_path("tiny"), DEV, "fp32")
     with pytest.raises(ValueError, match="checkpoint_policy"):
         apply_body(model, ModelConfig(checkpoint_policy="bogus"))
+
+
+def _grads(shapes, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[(torch.randn(s, generator=g) * 1e-2).to(torch.bfloat16).float() for s in shapes] for _ in range(steps)]
+
+
+def test_master_adamw_follows_the_fp32_update():
+    """bf16 parameters + MasterAdamW take exactly the fp32 AdamW trajectory (same bf16-representable start and
+    gradients); the bf16 parameters are the masters rounded; plain bf16 AdamW drifts away (the control); the
+    masters survive a state_dict round trip."""
+    from vibeperf.train import MasterAdamW
+
+    shapes = [(7, 5), (5,)]
+    start = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    grads = _grads(shapes, steps=20)
+    kw = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "foreach": True}
+    ref = [p.float().clone().requires_grad_(True) for p in start]
+    low = [p.clone().requires_grad_(True) for p in start]
+    plain = [p.clone().requires_grad_(True) for p in start]
+    opt_ref, opt_low, opt_plain = (torch.optim.AdamW(ref, **kw), MasterAdamW(low, **kw),
+                                   torch.optim.AdamW(plain, **kw))  # fmt: skip
+    for step in grads:
+        for params, opt in ((ref, opt_ref), (low, opt_low), (plain, opt_plain)):
+            for p, gr in zip(params, step):
+                p.grad = gr.to(p.dtype)
+            opt.step()
+            opt.zero_grad()
+    masters = opt_low.state_dict()["master_weights"]
+    for r, m, p in zip(ref, masters, low):
+        torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(p.detach(), m.to(torch.bfloat16))
+    assert low[0].grad is None
+    assert not torch.equal(plain[0].detach(), low[0].detach())
+    other = MasterAdamW([p.detach().clone().requires_grad_(True) for p in start], **kw)
+    other.load_state_dict(opt_low.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict()["master_weights"], masters))
+    assert torch.equal(other._models[0].detach(), low[0].detach())

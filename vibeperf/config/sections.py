@@ -20,7 +20,7 @@ from typing import Literal
 
 from vibeperf.config.loader import check
 
-Precision = Literal["auto", "fp32", "bf16-autocast", "bf16"]
+Precision = Literal["auto", "fp32", "bf16-autocast", "bf16", "bf16-master"]
 LossBackend = Literal["auto", "triton", "torch", "cuda"]
 """Backend of the fused LM-head kernels (vibeperf.kernels): auto picks by device and a measured table."""
 Attention = Literal["auto", "varlen", "flex", "exact"]

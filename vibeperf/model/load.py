@@ -21,7 +21,7 @@ from vibeperf.model.attention import use_varlen_attention
 from vibeperf.model.body import apply_body
 from vibeperf.preflight import check_device, check_model_dir
 
-PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+PRECISIONS = ("fp32", "bf16-autocast", "bf16", "bf16-master")
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
@@ -76,7 +76,7 @@ def load_model(cfg: ModelConfig, path: str, device: torch.device, precision: str
     """A causal LM from the local checkpoint `path`, ready to train on packed rows (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision in ("bf16", "bf16-master") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if cfg.liger:
         apply_liger(model)

@@ -221,7 +221,7 @@ class RLTrainConfig:
     device: str = "auto"
     """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
     precision: Precision = "auto"
-    """auto: bf16-autocast on CUDA, fp32 on the CPU."""
+    """auto: bf16-autocast on CUDA, fp32 on the CPU; bf16-master: bf16 weights, AdamW on fp32 master copies."""
     cpu_threads: int = 0
     """CPU: torch threads of trainer and engine, exported as OMP_NUM_THREADS before the engine starts so vLLM keeps
     them (it drops to 1 otherwise); 0: OMP_NUM_THREADS if set, else the CPUs this process may use."""

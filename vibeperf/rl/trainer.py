@@ -230,7 +230,8 @@ class RLTrainer:
         if vdist.is_distributed():
             self.fsdp_root = vdist.shard_model(self.model, vdist.default_mp_policy(self.device))
         self.root = self.fsdp_root if self.fsdp_root is not None else FusedLossLM(self.model)
-        self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.device,
+                                        master_weights=self.precision == "bf16-master")
         self.scheduler = self.schedule.scheduler(self.optimizer, cfg.optim.lr)
         self.step_count, self.filters, cursors = 0, {}, None
         if resume is not None:

@@ -84,7 +84,8 @@ class SFTTrainConfig:
     device: str = "auto"
     """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
     precision: Precision = "auto"
-    """auto: bf16-autocast on CUDA, fp32 on the CPU. bf16-autocast keeps fp32 weights; bf16 stores them in bf16."""
+    """auto: bf16-autocast on CUDA, fp32 on the CPU. bf16-autocast keeps fp32 weights; bf16 stores them in bf16;
+    bf16-master stores them in bf16 and runs AdamW on fp32 master copies (vibeperf.train.master)."""
     loss_backend: LossBackend = "auto"
     """Backend of the fused LM-head cross-entropy (vibeperf.kernels.linear_cross_entropy)."""
 

@@ -228,7 +228,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     backend, why = resolve_attention(cfg.model.attention, device, compute_dtype(precision))
     log.info("device %s, precision %s, attention %s: %s", device, precision, backend, why)
     fsdp_root = vdist.shard_model(model, vdist.default_mp_policy(device)) if vdist.is_distributed() else None
-    optimizer = make_optimizer(model, cfg.optim, device)
+    optimizer = make_optimizer(model, cfg.optim, device, master_weights=precision == "bf16-master")
     scheduler = schedule.scheduler(optimizer, cfg.optim.lr)
     step = 0
     if resume is not None:

@@ -1,6 +1,7 @@
 """AdamW as every trainer builds it, gradient clipping, and the finite-loss / grad-norm check of a step.
 
-- `make_optimizer(model, optim, device)`: AdamW with weight decay on matrices only; fused on CUDA, foreach on the CPU.
+- `make_optimizer(model, optim, device)`: AdamW with weight decay on matrices only; fused on CUDA, foreach on the CPU;
+  with `master_weights`, on fp32 copies of bf16 parameters (`vibeperf.train.master`).
 - `clip_gradients(model, max_norm)`: the global gradient norm (foreach kernels; a DTensor norm under FSDP is made
   full), gradients scaled to `max_norm` when it is > 0.
 - `FiniteCheck`: the `optim.nonfinite` policy of a step whose loss or grad norm is not finite. "stop": collected on
@@ -18,17 +19,21 @@ from vibeperf import distributed as vdist
 from vibeperf.config import OptimConfig
 from vibeperf.distributed import to_full
 from vibeperf.errors import RunError
+from vibeperf.train.master import MasterAdamW
 
 
-def make_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; fused on CUDA, foreach elsewhere."""
+def make_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device, *,
+                   master_weights: bool = False) -> torch.optim.AdamW:  # fmt: skip
+    """AdamW with weight decay on matrices only; fused on CUDA, foreach elsewhere. `master_weights` (precision
+    "bf16-master"): the update runs on fp32 copies of the (bf16) parameters (`vibeperf.train.master.MasterAdamW`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2),
+    cls = MasterAdamW if master_weights else torch.optim.AdamW
+    return cls([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2),
                              eps=optim.eps, **impl)  # fmt: skip
 
 
