@@ -1,70 +1,115 @@
-"""B4: one packed-sequence SFT step of a Qwen2.5-3B-shaped model (random init) on one GPU, against a padded
-transformers baseline on the same length mix.
+"""B4: the packed SFT step of the Qwen2.5-3B shape, every body switch and TRL side by side, in one process.
 
-    python -m vibeperf.bench.b4_sft [--samples 64] [--steps 3] [--budget 16384] [--max-len 8192] [--pad-batch 2]
-                                [--layers 36] [--precision bf16-autocast|bf16] [--liger auto|on|off] [--no-write]
+    python -m vibeperf.bench.b4_sft [--mixes lognormal,stage2] [--methods all|NAME,...] [--samples 16]
+        [--stage2-samples 4] [--steps 2] [--budget 16384] [--stage2-budget 32768] [--layers 36]
+        [--long 65536:full,131072:offload] [--profile NAME] [--tiny] [--no-write]
 
-1. Peak: a plain 8192^3 bf16 matmul measured in this run (vibeperf.bench.common.peak_matmul_tflops).
-2. Model: Qwen2 with hidden 2048, 36 layers, 16 heads, 2 KV heads, intermediate 11008, vocab 151,936, tied
-   embeddings (Qwen2.5-3B's shape; 3.09B parameters), random init on the GPU. Precision "bf16-autocast" (the
-   trainer's CUDA default: fp32 weights, grads and AdamW state, bf16 matmuls) or "bf16" (everything bf16). Activation
-   checkpointing on for every method.
-3. Length mix: seeded log-normal lengths (median 1,500 tokens, sigma 1.0) clipped to [64, --max-len]; the first 10%
-   of each sample is prompt (no loss). Every method trains on the same samples, `--samples` per optimizer step.
-   --max-len defaults to 8,192 so that the baseline's [batch x length x 151,936] logits (bf16, an fp32 copy and its
-   gradient) fit beside fp32 weights and AdamW state on an 80 GB GPU.
-4. Methods, all through forward + backward + grad clipping + fused AdamW (lr 0, so the weights stay identical):
-   - packed: vibeperf (rows of --budget tokens by best-fit decreasing, varlen attention, fused LM-head CE on final
-     hidden states; `vibeperf.sft.trainer.forward_backward`),
-   - padded: transformers' own path: micro-batches of --pad-batch samples right-padded to the longest, sdpa
-     attention with the padding mask, logits + transformers' CE (num_items_in_batch = the step's loss tokens),
-   - packed+liger, padded+liger: the same with liger_kernel's RMSNorm/RoPE/SwiGLU, when liger_kernel imports (run
-     after the others: Liger patches transformers' Qwen2 module for the whole process).
-   A method that runs out of memory is reported as such; the padded baseline first retries with half the batch.
-5. Correctness before speed: every method's loss on the first step must match the packed loss within 2e-2
-   (relative; bf16 matmuls); a method that does not is reported WRONG and not timed.
-6. Timing: one warm-up step, then --steps timed steps (synchronised wall clock). Reported: step ms, tokens/s over
-   real (non-pad) tokens, MFU = model FLOPs / time / peak, with model FLOPs per step
-   6 * P * T + 6 * n_layers * n_heads * head_dim * sum_d L_d^2 (P = parameters in matmuls, i.e. all but the input
-   embedding, the tied LM head counted once; T = real tokens; causal attention; recompute and padding not counted),
-   peak memory (max_memory_allocated during the timed steps) and extra memory above what the weights and optimizer
-   state hold; N in the table is the mean real tokens of a timed step. Targets: MFU >= 0.45 and packed >= 2x the
-   padded tokens/s.
-A table is printed last; the JSON goes to <results dir>/<gpu>_<date>_B4.json.
+1. Peak: a plain 8192^3 bf16 matmul measured in this run (MFU denominator).
+2. Model: Qwen2 hidden 2048, 36 layers, 16 heads, 2 KV heads, intermediate 11008, vocab 151,936, tied embeddings
+   (Qwen2.5-3B's shape), random init from one seed: every method builds it afresh, so all start from equal weights.
+3. Length mixes (seeded): "lognormal" (median 1,500 tokens, sigma 1, clipped to [64, 8192]) and "stage2"
+   (log-uniform in [5,120, 32,768], the stage-2 curriculum). The first 10% of each sample is prompt (no loss).
+   Every method trains on the same samples, one warm-up step then --steps timed steps.
+4. Methods (`METHODS`; each forward + backward + grad clipping + fused AdamW at lr 0):
+   - packed...: vibeperf's step (`vibeperf.sft.forward_backward`: rows of --budget tokens by best-fit decreasing,
+     varlen attention, fused LM-head CE), with the body switches of `vibeperf.model.body` and the precision named
+     in the method (table below);
+   - trl-padding-free-liger: `trl.SFTTrainer(padding_free=True, use_liger_kernel=True)` (vibeperf.bench.b4_trl);
+   - padded: transformers' own path, micro-batches of --pad-batch samples right-padded, sdpa, logits + its CE (the
+     floor; lognormal mix only unless --padded-all).
+   Methods with Liger (its kernels patch transformers' Qwen2 module for the whole process) run after the others.
+5. Correctness before speed: each method's first-step loss must match the first method's within 2e-2 (relative;
+   bf16 matmuls); one that does not is reported WRONG and not timed. Out of memory is reported as such.
+6. Reported per row (TARGETS.md schema): ms per step, MFU (`vibeperf.model.step_flops`: 6*P*T + causal
+   attention; recompute not counted) as frac_of_peak, extra GiB above weights+grads, and in the note tokens/s, peak
+   GiB and, for packed rows, the speed-up over TRL of the same mix. JSON is rewritten after every method.
+7. --long L:POLICY,...: one sequence of L tokens per step through the packed path with AdamW (state created on
+   the warm-up step), checkpoint policy POLICY: tokens/s and peak memory (row impl packed-long-L-POLICY).
+8. --profile NAME: one more step of method NAME under torch.profiler; GPU time by category (attention, matmuls,
+   norms+activations, LM head, optimizer, other) goes into the JSON and is printed (vibeperf.bench.step_profile).
+--tiny runs everything on a 2-layer toy shape on the CPU (the smoke test of the GPU command).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import importlib.util
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
-from vibeperf.model import IGNORE_INDEX, Sample, apply_liger, attention, matmul_params, pack_rows, step_flops
+from vibeperf.config import ModelConfig
+from vibeperf.model import IGNORE_INDEX, Sample, apply_liger, matmul_params, pack_rows, step_flops
+from vibeperf.model.attention import resolve_attention, use_varlen_attention
+from vibeperf.model.body import apply_body, body_report
 from vibeperf.sft import forward_backward
-from vibeperf.train import clip_gradients
+from vibeperf.train import MasterAdamW, clip_gradients
 
 from .common import Row, format_table, peak_matmul_tflops, write_results_extra
 
 TOL = 2e-2
 
 
-def qwen25_3b_config(layers: int):
+@dataclass(frozen=True)
+class Method:
+    """One B4 method: how the packed step runs (ignored for the baselines)."""
+
+    name: str
+    kind: str = "packed"
+    """packed | trl | padded"""
+    checkpoint: str = "full"
+    """none | full | save-matmuls | offload"""
+    every: int = 1
+    compile: bool = False
+    precision: str = "bf16-autocast"
+    """bf16-autocast (fp32 weights) | bf16-master (bf16 weights, fp32 masters) | bf16"""
+    liger: bool = False
+
+
+METHODS = [
+    Method("packed"),
+    Method("packed-ckpt-save-matmuls", checkpoint="save-matmuls"),
+    Method("packed-ckpt-every2", every=2),
+    Method("packed-ckpt-none", checkpoint="none"),
+    Method("packed-compile", compile=True),
+    Method("packed-compile-save-matmuls", checkpoint="save-matmuls", compile=True),
+    Method("packed-bf16-master", precision="bf16-master"),
+    Method("packed-compile-bf16-master", compile=True, precision="bf16-master"),
+    Method("padded", kind="padded"),
+    Method("packed+liger", liger=True),
+    Method("packed-bf16-master+liger", precision="bf16-master", liger=True),
+    Method("trl-padding-free-liger", kind="trl", liger=True),
+]
+
+
+def qwen25_3b_config(layers: int, tiny: bool = False):
     from transformers import Qwen2Config
 
+    if tiny:
+        return Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           tie_word_embeddings=True, use_cache=False)  # fmt: skip
     return Qwen2Config(vocab_size=151_936, hidden_size=2048, intermediate_size=11_008, num_hidden_layers=layers,
-                       num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32_768,
+                       num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=131_072,
                        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, use_cache=False,
                        max_window_layers=layers, use_sliding_window=False)  # fmt: skip
 
 
-def length_mix(n: int, max_len: int, seed: int) -> list[int]:
+def length_mix(mix: str, n: int, max_len: int, seed: int) -> list[int]:
+    """Seeded sample lengths of a mix (module docstring, step 3); `max_len` caps both."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.exp(math.log(1500) + torch.randn(n, generator=g)).round().clamp(64, max_len)
+    if mix == "lognormal":
+        lengths = torch.exp(math.log(1500) + torch.randn(n, generator=g)).round().clamp(64, max_len)
+    elif mix == "stage2":
+        lo, hi = math.log(5120), math.log(32768)
+        lengths = torch.exp(lo + (hi - lo) * torch.rand(n, generator=g)).round().clamp(1, max_len)
+    else:
+        raise ValueError(f"unknown mix {mix!r}: lognormal or stage2")
     return [int(x) for x in lengths]
 
 
@@ -72,17 +117,34 @@ def make_samples(lengths: list[int], vocab: int, seed: int) -> list[Sample]:
     g = torch.Generator().manual_seed(seed + 1)
     out = []
     for n in lengths:
-        ids = torch.randint(0, vocab, (n,), generator=g, dtype=torch.int32)
         mask = torch.ones(n, dtype=torch.bool)
         mask[: max(1, n // 10)] = False
-        out.append(Sample(ids, mask))
+        out.append(Sample(torch.randint(0, vocab, (n,), generator=g, dtype=torch.int32), mask))
     return out
 
 
-def packed_step(model, samples, budget, autocast_dtype):
-    rows = pack_rows(samples, budget)
-    loss, _ = forward_backward(model, rows, loss_backend="auto", autocast_dtype=autocast_dtype)
-    return loss
+def build_model(cfg, m: Method, dev: torch.device, seed: int):
+    """A fresh model of `cfg` from `seed` on `dev`, with the method's precision, Liger and body switches."""
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = Qwen2ForCausalLM(copy.deepcopy(cfg))  # TRL rewrites its model's config (pad/eos ids)
+    if m.precision in ("bf16", "bf16-master"):
+        model.to(torch.bfloat16)
+    if m.liger:
+        apply_liger(model)
+    use_varlen_attention(model, "auto")
+    if m.kind == "packed":
+        body = ModelConfig(activation_checkpointing=m.checkpoint != "none",
+                           checkpoint_policy="full" if m.checkpoint == "none" else m.checkpoint,
+                           checkpoint_every=m.every, compile=m.compile)  # fmt: skip
+        apply_body(model, body)
+    elif m.kind == "padded":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.set_attn_implementation("sdpa")
+    model.train()
+    return model
 
 
 def padded_step(model, samples, pad_batch, autocast_dtype):
@@ -90,7 +152,6 @@ def padded_step(model, samples, pad_batch, autocast_dtype):
     dev = next(model.parameters()).device
     n_items = torch.tensor(sum(s.num_loss_tokens for s in samples), device=dev)
     total = torch.zeros((), device=dev)
-    ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cuda", enabled=False)
     for i in range(0, len(samples), pad_batch):
         mb = samples[i : i + pad_batch]
         t = max(s.length for s in mb)
@@ -99,7 +160,7 @@ def padded_step(model, samples, pad_batch, autocast_dtype):
         mask = torch.zeros(len(mb), t, dtype=torch.long)
         for j, s in enumerate(mb):
             ids[j, : s.length], labels[j, : s.length], mask[j, : s.length] = s.input_ids, s.labels(), 1
-        with ctx:
+        with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev),
                         num_items_in_batch=n_items)  # fmt: skip
         out.loss.backward()
@@ -108,154 +169,227 @@ def padded_step(model, samples, pad_batch, autocast_dtype):
     return total
 
 
-def run_method(name, model, steps_samples, step_fn, steps, peak, n_params, ref_loss):
-    """Check the first step's loss, warm up, time `steps` steps; returns (Row, details dict).
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
 
-    The optimizer (and whatever an out-of-memory step left behind) is freed by the caller's `_release`.
-    """
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
-    tokens = sum(s.length for s in steps_samples[0])
+
+def time_steps(model, m: Method, steps_samples, budget: int, pad_batch: int, dev) -> dict:
+    """First-step loss, then the wall time of steps 1.. and the peak memory (details dict)."""
+    kw = {"lr": 0.0, **({"fused": True} if dev.type == "cuda" else {"foreach": True})}
+    opt = (MasterAdamW if m.precision == "bf16-master" else torch.optim.AdamW)(model.parameters(), **kw)
+    autocast = torch.bfloat16 if m.precision == "bf16-autocast" and dev.type == "cuda" else None
 
     def one(samples):
         opt.zero_grad(set_to_none=True)
-        loss = step_fn(samples)
+        if m.kind == "padded":
+            loss = padded_step(model, samples, pad_batch, autocast)
+        else:
+            loss, _ = forward_backward(model, pack_rows(samples, budget), autocast_dtype=autocast)
         clip_gradients(model, 1.0)
         opt.step()
         return loss
 
-    try:
-        loss0 = float(one(steps_samples[0]))
-        rel = abs(loss0 - ref_loss) / abs(ref_loss) if ref_loss is not None else 0.0
-        if not math.isfinite(loss0) or rel > TOL:
-            return Row("B4", name, tokens, None, None, None, False, f"WRONG: loss {loss0:.5f} vs {ref_loss}"), {}
-        torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated()
+    loss0 = float(one(steps_samples[0]))
+    _sync(dev)
+    held = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+    if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for k in range(steps):
-            one(steps_samples[1 + k])
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for st in steps_samples[1:]:
+        one(st)
+    _sync(dev)
+    out = {"loss_first_step": loss0, "seconds": time.perf_counter() - t0, "opt": opt}
+    if dev.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["held_gib"] = held / 2**30
+    return out
+
+
+def run_one(m: Method, ctx) -> tuple[Row, dict]:
+    """Build, check and time method `m` on `ctx.steps_samples`; returns its row and details."""
+    args, dev, steps_samples = ctx.args, ctx.dev, ctx.steps_samples
+    tokens = sum(s.length for s in steps_samples[0])
+    model, det = None, {"method": dataclasses.asdict(m)}
+    try:
+        model = build_model(ctx.cfg, m, dev, args.seed)
+        if m.kind == "trl":
+            from .b4_trl import run_trl
+
+            res = run_trl(model, steps_samples, batch=ctx.trl_batch, attention=args.trl_attention, liger=m.liger,
+                          tokenizer_path=ctx.tokenizer_path)  # fmt: skip
+        else:
+            res = time_steps(model, m, steps_samples, ctx.budget, args.pad_batch, dev)
+            res.pop("opt")
+            if m.kind == "packed":
+                det["body"] = body_report(model)
     except torch.OutOfMemoryError:
-        opt.zero_grad(set_to_none=True)
-        return Row("B4", name, tokens, None, None, None, False, "out of memory"), {"oom": True}
-    timed = steps_samples[1 : 1 + steps]
+        return Row("B4", m.name, tokens, None, None, None, False, "out of memory"), {**det, "oom": True}
+    except Exception as e:  # a baseline that cannot run is reported with its reason, the run goes on
+        if m.kind == "packed" and m.name == ctx.methods[0].name:
+            raise
+        why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return Row("B4", m.name, tokens, None, None, None, False, f"did not run: {why}"), {**det, "error": why}
+    finally:
+        del model
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    det.update(res)
+    loss0 = res["loss_first_step"]
+    if ctx.ref_loss is None:
+        ctx.ref_loss = loss0
+    rel = abs(loss0 - ctx.ref_loss) / abs(ctx.ref_loss)
+    det["rel_loss_vs_first"] = rel
+    if not math.isfinite(loss0) or rel > TOL:
+        return Row("B4", m.name, tokens, None, None, None, False, f"WRONG: loss {loss0:.5f} vs {ctx.ref_loss:.5f}"), det
+    timed = steps_samples[1:]
     real = sum(s.length for st in timed for s in st)
-    flops = sum(step_flops(model.config, n_params, [s.length for s in st]) for st in timed)
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    extra = peak_gib - held / 2**30
-    tok_s = real / dt
-    mfu = flops / dt / (peak * 1e12)
-    detail = {"loss_first_step": loss0, "rel_loss_vs_packed": rel, "tokens_per_s": tok_s, "mfu": mfu,
-              "step_ms": dt / steps * 1e3, "peak_gib": peak_gib, "extra_gib": extra, "real_tokens": real}  # fmt: skip
-    note = f"{tok_s:,.0f} tok/s, MFU {mfu:.3f}, peak {peak_gib:.1f} GiB"
-    return Row("B4", name, real // steps, dt / steps * 1e3, mfu, extra, True, note), detail
+    dt = res["seconds"]
+    flops = sum(step_flops(ctx.cfg, ctx.n_params, [s.length for s in st]) for st in timed)
+    mfu = flops / dt / (ctx.peak * 1e12) if ctx.peak else None
+    det.update(tokens_per_s=real / dt, mfu=mfu, step_ms=dt / len(timed) * 1e3, real_tokens=real)
+    extra = res["peak_gib"] - ctx.weights_gib if res.get("peak_gib") is not None else None
+    note = f"{real / dt:,.0f} tok/s" + (f", peak {res['peak_gib']:.1f} GiB" if res.get("peak_gib") else "")
+    return Row("B4", m.name, real // len(timed), dt / len(timed) * 1e3, mfu, extra, True, note), det
 
 
-def _release(model) -> None:
-    model.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.empty_cache()
+def run_long(length: int, policy: str, ctx) -> tuple[Row, dict]:
+    """One sequence of `length` tokens per step, packed path with AdamW, checkpoint policy `policy`."""
+    m = Method(f"packed-long-{length}-{policy}", checkpoint=policy)
+    saved = (ctx.steps_samples, ctx.budget, ctx.ref_loss)
+    ctx.steps_samples = [make_samples([length], ctx.cfg.vocab_size, ctx.args.seed + 100 + k) for k in range(2)]
+    ctx.budget, ctx.ref_loss = length, None
+    try:
+        return run_one(m, ctx)
+    finally:
+        ctx.steps_samples, ctx.budget, ctx.ref_loss = saved
 
 
-def main(argv=None) -> int:
+def with_speedups(rows: list[Row], details: dict) -> list[Row]:
+    """Packed rows gain "N.NNx trl" (same mix) where TRL ran; details gain the ratio."""
+    out = []
+    for r in rows:
+        mix, _, impl = r.impl.partition(":")
+        trl = next((k for k in details if k.startswith(f"{mix}:trl-")), "")
+        p, q = details.get(r.impl, {}), details.get(trl, {})
+        if impl.startswith("packed") and "tokens_per_s" in p and "tokens_per_s" in q:
+            p["speedup_vs_trl"] = p["tokens_per_s"] / q["tokens_per_s"]
+            r = dataclasses.replace(r, note=r.note + f", {p['speedup_vs_trl']:.2f}x trl")
+        out.append(r)
+    return out
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=64, help="samples per optimizer step")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-    ap.add_argument("--budget", type=int, default=16384, help="packed row size in tokens")
-    ap.add_argument("--max-len", type=int, default=8192, help="longest sample of the length mix")
-    ap.add_argument("--pad-batch", type=int, default=2, help="samples per padded micro-batch (baseline)")
-    ap.add_argument("--layers", type=int, default=36, help="decoder layers (36 for the 3B shape; fewer to smoke-test)")
-    ap.add_argument("--precision", choices=("bf16-autocast", "bf16"), default="bf16-autocast")
-    ap.add_argument("--liger", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument("--mixes", default="lognormal,stage2", help="comma list of lognormal, stage2 (or none)")
+    ap.add_argument("--methods", default="all", help=f"all, or a comma list of {[m.name for m in METHODS]}")
+    ap.add_argument("--samples", type=int, default=16, help="samples per step, lognormal mix")
+    ap.add_argument("--stage2-samples", type=int, default=4, help="samples per step, stage2 mix")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    ap.add_argument("--budget", type=int, default=16384, help="packed row tokens, lognormal mix")
+    ap.add_argument("--stage2-budget", type=int, default=32768, help="packed row tokens, stage2 mix")
+    ap.add_argument("--max-len", type=int, default=8192, help="longest lognormal sample")
+    ap.add_argument("--pad-batch", type=int, default=2, help="samples per padded micro-batch")
+    ap.add_argument("--padded-all", action="store_true", help="run the padded floor on the stage2 mix too")
+    ap.add_argument("--trl-batch", type=int, default=0, help="samples per TRL micro-batch (0: about one row)")
+    ap.add_argument("--trl-attention", choices=("vibeperf", "sdpa"), default="vibeperf")
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--long", default="", help="comma list of LENGTH:POLICY (policy full|save-matmuls|offload)")
+    ap.add_argument("--profile", default="", help="profile one more step of this method (first mix)")
+    ap.add_argument("--tiny", action="store_true", help="toy shape on the CPU (smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="B4")
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("B4 needs a CUDA GPU")
-        return 2
-    from transformers import Qwen2ForCausalLM
+    return ap.parse_args(argv)
 
-    from vibeperf.model import use_varlen_attention
 
-    peak = peak_matmul_tflops()
-    print(f"peak bf16 matmul (8192^3): {peak:.1f} TFLOP/s", flush=True)
-    cfg = qwen25_3b_config(args.layers)
-    torch.manual_seed(args.seed)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(cfg).to(dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    n_params = matmul_params(model)
-    autocast_dtype = torch.bfloat16 if args.precision == "bf16-autocast" else None
-    steps_samples = [make_samples(length_mix(args.samples, args.max_len, args.seed + k), cfg.vocab_size,
-                                  args.seed + k) for k in range(1 + args.steps)]  # fmt: skip
-    lengths = [s.length for st in steps_samples for s in st]
-    print(f"model {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params ({n_params / 1e9:.2f}B in matmuls), "
-          f"{args.samples} samples/step, mean length {sum(lengths) / len(lengths):.0f}, max {max(lengths)}", flush=True)
-
+def select_methods(spec: str, tiny: bool) -> list[Method]:
+    names = [m.name for m in METHODS]
+    chosen = METHODS if spec == "all" else []
+    if spec != "all":
+        for name in spec.split(","):
+            if name not in names:
+                raise SystemExit(f"--methods: unknown method {name!r}; known: {', '.join(names)}")
+            chosen.append(METHODS[names.index(name)])
     have_liger = importlib.util.find_spec("liger_kernel") is not None
-    if args.liger == "on" and not have_liger:
-        raise SystemExit("--liger on: liger_kernel is not installed")
-    variants = [""] + (["+liger"] if (args.liger == "on" or (args.liger == "auto" and have_liger)) else [])
-    rows, details, ref = [], {}, None
+    out = []
+    for m in chosen:
+        if tiny and m.compile:
+            m = dataclasses.replace(m, compile=False)  # inductor's CPU compile time has no place in a smoke test
+        if m.liger and not have_liger:
+            if m.kind != "trl":
+                continue
+            m = dataclasses.replace(m, liger=False, name=m.name.replace("-liger", "-noliger"))
+        out.append(m)
+    return sorted(out, key=lambda m: m.liger)  # Liger patches transformers' Qwen2 module for the process: last
 
-    def with_speedups(rows, details):
-        """The rows with "N.NNx padded" added to each packed row whose padded twin ran (details gain the ratio)."""
-        out = []
-        for r in rows:
-            p, q = details.get(r.impl, {}), details.get(r.impl.replace("packed", "padded"), {})
-            if r.impl.startswith("packed") and "tokens_per_s" in p and "tokens_per_s" in q:
-                p["speedup_vs_padded"] = p["tokens_per_s"] / q["tokens_per_s"]
-                r = dataclasses.replace(r, note=r.note + f", {p['speedup_vs_padded']:.2f}x padded")
-            out.append(r)
-        return out
 
-    def write(rows, details):
-        if args.no_write:
-            return None
-        extra = {"args": vars(args), "model": cfg.to_dict(), "matmul_params": n_params,
-                 "flops_formula": "6*P*T + 6*n_layers*n_heads*head_dim*sum(L_d^2)", "methods": details,
-                 "targets": {"mfu": 0.45, "speedup_vs_padded": 2.0}}  # fmt: skip
-        return write_results_extra(with_speedups(rows, details), peak, extra, tag=args.tag)
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        print("B4 needs a CUDA GPU (or --tiny on the CPU)")
+        return 2
+    dev = torch.device("cpu" if args.tiny else "cuda")
+    peak = None if args.tiny else peak_matmul_tflops()
+    print(f"peak bf16 matmul (8192^3): {peak:.1f} TFLOP/s" if peak else "peak: none (CPU)", flush=True)
+    cfg = qwen25_3b_config(args.layers, args.tiny)
+    methods = select_methods(args.methods, args.tiny)
+    from vibeperf.model import model_path
 
-    path = None
-    for suffix in variants:
-        if suffix:
-            apply_liger(model)
-        use_varlen_attention(model, "auto")
-        attention.ATTENTION_CALLS.clear()
-        name = "packed" + suffix
-        row, det = run_method(name, model, steps_samples,
-                              lambda s: packed_step(model, s, args.budget, autocast_dtype), args.steps, peak,
-                              n_params, ref)  # fmt: skip
-        _release(model)
-        det["attention"] = dict(attention.ATTENTION_CALLS)
-        ref = det.get("loss_first_step", ref) if ref is None else ref
-        rows.append(row)
-        details[name] = det
-        print(format_table(rows[-1:]).splitlines()[-1], det["attention"], flush=True)
-        model.set_attn_implementation("sdpa")
-        pad = args.pad_batch
-        while True:
-            name = f"padded{suffix}"
-            row, det = run_method(name, model, steps_samples, lambda s: padded_step(model, s, pad, autocast_dtype),
-                                  args.steps, peak, n_params, ref)  # fmt: skip
-            _release(model)
-            if not det.get("oom") or pad == 1:
-                break
-            print(f"{name}: out of memory at --pad-batch {pad}, retrying with {pad // 2}", flush=True)
-            pad //= 2
-        row.note += f" (pad batch {pad})"
-        det["pad_batch"] = pad
-        rows.append(row)
-        details[name] = det
+    probe = build_model(cfg, Method("probe", checkpoint="none"), torch.device("meta"), args.seed)
+    n_params = matmul_params(probe)
+    weights_gib = sum(p.numel() for p in probe.parameters()) * 8 / 2**30  # fp32 weights + grads
+    del probe
+    ctx = argparse.Namespace(args=args, dev=dev, cfg=cfg, peak=peak, n_params=n_params, methods=methods,
+                             weights_gib=weights_gib, ref_loss=None, tokenizer_path=model_path("tiny"))  # fmt: skip
+    attn = resolve_attention("auto", dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    print(f"{n_params / 1e9:.3f}B matmul params; attention {attn[0]}: {attn[1]}", flush=True)
+    rows, details, path = [], {}, None
+
+    def record(key: str, row: Row, det: dict):
+        nonlocal path
+        rows.append(dataclasses.replace(row, impl=key))
+        details[key] = {k: v for k, v in det.items() if k != "opt"}
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-        path = write(rows, details)  # after every packed/padded pair: a later time-out keeps what ran
+        if not args.no_write:
+            extra = {"args": vars(args), "model": cfg.to_dict(), "matmul_params": n_params, "attention": attn,
+                     "flops_formula": "6*P*T + 6*n_layers*n_heads*head_dim*sum(L_d^2)", "methods": details,
+                     "targets": {"mfu": 0.55, "speedup_vs_trl": 1.3}}  # fmt: skip
+            path = write_results_extra(with_speedups(rows, details), peak, extra, tag=args.tag)
+
+    mixes = [x for x in args.mixes.split(",") if x and x != "none"]
+    for i, mix in enumerate(mixes):
+        n, budget = (args.samples, args.budget) if mix == "lognormal" else (args.stage2_samples, args.stage2_budget)
+        max_len = args.max_len if mix == "lognormal" else budget
+        if args.tiny:
+            max_len, budget = min(max_len, 512), min(budget, 1024)
+        ctx.steps_samples = [make_samples(length_mix(mix, n, max_len, args.seed + k), cfg.vocab_size,
+                                          args.seed + k) for k in range(1 + args.steps)]  # fmt: skip
+        ctx.budget, ctx.ref_loss = budget, None
+        mean_len = sum(s.length for st in ctx.steps_samples for s in st) / (n * (1 + args.steps))
+        ctx.trl_batch = args.trl_batch or max(1, min(n, int(budget // mean_len)))
+        while n % ctx.trl_batch:
+            ctx.trl_batch -= 1
+        print(f"mix {mix}: {n} samples/step, mean length {mean_len:.0f}, row budget {budget}", flush=True)
+        for m in methods:
+            if m.kind == "padded" and mix != "lognormal" and not args.padded_all:
+                continue
+            row, det = run_one(m, ctx)
+            record(f"{mix}:{m.name}", row, det)
+        if args.profile and i == 0:
+            from .step_profile import profile_method
+
+            m = next((x for x in methods if x.name == args.profile), None)
+            if m is None:
+                raise SystemExit(f"--profile {args.profile!r} is not among the methods run")
+            details[f"{mix}:profile:{m.name}"] = profile_method(m, ctx, build_model, time_steps)
+    for item in [x for x in args.long.split(",") if x]:
+        length, _, policy = item.partition(":")
+        row, det = run_long(int(length), policy or "full", ctx)
+        record(row.impl, row, det)
     print(f"results: {path}" if path else "results not written (--no-write)")
-    print(f"\npeak {peak:.1f} TFLOP/s; ms = one optimizer step; 'of peak' = MFU; extra GiB above weights+optimizer\n"
+    print(f"\npeak {peak} TFLOP/s; ms = one optimizer step; 'of peak' = MFU; extra GiB above fp32 weights+grads\n"
           + format_table(with_speedups(rows, details)))  # fmt: skip
     return 0
 

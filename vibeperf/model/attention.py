@@ -199,7 +199,8 @@ def varlen_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     name = backend if backend != "auto" else _auto(query.device, query.dtype)[0]
     if name == "varlen":
-        out = _flash(query, key, value, cu, int(max_len if max_len is not None else cu.diff().max()), scale)
+        # max_len stays as given (an int, or a SymInt under compile: int() would specialise it, one graph per length)
+        out = _flash(query, key, value, cu, max_len if max_len is not None else int(cu.diff().max()), scale)
     elif name == "flex":
         out = _flex(query, key, value, cu, scale)
     else:

@@ -34,12 +34,23 @@ _aten = torch.ops.aten
 
 
 def _saved_ops() -> frozenset:
-    ops = [_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.linear.default,
-           _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
-           _aten._scaled_dot_product_cudnn_attention.default, _aten._flash_attention_forward.default]  # fmt: skip
-    varlen = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)
-    if varlen is not None:
-        ops.append(varlen.default)
+    names = [
+        "mm",
+        "addmm",
+        "bmm",
+        "linear",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward",
+    ]
+    ops = [getattr(_aten, n).default for n in names if hasattr(_aten, n)]
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers torch.ops.torch_attn)
+
+        ops.append(torch.ops.torch_attn._varlen_attn.default)
+    except (ImportError, AttributeError, RuntimeError):
+        pass  # no varlen_attn in this torch: attention then runs through the SDPA ops above
     return frozenset(ops)
 
 

@@ -1,0 +1,55 @@
+"""B4 runs end to end at a toy size on the CPU (the smoke test of the GPU command): every kind of method (packed
+with each checkpoint policy and bf16 master weights, the padded floor, TRL padding-free), a long row with
+offloaded checkpointing and the profile option; every method's first-step loss agrees with the first one's."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from vibeperf.bench import b4_sft
+
+
+@pytest.mark.slow
+def test_b4_tiny_runs_every_kind_of_method(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VIBEPERF_RESULTS_DIR", str(tmp_path))
+    methods = "packed,packed-ckpt-save-matmuls,packed-bf16-master,padded"
+    if importlib.util.find_spec("trl") is not None:
+        methods += ",trl-padding-free-liger"
+    argv = ["--tiny", "--mixes", "lognormal", "--methods", methods, "--samples", "2", "--steps", "1", "--max-len", "96"]
+    rc = b4_sft.main([*argv, "--long", "300:offload", "--profile", "packed", "--tag", "B4tiny"])
+    assert rc == 0
+    (path,) = tmp_path.glob("*_B4tiny.json")
+    doc = json.loads(path.read_text())
+    rows = {r["impl"]: r for r in doc["results"]}
+    expected = {f"lognormal:{m}" for m in methods.split(",")} | {"packed-long-300-offload"}
+    if "trl" in methods and importlib.util.find_spec("liger_kernel") is None:
+        expected = {e.replace("-liger", "-noliger") for e in expected}
+    assert set(rows) == expected
+    for impl, r in rows.items():
+        assert r["correct"], (impl, r["note"])
+        assert r["ms"] > 0
+    assert doc["extra"]["methods"]["lognormal:packed-ckpt-save-matmuls"]["body"]["checkpoint"] == {"save-matmuls": 2}
+    assert "lognormal:profile:packed" in doc["extra"]["methods"]
+
+
+def test_b4_rejects_unknown_method():
+    with pytest.raises(SystemExit, match="unknown method"):
+        b4_sft.select_methods("packed,nope", tiny=True)
+
+
+def test_step_profile_categories():
+    from vibeperf.bench.step_profile import categorize
+
+    cases = {
+        "flash_fwd_kernel<Flash_fwd_kernel_traits>": "attention",
+        "lmhead_row_grad_kernel": "lm_head",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmuls",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "norms+activations",
+        "Memcpy DtoD (Device -> Device)": "other",
+    }
+    for name, cat in cases.items():
+        assert categorize(name) == cat, name
