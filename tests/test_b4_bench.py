@@ -1,6 +1,6 @@
 """B4 runs end to end at a toy size on the CPU (the smoke test of the GPU command): every kind of method (packed
-with each checkpoint policy and bf16 master weights, the padded floor, TRL padding-free), a long row with
-offloaded checkpointing and the profile option; every method's first-step loss agrees with the first one's."""
+with checkpoint policies and bf16 master weights, the padded floor, TRL padding-free) on both mixes, a long row
+with offloaded checkpointing and the profile option; every method's first-step loss agrees with the first one's."""
 
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ def test_b4_tiny_runs_every_kind_of_method(tmp_path, monkeypatch, capsys):
     methods = "packed,packed-ckpt-save-matmuls,packed-bf16-master,padded"
     if importlib.util.find_spec("trl") is not None:
         methods += ",trl-padding-free-liger"
-    argv = ["--tiny", "--mixes", "lognormal", "--methods", methods, "--samples", "2", "--steps", "1", "--max-len", "96"]
+    argv = ["--tiny", "--methods", methods, "--samples", "2", "--stage2-samples", "1", "--steps", "1"]
+    argv += ["--max-len", "96"]
     rc = b4_sft.main([*argv, "--long", "300:offload", "--profile", "packed", "--tag", "B4tiny"])
     assert rc == 0
     (path,) = tmp_path.glob("*_B4tiny.json")
     doc = json.loads(path.read_text())
     rows = {r["impl"]: r for r in doc["results"]}
-    expected = {f"lognormal:{m}" for m in methods.split(",")} | {"packed-long-300-offload"}
+    expected = {f"{mix}:{m}" for mix in ("lognormal", "stage2") for m in methods.split(",")}
+    expected = {e for e in expected if e != "stage2:padded"} | {"packed-long-300-offload"}  # padded: lognormal only
     if "trl" in methods and importlib.util.find_spec("liger_kernel") is None:
         expected = {e.replace("-liger", "-noliger") for e in expected}
     assert set(rows) == expected

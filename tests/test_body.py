@@ -208,3 +208,22 @@ def test_master_adamw_follows_the_fp32_update():
     other.load_state_dict(opt_low.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict()["master_weights"], masters))
     assert torch.equal(other._models[0].detach(), low[0].detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["full", "save-matmuls", "offload"])
+def test_packed_step_has_no_host_sync_on_gpu(policy):
+    """A packed micro-batch (rows already on the GPU) runs forward and backward without a host sync."""
+    from vibeperf.sft import forward_backward
+
+    model = _fresh().cuda()
+    apply_body(model, ModelConfig(activation_checkpointing=True, checkpoint_policy=policy))
+    rows = [r.to("cuda") for r in ROWS]
+    forward_backward(model, rows, autocast_dtype=torch.bfloat16)  # warm-up: kernels compiled, caches filled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward_backward(model, rows, autocast_dtype=torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

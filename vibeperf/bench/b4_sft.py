@@ -17,7 +17,8 @@
    - trl-padding-free-liger: `trl.SFTTrainer(padding_free=True, use_liger_kernel=True)` (vibeperf.bench.b4_trl);
    - padded: transformers' own path, micro-batches of --pad-batch samples right-padded, sdpa, logits + its CE (the
      floor; lognormal mix only unless --padded-all).
-   Methods with Liger (its kernels patch transformers' Qwen2 module for the whole process) run after the others.
+   Methods run one by one over the mixes; those with Liger (its kernels patch transformers' Qwen2 module for the
+   whole process) run after the others and after the long rows.
 5. Correctness before speed: each method's first-step loss must match the first method's within 2e-2 (relative;
    bf16 matmuls); one that does not is reported WRONG and not timed. Out of memory is reported as such.
 6. Reported per row (TARGETS.md schema): ms per step, MFU (`vibeperf.model.step_flops`: 6*P*T + causal
@@ -342,7 +343,8 @@ def main(argv=None) -> int:
     weights_gib = sum(p.numel() for p in probe.parameters()) * 8 / 2**30  # fp32 weights + grads
     del probe
     ctx = argparse.Namespace(args=args, dev=dev, cfg=cfg, peak=peak, n_params=n_params, methods=methods,
-                             weights_gib=weights_gib, ref_loss=None, tokenizer_path=model_path("tiny"))  # fmt: skip
+                             weights_gib=weights_gib, ref_loss=None, tokenizer_path=model_path("tiny"),
+                             steps_samples=None, budget=0, trl_batch=1)  # fmt: skip
     attn = resolve_attention("auto", dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     print(f"{n_params / 1e9:.3f}B matmul params; attention {attn[0]}: {attn[1]}", flush=True)
     rows, details, path = [], {}, None
@@ -358,36 +360,47 @@ def main(argv=None) -> int:
                      "targets": {"mfu": 0.55, "speedup_vs_trl": 1.3}}  # fmt: skip
             path = write_results_extra(with_speedups(rows, details), peak, extra, tag=args.tag)
 
-    mixes = [x for x in args.mixes.split(",") if x and x != "none"]
-    for i, mix in enumerate(mixes):
+    mixes = {}
+    for mix in [x for x in args.mixes.split(",") if x and x != "none"]:
         n, budget = (args.samples, args.budget) if mix == "lognormal" else (args.stage2_samples, args.stage2_budget)
         max_len = args.max_len if mix == "lognormal" else budget
         if args.tiny:
             max_len, budget = min(max_len, 512), min(budget, 1024)
-        ctx.steps_samples = [make_samples(length_mix(mix, n, max_len, args.seed + k), cfg.vocab_size,
-                                          args.seed + k) for k in range(1 + args.steps)]  # fmt: skip
-        ctx.budget, ctx.ref_loss = budget, None
-        mean_len = sum(s.length for st in ctx.steps_samples for s in st) / (n * (1 + args.steps))
-        ctx.trl_batch = args.trl_batch or max(1, min(n, int(budget // mean_len)))
-        while n % ctx.trl_batch:
-            ctx.trl_batch -= 1
+        samples = [make_samples(length_mix(mix, n, max_len, args.seed + k), cfg.vocab_size, args.seed + k)
+                   for k in range(1 + args.steps)]  # fmt: skip
+        mean_len = sum(s.length for st in samples for s in st) / (n * (1 + args.steps))
+        trl_batch = args.trl_batch or max(1, min(n, int(budget // mean_len)))
+        while n % trl_batch:
+            trl_batch -= 1
+        mixes[mix] = {"steps_samples": samples, "budget": budget, "trl_batch": trl_batch, "ref_loss": None}
         print(f"mix {mix}: {n} samples/step, mean length {mean_len:.0f}, row budget {budget}", flush=True)
-        for m in methods:
+    if args.profile and args.profile not in [m.name for m in methods]:
+        raise SystemExit(f"--profile {args.profile!r} is not among the methods run")
+
+    def long_rows():
+        for item in [x for x in args.long.split(",") if x]:
+            length, _, policy = item.partition(":")
+            row, det = run_long(int(length), policy or "full", ctx)
+            record(row.impl, row, det)
+
+    # Method by method over the mixes, so that every method without Liger (and the long rows) runs before Liger
+    # patches transformers' Qwen2 module for the rest of the process.
+    for m in methods:
+        if m.liger and args.long:
+            long_rows()
+            args.long = ""
+        for mix, state in mixes.items():
             if m.kind == "padded" and mix != "lognormal" and not args.padded_all:
                 continue
+            vars(ctx).update(state)
             row, det = run_one(m, ctx)
+            state["ref_loss"] = ctx.ref_loss
             record(f"{mix}:{m.name}", row, det)
-        if args.profile and i == 0:
-            from .step_profile import profile_method
+            if m.name == args.profile and mix == next(iter(mixes)):
+                from .step_profile import profile_method
 
-            m = next((x for x in methods if x.name == args.profile), None)
-            if m is None:
-                raise SystemExit(f"--profile {args.profile!r} is not among the methods run")
-            details[f"{mix}:profile:{m.name}"] = profile_method(m, ctx, build_model, time_steps)
-    for item in [x for x in args.long.split(",") if x]:
-        length, _, policy = item.partition(":")
-        row, det = run_long(int(length), policy or "full", ctx)
-        record(row.impl, row, det)
+                details[f"{mix}:profile:{m.name}"] = profile_method(m, ctx, build_model, time_steps)
+    long_rows()
     print(f"results: {path}" if path else "results not written (--no-write)")
     print(f"\npeak {peak} TFLOP/s; ms = one optimizer step; 'of peak' = MFU; extra GiB above fp32 weights+grads\n"
           + format_table(with_speedups(rows, details)))  # fmt: skip
