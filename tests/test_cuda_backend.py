@@ -213,8 +213,10 @@ def test_cuda_opcheck():
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     w = torch.full((9,), 1 / 9, device="cuda")
-    torch.library.opcheck(ops.linear_logprob_op, (hidden, weight, targets, bias, 0.8, -100, True, "cuda"))
-    torch.library.opcheck(ops.linear_nll_fused_op, (hidden, weight, targets, None, w, 1.0, -100, True, True, "cuda"))
+    torch.library.opcheck(ops.linear_logprob_op, (hidden, weight, targets, bias, 0.8, -100, True, "cuda", "chunked",
+                                                  None))  # fmt: skip
+    torch.library.opcheck(ops.linear_nll_fused_op, (hidden, weight, targets, None, w, 1.0, -100, True, True, "cuda",
+                                                    None))  # fmt: skip
 
 
 @pytest.mark.parametrize("n", [1000, 65536], ids=["N1000", "N65536"])

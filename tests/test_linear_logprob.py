@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from vibeperf.kernels import linear_cross_entropy, linear_logprob
+from vibeperf.kernels import linear_cross_entropy, linear_logprob, lmhead
 from vibeperf.kernels.ce import linear_cross_entropy_reference, linear_logprob_reference, ops
 from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd
 
@@ -237,9 +237,10 @@ def test_opcheck_custom_ops():
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     w = torch.full((9,), 1 / 9)
-    torch.library.opcheck(ops.linear_logprob_op, (hidden, weight, targets, bias, 0.8, -100, True, "torch"))
-    torch.library.opcheck(ops.linear_nll_fused_op, (hidden, weight, targets, None, w, 1.0, -100, True, True, "torch"),
-                          )  # fmt: skip
+    torch.library.opcheck(ops.linear_logprob_op, (hidden, weight, targets, bias, 0.8, -100, True, "torch", "chunked",
+                                                  2**12))  # fmt: skip
+    torch.library.opcheck(ops.linear_nll_fused_op, (hidden, weight, targets, None, w, 1.0, -100, True, True, "torch",
+                                                    None))  # fmt: skip
 
 
 def test_torch_compile_has_no_graph_breaks():
@@ -268,6 +269,60 @@ def test_backward_twice_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_engine_settings_are_read_at_call_time(monkeypatch):
+    """VIBEPERF_LMHEAD_* set after import take effect at the next call; keyword arguments win over them."""
+    hidden, weight, targets, _ = make_case(9, 37, 16, torch.float32, ignore_every=4)
+    ref = linear_logprob_reference(hidden, weight, targets)
+    ran = []
+    for name in ("tiled", "fused"):
+        fwd = lmhead.FORWARD_SCHEDULES[name]
+        spy = lambda *a, _f=fwd, _n=name, **k: ran.append(_n) or _f(*a, **k)  # noqa: E731
+        monkeypatch.setitem(lmhead.FORWARD_SCHEDULES, name, spy)
+    monkeypatch.setenv("VIBEPERF_LMHEAD_FWD", "tiled")
+    assert rel_err(linear_logprob(hidden, weight, targets, backend="triton"), ref) <= 1e-5
+    assert rel_err(linear_logprob(hidden, weight, targets, backend="triton", schedule="fused"), ref) <= 1e-5
+    assert ran == ["tiled", "fused"]
+
+    monkeypatch.setenv("VIBEPERF_LMHEAD_WORKSPACE_MB", "3")
+    assert chunked.chunk_rows(10**6, 1000, 2) == 3 * 2**20 // 2000 // 128 * 128
+    assert chunked.chunk_rows(10**6, 1000, 2, workspace_bytes=2**20) == 512
+    monkeypatch.setenv("VIBEPERF_LMHEAD_TILE_MB", "1")
+    assert scoring_fwd.tile_shape(10**6, 4096, 2) == (256, 2048)
+    seen = []
+    monkeypatch.setattr(chunked, "chunk_rows", lambda n, v, e, workspace_bytes=None: seen.append(workspace_bytes) or 4)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    linear_cross_entropy(h1, w1, targets, backend="torch", workspace_bytes=12345).backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    linear_cross_entropy_reference(h2, w2, targets).backward()
+    assert seen == [12345]  # the keyword reached the engine, whose chunks of 4 rows then gave the reference's grads
+    assert rel_err(h1.grad, h2.grad) <= 1e-5 and rel_err(w1.grad, w2.grad) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "kwargs", "message"),
+    [
+        ("VIBEPERF_LMHEAD_FWD", "fast", {}, "VIBEPERF_LMHEAD_FWD must be one of"),
+        ("VIBEPERF_LMHEAD_WORKSPACE_MB", "lots", {"reduction": "sum"}, "VIBEPERF_LMHEAD_WORKSPACE_MB must be a"),
+        ("VIBEPERF_LMHEAD_SCORE_MB", "0", {"schedule": "chunked"}, "VIBEPERF_LMHEAD_SCORE_MB must be a positive"),
+        ("VIBEPERF_LMHEAD_TILE_MB", "-1", {"schedule": "tiled"}, "VIBEPERF_LMHEAD_TILE_MB must be a positive"),
+        (None, None, {"schedule": "fast"}, "schedule must be one of"),
+        (None, None, {"workspace_bytes": 0}, "workspace_bytes must be a positive int"),
+    ],
+    ids=["fwd", "workspace", "score", "tile", "schedule-arg", "workspace-arg"],
+)
+def test_engine_settings_bad_values_are_one_line_errors(monkeypatch, env, value, kwargs, message):
+    hidden, weight, targets, _ = make_case(4, 10, 8, torch.float32)
+    if env is not None:
+        monkeypatch.setenv(env, value)
+    reduction = kwargs.pop("reduction", None)
+    with pytest.raises(ValueError, match=f"^{message}") as err:
+        if reduction:  # the three-pass engine (gradients wanted)
+            linear_cross_entropy(hidden.requires_grad_(True), weight, targets, reduction=reduction, backend="torch")
+        else:  # the scoring forward of backend "triton"
+            linear_logprob(hidden, weight, targets, backend="triton", **kwargs)
+    assert "\n" not in str(err.value)
 
 
 # ---- GPU: the real Qwen2.5-3B head shapes -------------------------------------------------------------------------

@@ -358,7 +358,7 @@ def test_opcheck_custom_op():
     options = mgpo_options(eps_low=0.2, eps_high=0.28, tis_cap=2.0, beta=0.1, with_rollout=True)
     args = (hidden, weight, c.targets, bias, torch.randn(n), c.old_logp, c.rollout_logp, c.ref_logp,
             torch.full((n,), 1 / n), c.seq_index, 3, ops.encode_options(options), 0.9, -100, True, True,
-            "torch")  # fmt: skip
+            "torch", "chunked", None)  # fmt: skip
     torch.library.opcheck(ops.policy_loss_fused_op, args)
 
 

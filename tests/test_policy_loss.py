@@ -288,7 +288,8 @@ def test_opcheck_custom_op():
     o = PolicyLossOptions(loss_type="dapo", importance_sampling_level="sequence_token", beta=0.1,
                           rollout_correction="icepop", entropy_coef=0.01)  # fmt: skip
     args = (hidden, weight, c.targets, bias, -0.5 - torch.rand(n), c.old_logp, c.rollout_logp, c.ref_logp,
-            torch.full((n,), 1 / n), c.seq_index, 3, ops.encode_options(o), 0.9, -100, True, True, "torch")  # fmt: skip
+            torch.full((n,), 1 / n), c.seq_index, 3, ops.encode_options(o), 0.9, -100, True, True, "torch",
+            "chunked", None)  # fmt: skip
     torch.library.opcheck(ops.policy_loss_fused_op, args)
     assert ops.decode_options(ops.encode_options(o)) == o
 

@@ -4,13 +4,15 @@ backend="auto": on CUDA tensors "triton" or "cuda" (the vibeperf._C path: cuBLAS
 `lmhead/cuda_backend.py`) by the measured table of `lmhead/autoselect.py` (Triton wherever the table has no entry
 or the extension has no CUDA part); on the CPU "torch" (chunked plain PyTorch), or "triton" when
 TRITON_INTERPRET=1 (the test set-up). An explicit "cuda" needs the extension built with CUDA and CUDA tensors.
+schedule (the no-grad forward of "triton") and workspace_bytes (the logits workspace budget): `lmhead/settings.py`;
+None takes the environment's default at the call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..lmhead import autoselect, check_head_inputs, prepare_head_inputs, resolve_backend
+from ..lmhead import autoselect, check_head_inputs, prepare_head_inputs, resolve_backend, settings
 from . import ops
 from .reference import linear_cross_entropy_reference, linear_logprob_reference
 
@@ -27,22 +29,24 @@ def linear_logprob(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    schedule: str | None = None,
+    workspace_bytes: int | None = None,
 ):
     """log softmax((hidden @ weight.T + bias) / temperature)[targets], never materialising the logits.
 
     hidden: [N, H], weight: [V, H] (bf16, fp16 or fp32, same dtype), targets: [N] (ignore_index rows give 0 and
     no gradient), bias: [V] or None. Returns logp [N] fp32, and entropy [N] fp32 when return_entropy; both are
-    differentiable w.r.t. hidden, weight and bias.
+    differentiable w.r.t. hidden, weight and bias. schedule, workspace_bytes: see the module docstring.
     """
     check_head_inputs(hidden, weight, targets, bias, temperature)
+    schedule, workspace_bytes = settings.forward_schedule(schedule), settings.check_workspace(workspace_bytes)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     backend = resolve_backend(
         backend, hidden.device, auto=lambda: autoselect.auto_backend("train" if grad else "forward", hidden, weight)
     )
     hidden, weight, targets, bias = prepare_head_inputs(hidden, weight, targets, bias)
-    logp, _, ent = ops.linear_logprob_op(
-        hidden, weight, targets, bias, float(temperature), int(ignore_index), bool(return_entropy), backend
-    )
+    logp, _, ent = ops.linear_logprob_op(hidden, weight, targets, bias, float(temperature), int(ignore_index),
+                                         bool(return_entropy), backend, schedule, workspace_bytes)  # fmt: skip
     return (logp, ent) if return_entropy else logp
 
 
@@ -57,6 +61,8 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     token_weight: torch.Tensor | None = None,
     backend: str = "auto",
+    schedule: str | None = None,
+    workspace_bytes: int | None = None,
 ):
     """Cross-entropy of an LM head without logits in memory.
 
@@ -64,14 +70,17 @@ def linear_cross_entropy(
     forward pass (three GEMM-sized passes) and scaled by the incoming gradient in backward. "none": per-token NLL
     [N] through `linear_logprob` (recompute backward). token_weight: optional [N] per-token loss weights
     (e.g. distillation weights); "mean" then divides the weighted sum by the number of non-ignored rows.
+    schedule, workspace_bytes: see the module docstring.
     """
     if reduction == "none":
         nll = -linear_logprob(hidden, weight, targets, temperature=temperature, bias=bias,
-                              ignore_index=ignore_index, backend=backend)  # fmt: skip
+                              ignore_index=ignore_index, backend=backend, schedule=schedule,
+                              workspace_bytes=workspace_bytes)  # fmt: skip
         return nll if token_weight is None else nll * token_weight
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     check_head_inputs(hidden, weight, targets, bias, temperature)
+    schedule, workspace_bytes = settings.forward_schedule(schedule), settings.check_workspace(workspace_bytes)
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -87,11 +96,9 @@ def linear_cross_entropy(
     if reduction == "mean":
         w = w / (targets != ignore_index).sum().clamp_min(1)  # stays on the device: no host sync
     if not (need_dh or need_dw):
-        logp, _, _ = ops.linear_logprob_op(
-            hidden, weight, targets, bias, float(temperature), int(ignore_index), False, backend
-        )
+        logp, _, _ = ops.linear_logprob_op(hidden, weight, targets, bias, float(temperature), int(ignore_index), False,
+                                           backend, schedule, workspace_bytes)  # fmt: skip
         return -(w * logp).sum()
-    loss, *_ = ops.linear_nll_fused_op(
-        hidden, weight, targets, bias, w, float(temperature), int(ignore_index), need_dh, need_dw, backend
-    )
+    loss, *_ = ops.linear_nll_fused_op(hidden, weight, targets, bias, w, float(temperature), int(ignore_index), need_dh,
+                                       need_dw, backend, workspace_bytes)  # fmt: skip
     return loss

@@ -30,13 +30,16 @@ def linear_logprob_op(
     ignore_index: int,
     want_entropy: bool,
     backend: str,
+    schedule: str,
+    workspace_bytes: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32."""
-    return lmhead.scores(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend)
+    return lmhead.scores(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend, schedule,
+                         workspace_bytes)  # fmt: skip
 
 
 @linear_logprob_op.register_fake
-def _(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend):
+def _(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend, schedule, workspace_bytes):
     n = hidden.shape[0]
     out = hidden.new_empty(n, dtype=torch.float32)
     return out, torch.empty_like(out), hidden.new_empty(n if want_entropy else 0, dtype=torch.float32)
@@ -55,9 +58,10 @@ def linear_logprob_bwd_op(
     need_dh: bool,
     need_dw: bool,
     backend: str,
+    workspace_bytes: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute backward. Returns (dh [N, H], dW [V, H], db [V]); an unneeded one is an empty [0] tensor."""
-    _, _, _, dh, dw, db = lmhead.chunked_engine(backend)(
+    _, _, _, dh, dw, db = lmhead.chunked_engine(backend, workspace_bytes)(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
         loss=triton_rows.LOSS_GIVEN, g_logp=grad_logp.float().contiguous(),
         g_ent=None if grad_entropy is None else grad_entropy.float().contiguous(), need_dh=need_dh, need_dw=need_dw,
@@ -66,7 +70,8 @@ def linear_logprob_bwd_op(
 
 
 @linear_logprob_bwd_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, targets, bias, temperature, ignore_index, need_dh, need_dw, backend):
+def _(grad_logp, grad_entropy, hidden, weight, targets, bias, temperature, ignore_index, need_dh, need_dw, backend,
+      workspace_bytes):  # fmt: skip
     return (
         torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
         torch.empty_like(weight) if need_dw else hidden.new_empty(0),
@@ -75,24 +80,24 @@ def _(grad_logp, grad_entropy, hidden, weight, targets, bias, temperature, ignor
 
 
 def _logprob_setup_context(ctx, inputs, output):
-    hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend = inputs
+    hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend, _, workspace_bytes = inputs
     ctx.save_for_backward(hidden, weight, targets, bias)
-    ctx.args = (temperature, ignore_index, backend)
+    ctx.args = (temperature, ignore_index, backend, workspace_bytes)
     ctx.want_entropy = want_entropy
 
 
 def _logprob_backward(ctx, grad_logp, _grad_lse, grad_entropy):  # lse is internal, never differentiated
     hidden, weight, targets, bias = ctx.saved_tensors
-    temperature, ignore_index, backend = ctx.args
+    temperature, ignore_index, backend, workspace_bytes = ctx.args
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
     if grad_logp is None:
         grad_logp = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     dh, dw, db = linear_logprob_bwd_op(
         grad_logp, grad_entropy if ctx.want_entropy else None, hidden, weight, targets, bias,
-        temperature, ignore_index, need_dh, need_dw, backend,
+        temperature, ignore_index, need_dh, need_dw, backend, workspace_bytes,
     )  # fmt: skip
     return (dh if need_dh else None, dw if need_dw else None, None,
-            db if (need_dw and bias is not None) else None, None, None, None, None)  # fmt: skip
+            db if (need_dw and bias is not None) else None) + (None,) * 6  # fmt: skip
 
 
 linear_logprob_op.register_autograd(_logprob_backward, setup_context=_logprob_setup_context)
@@ -110,9 +115,10 @@ def linear_nll_fused_op(
     need_dh: bool,
     need_dw: bool,
     backend: str,
+    workspace_bytes: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """loss = sum_t token_weight_t * nll_t and its gradients, in one sweep. Returns (loss [], dh, dW, db)."""
-    logp, _, _, dh, dw, db = lmhead.chunked_engine(backend)(
+    logp, _, _, dh, dw, db = lmhead.chunked_engine(backend, workspace_bytes)(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
         loss=triton_rows.LOSS_NLL, g_logp=token_weight, need_dh=need_dh, need_dw=need_dw,
     )  # fmt: skip
@@ -121,7 +127,8 @@ def linear_nll_fused_op(
 
 
 @linear_nll_fused_op.register_fake
-def _(hidden, weight, targets, bias, token_weight, temperature, ignore_index, need_dh, need_dw, backend):
+def _(hidden, weight, targets, bias, token_weight, temperature, ignore_index, need_dh, need_dw, backend,
+      workspace_bytes):  # fmt: skip
     return (
         hidden.new_empty((), dtype=torch.float32),
         torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
@@ -148,7 +155,7 @@ def _nll_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
         # copy (a second backward through the same graph is refused by autograd's version check).
         return t.mul_(grad_loss.to(t.dtype)).detach()
 
-    return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None, None, None, None, None, None, None)
+    return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None) + (None,) * 7
 
 
 linear_nll_fused_op.register_autograd(_nll_backward, setup_context=_nll_setup_context)

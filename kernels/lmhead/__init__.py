@@ -7,6 +7,7 @@
   A loss plugs in either a gradient coefficient known before the pass (LOSS_GIVEN, LOSS_NLL) or a per-token step
   (`chunked.TokenStep`) that turns the row's log-prob into dLoss/dlogp between the row statistics and the dz write.
 - `resolve_backend` and `autoselect`: "auto" | "triton" | "cuda" | "torch", and the measured rule behind "auto".
+- `settings`: the callers' `schedule=` / `workspace_bytes=` and their environment defaults, read at call time.
 The losses built on it live beside this folder: `ce/` (log-prob, cross-entropy), `policy/` (the RL policy losses),
 `mgpo/` (the MGPO preset of policy_loss).
 """
@@ -18,23 +19,19 @@ import os
 
 import torch
 
-from . import autoselect, chunked, cuda_backend, scoring_fwd, triton_fwd
+from . import autoselect, chunked, cuda_backend, scoring_fwd, settings, triton_fwd
 
-__all__ = ["autoselect", "BACKENDS", "resolve_backend", "check_head_inputs", "prepare_head_inputs", "scores",
-           "chunked_engine"]  # fmt: skip
+__all__ = ["autoselect", "settings", "BACKENDS", "resolve_backend", "check_head_inputs", "prepare_head_inputs",
+           "scores", "chunked_engine"]  # fmt: skip
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 
-# Forward (no grad) of backend "triton": "chunked" (fastest measured; a 1 GiB workspace), "tiled" (<= 64 MiB extra
-# memory), or "fused" (one Triton kernel, no workspace, slowest): see scoring_fwd.py and benchmarks/NOTES.md.
+# Forward (no grad) of backend "triton" by `schedule` (settings.py says what each costs).
 FORWARD_SCHEDULES = {
     "chunked": scoring_fwd.linear_logprob_chunked_fwd,
     "tiled": scoring_fwd.linear_logprob_tiled_fwd,
     "fused": triton_fwd.linear_logprob_fwd,
 }
-FORWARD_SCHEDULE = os.environ.get("VIBEPERF_LMHEAD_FWD", "chunked")
-if FORWARD_SCHEDULE not in FORWARD_SCHEDULES:
-    raise ValueError(f"VIBEPERF_LMHEAD_FWD must be one of {sorted(FORWARD_SCHEDULES)}, got {FORWARD_SCHEDULE!r}")
 
 
 def resolve_backend(backend: str, device: torch.device, auto=None) -> str:
@@ -86,19 +83,24 @@ def prepare_head_inputs(hidden, weight, targets, bias):
             None if bias is None else bias.contiguous())  # fmt: skip
 
 
-def scores(hidden, weight, targets, bias, temperature: float, ignore_index: int, want_entropy: bool, backend: str):
-    """Forward without gradients: (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32."""
+def scores(hidden, weight, targets, bias, temperature: float, ignore_index: int, want_entropy: bool, backend: str,
+           schedule: str | None = None, workspace_bytes: int | None = None):  # fmt: skip
+    """Forward without gradients: (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32. schedule (backend
+    "triton" only) and workspace_bytes: see settings.py (None: the environment's default, read now)."""
+    args = (hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
     if backend == "cuda":
-        return cuda_backend.linear_logprob_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+        return cuda_backend.linear_logprob_fwd(*args, workspace_bytes=workspace_bytes)
     if backend == "triton":
-        fwd = FORWARD_SCHEDULES[FORWARD_SCHEDULE]
-        logp, lse, ent = fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+        name = settings.forward_schedule(schedule)
+        kw = {} if name == "fused" else {"workspace_bytes": workspace_bytes}  # the fused kernel has no workspace
+        logp, lse, ent = FORWARD_SCHEDULES[name](*args, **kw)
         return logp, lse, ent if want_entropy else logp.new_empty(0)
-    return chunked.scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+    return chunked.scores_torch(*args, workspace_bytes=workspace_bytes)
 
 
-def chunked_engine(backend: str):
-    """The three-pass engine of a backend: vibeperf._C for "cuda", else chunked.py's (Triton or torch row epilogue)."""
+def chunked_engine(backend: str, workspace_bytes: int | None = None):
+    """The three-pass engine of a backend: vibeperf._C for "cuda", else chunked.py's (Triton or torch row epilogue);
+    workspace_bytes bounds its logits workspace (None: $VIBEPERF_LMHEAD_WORKSPACE_MB, read at the call)."""
     if backend == "cuda":
-        return cuda_backend.lmhead_chunked
-    return functools.partial(chunked.lmhead_chunked, backend=backend)
+        return functools.partial(cuda_backend.lmhead_chunked, workspace_bytes=workspace_bytes)
+    return functools.partial(chunked.lmhead_chunked, backend=backend, workspace_bytes=workspace_bytes)

@@ -12,27 +12,27 @@ log-prob (`TokenStep`: the policy losses), formed per chunk between the row stat
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Protocol
 
 import torch
 
-from . import triton_rows
-
-DEFAULT_WORKSPACE_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_WORKSPACE_MB", "512")) * 2**20
+from . import settings, triton_rows
 
 
-def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
-    """Tokens per chunk: the [C, V] logits workspace stays within `workspace_bytes` (C a multiple of 128)."""
+def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None) -> int:
+    """Tokens per chunk: the [C, V] logits workspace stays within `workspace_bytes` (C a multiple of 128, at least
+    128; None: $VIBEPERF_LMHEAD_WORKSPACE_MB, 512 MiB, read now)."""
+    workspace_bytes = settings.workspace(workspace_bytes, settings.WORKSPACE_ENV)
     c = max(128, workspace_bytes // (vocab * elem_bytes) // 128 * 128)
     return min(c, n_tokens) if n_tokens > 0 else 1
 
 
-def scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy):
+def scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
+                 workspace_bytes: int | None = None):  # fmt: skip
     """Chunked plain-torch forward (the CPU path and the twin of the Triton kernel)."""
     n = hidden.shape[0]
-    c = chunk_rows(n, weight.shape[0], 4)
+    c = chunk_rows(n, weight.shape[0], 4, workspace_bytes)
     logp = hidden.new_empty(n, dtype=torch.float32)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if want_entropy else logp.new_empty(0)
@@ -122,8 +122,11 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
             return
         except (RuntimeError, TypeError) as exc:
             _DTYPE_OUT_ADDMM = False
-            warnings.warn(f"in-place fp32 addmm of {a.dtype} inputs is unavailable ({exc}); using mm + add_",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"in-place fp32 addmm of {a.dtype} inputs is unavailable ({exc}); using mm + add_",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     if acc.is_cuda:
         acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
@@ -147,6 +150,7 @@ def lmhead_chunked(
     backend: str = "triton",
     chunk: int | None = None,
     step: TokenStep | None = None,
+    workspace_bytes: int | None = None,
 ):
     """Runs the three passes over all chunks.
 
@@ -158,7 +162,7 @@ def lmhead_chunked(
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    c = chunk or chunk_rows(n, v, weight.element_size())
+    c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes)
     dev = hidden.device
     logp = torch.empty(n, device=dev, dtype=torch.float32)
     lse = torch.empty_like(logp)

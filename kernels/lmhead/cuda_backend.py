@@ -6,8 +6,8 @@ coefficient and overwrites the row with dLoss/dz, then cuBLASLt forms dh (input 
 place (beta = 1). Scoring without grad runs the first two steps only.
 
 Extra device memory besides the outputs: the [C, V'] logits workspace in weight's dtype (V' = V rounded up to 16 bytes,
-so every row is 16-byte aligned for the row kernel's vector loads; C = `chunked.chunk_rows`: <= 512 MiB by default,
-VIBEPERF_LMHEAD_WORKSPACE_MB, but at least 128 rows), one 32 MiB cuBLASLt workspace per (device, stream) kept for the
+so every row is 16-byte aligned for the row kernel's vector loads; C = `chunked.chunk_rows`: <= workspace_bytes, 512 MiB
+by default (settings.py), but at least 128 rows), one 32 MiB cuBLASLt workspace per (device, stream) kept for the
 process' life, an fp32 [V, H] dW accumulator when weight is not fp32 (as the Triton path), and O(N + V) vectors.
 """
 
@@ -57,20 +57,22 @@ def require_cuda_ext() -> None:
         )
 
 
-def _chunk(n: int, weight: torch.Tensor, chunk: int | None) -> int:
-    c = chunked.chunk_rows(n, weight.shape[0], weight.element_size()) if chunk is None else chunk
+def _chunk(n: int, weight: torch.Tensor, chunk: int | None, workspace_bytes: int | None = None) -> int:
+    c = chunked.chunk_rows(n, weight.shape[0], weight.element_size(), workspace_bytes) if chunk is None else chunk
     if c < 1:
         raise ValueError(f"chunk must be >= 1 token rows, got {c}")
     return c
 
 
-def linear_logprob_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, chunk=None):
+def linear_logprob_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, chunk=None,
+                       workspace_bytes=None):  # fmt: skip
     """Scoring forward. Returns (logp [N], lse [N], entropy [N] or [0]), fp32."""
     require_cuda_ext()
     from vibeperf._ext import C
 
+    c = _chunk(hidden.shape[0], weight, chunk, workspace_bytes)
     return C.lmhead_logprob_fwd_cuda(hidden, weight, targets, bias, float(temperature), int(ignore_index),
-                                          bool(want_entropy), _chunk(hidden.shape[0], weight, chunk))  # fmt: skip
+                                     bool(want_entropy), c)  # fmt: skip
 
 
 def lmhead_chunked(
@@ -90,6 +92,7 @@ def lmhead_chunked(
     chunk: int | None = None,
     step: chunked.TokenStep | None = None,
     mgpo: MGPOTokens | None = None,
+    workspace_bytes: int | None = None,
 ):
     """Same contract as `chunked.lmhead_chunked` for LOSS_GIVEN and LOSS_NLL, plus LOSS_MGPO with `mgpo` (whose `out`
     is written); a per-token `step` cannot run between the C++ loop's kernels and is refused. Returns (logp [N],
@@ -101,7 +104,7 @@ def lmhead_chunked(
     from vibeperf._ext import C
 
     f32 = lambda t: None if t is None else t.float().contiguous()
-    c = _chunk(hidden.shape[0], weight, chunk)
+    c = _chunk(hidden.shape[0], weight, chunk, workspace_bytes)
     if loss == LOSS_MGPO:
         m = mgpo
         logp, lse, ent, dh, dw, db = C.lmhead_mgpo_cuda(

@@ -12,16 +12,12 @@ Two schedules, both exact (fp32 softmax state, running max from -inf), chosen by
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import settings
 from .triton_fwd import INTERPRET, LOG2E, combine_partials, online_softmax_rows, row_softmax_state
-
-TILE_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_TILE_MB", "32")) * 2**20
-CHUNK_BYTES = int(os.environ.get("VIBEPERF_LMHEAD_SCORE_MB", "1024")) * 2**20
 
 
 @triton.jit(do_not_specialize=["n_rows", "v0", "vc", "ignore_index"])
@@ -67,8 +63,10 @@ def lmhead_tile_update_kernel(
     tl.store(tz_ptr + rows, tz, mask=r_mask)
 
 
-def tile_shape(n: int, v: int, elem_bytes: int, tile_bytes: int = TILE_BYTES) -> tuple[int, int]:
-    """(TILE_N, TILE_V): TILE_V a power of two <= 2048 (one tile row per program), TILE_N fills the workspace."""
+def tile_shape(n: int, v: int, elem_bytes: int, tile_bytes: int | None = None) -> tuple[int, int]:
+    """(TILE_N, TILE_V): TILE_V a power of two <= 2048 (one tile row per program), TILE_N fills the workspace of
+    tile_bytes (None: $VIBEPERF_LMHEAD_TILE_MB, 32 MiB)."""
+    tile_bytes = settings.workspace(tile_bytes, settings.TILE_ENV)
     tile_v = min(2048, triton.next_power_of_2(v))
     tile_n = max(128, tile_bytes // (tile_v * elem_bytes) // 128 * 128)
     return min(tile_n, n), tile_v
@@ -76,11 +74,11 @@ def tile_shape(n: int, v: int, elem_bytes: int, tile_bytes: int = TILE_BYTES) ->
 
 def linear_logprob_tiled_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
                              tile: tuple[int, int] | None = None, block_r: int = 2,
-                             num_warps: int = 4):  # fmt: skip
+                             num_warps: int = 4, workspace_bytes: int | None = None):  # fmt: skip
     """Host launcher of the "tiled" schedule. Returns (logp [N], lse [N], entropy [N] or None), fp32."""
     n, _ = hidden.shape
     v = weight.shape[0]
-    tile_n, tile_v = tile or tile_shape(n, v, weight.element_size())
+    tile_n, tile_v = tile or tile_shape(n, v, weight.element_size(), workspace_bytes)
     state = torch.zeros((4, 1, n), device=hidden.device, dtype=torch.float32)
     m, s, t, tz = state.unbind(0)
     m.fill_(float("-inf"))
@@ -134,12 +132,14 @@ def lmhead_row_stats_kernel(
 
 
 def linear_logprob_chunked_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
-                               chunk: int | None = None, num_warps: int = 4, block_v: int = 2048):  # fmt: skip
+                               chunk: int | None = None, num_warps: int = 4, block_v: int = 2048,
+                               workspace_bytes: int | None = None):  # fmt: skip
     """Host launcher of the "chunked" schedule. Returns (logp [N], lse [N], entropy [N] or None), fp32."""
     n = hidden.shape[0]
     v = weight.shape[0]
     if chunk is None:  # the largest power of two of rows whose logits fit the workspace budget
-        rows = max(128, CHUNK_BYTES // (v * weight.element_size()))
+        budget = settings.workspace(workspace_bytes, settings.SCORE_ENV)
+        rows = max(128, budget // (v * weight.element_size()))
         chunk = 1 << (rows.bit_length() - 1)
     chunk = min(chunk, n)
     state = torch.empty((4, 1, n), device=hidden.device, dtype=torch.float32)

@@ -69,6 +69,8 @@ def mgpo_loss(
     ignore_index: int = -100,
     num_groups: int | None = None,
     backend: str = "auto",
+    schedule: str | None = None,
+    workspace_bytes: int | None = None,
 ) -> MGPOOutput:
     """MGPO clipped policy-gradient loss of an LM head on packed tokens, with its metrics, without a host sync.
 
@@ -81,6 +83,7 @@ def mgpo_loss(
 
     Returns MGPOOutput(loss [] fp32, metrics): clip_frac_low, clip_frac_high, entropy_mean, ratio_mean, ratio_max,
     tis_frac (0 without rollout_logp), kl_mean (only when beta > 0), mgpo_weights [num_groups], advantages [S].
+    schedule, workspace_bytes: the LM-head engine's settings, as `policy_loss` (`lmhead/settings.py`).
     """
     if old_logp is None:
         raise ValueError("old_logp is required by mgpo_loss (policy_loss takes None for an on-policy step)")
@@ -97,5 +100,6 @@ def mgpo_loss(
     out = policy_loss(hidden, weight, targets, seq_index=seq_index, group_index=group_index, old_logp=old_logp,
                       rewards=rewards, advantages=advantages, rollout_logp=rollout_logp, ref_logp=ref_logp,
                       options=options, temperature=temperature, loss_mask=loss_mask, bias=bias,
-                      ignore_index=ignore_index, num_groups=num_groups, backend=backend)  # fmt: skip
+                      ignore_index=ignore_index, num_groups=num_groups, backend=backend, schedule=schedule,
+                      workspace_bytes=workspace_bytes)  # fmt: skip
     return MGPOOutput(out.loss, {k: v for k, v in out.metrics.items() if k in MGPO_METRICS})

@@ -11,14 +11,16 @@ never [N, V] logits, never a host sync.
 backend="auto": on CUDA tensors "cuda" (vibeperf._C, whose row kernel has its own closed form of the PPO-clip subset:
 token ratio, token TIS, k3 KL, no entropy bonus; `ops.cuda_unsupported`) where the measured table of
 `lmhead.autoselect` picks it, else "triton"; on the CPU "torch", or "triton" when TRITON_INTERPRET=1. An explicit
-"cuda" with a setting outside that subset raises an error naming the setting.
+"cuda" with a setting outside that subset raises an error naming the setting. schedule (the scoring forward of
+"triton", where a pass needs whole sequences' log-probs first) and workspace_bytes (the logits workspace budget):
+`lmhead/settings.py`; None takes the environment's default at the call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..lmhead import autoselect, check_head_inputs, prepare_head_inputs, resolve_backend
+from ..lmhead import autoselect, check_head_inputs, prepare_head_inputs, resolve_backend, settings
 from . import ops
 from .advantages import group_statistics, token_weights
 from .options import PolicyLossOptions
@@ -88,6 +90,8 @@ def policy_loss(
     ignore_index: int = -100,
     num_groups: int | None = None,
     backend: str = "auto",
+    schedule: str | None = None,
+    workspace_bytes: int | None = None,
 ) -> PolicyLossOutput:
     """Policy-gradient loss of an LM head on packed tokens, with its metrics, without a host sync.
 
@@ -109,6 +113,7 @@ def policy_loss(
     [num_groups] (1 when advantages are given) and advantages [S] (the A' used).
     """
     check_head_inputs(hidden, weight, targets, bias, temperature)
+    schedule, workspace_bytes = settings.forward_schedule(schedule), settings.check_workspace(workspace_bytes)
     n = hidden.shape[0]
     o = PolicyLossOptions() if options is None else options
     check_policy_inputs(n, seq_index, group_index, rewards, advantages, old_logp, rollout_logp, ref_logp, loss_mask,
@@ -143,6 +148,7 @@ def policy_loss(
         hidden, weight, targets, bias, adv[seq_index].contiguous(), f32(old_logp), f32(rollout_logp),
         f32(ref_logp) if o.beta > 0 else None, w, seq_index, num_sequences, ops.encode_options(o),
         float(temperature), int(ignore_index), grad_on and hidden.requires_grad,
-        grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad)), backend,
+        grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad)), backend, schedule,
+        workspace_bytes,
     )  # fmt: skip
     return PolicyLossOutput(loss, policy_metrics(terms.detach(), entropy.detach(), valid, weights, adv, o.beta > 0))

@@ -73,18 +73,19 @@ def policy_loss_fwd(
     hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, token_adv: Tensor, old_logp: Tensor | None,
     rollout_logp: Tensor | None, ref_logp: Tensor | None, token_weight: Tensor, seq_index: Tensor,
     num_sequences: int, o: PolicyLossOptions, *, temperature: float, ignore_index: int, need_dh: bool, need_dw: bool,
-    backend: str,
+    backend: str, schedule: str | None = None, workspace_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """Host launcher. hidden: [N, H], weight: [V, H], targets: [N] int64 (ignore_index: not in the loss; a loss mask
     is folded in by the caller), token_adv / token_weight: [N] fp32 (A' and the aggregation weight of each token),
     old_logp / rollout_logp / ref_logp: [N] fp32 or None, seq_index: [N] int64.
+    schedule / workspace_bytes: the engine's settings (lmhead/settings.py).
     Returns (loss [], terms [N, len(METRIC_TERMS)], entropy [N], dh, dW, db).
     """
     n = hidden.shape[0]
     valid = targets != ignore_index
     f32 = dict(device=hidden.device, dtype=torch.float32)
     on_policy = old_logp is None
-    engine = lmhead.chunked_engine(backend)
+    engine = lmhead.chunked_engine(backend, workspace_bytes)
     head = dict(temperature=temperature, ignore_index=ignore_index, need_dh=need_dh, need_dw=need_dw)
     if backend == "cuda":
         out = torch.empty((n, len(cuda_backend.MGPO_OUTPUTS)), **f32)
@@ -101,7 +102,8 @@ def policy_loss_fwd(
 
     logp_pre = None
     if extra_pass(o, on_policy):
-        logp_pre = lmhead.scores(hidden, weight, targets, bias, temperature, ignore_index, False, backend)[0]
+        logp_pre = lmhead.scores(hidden, weight, targets, bias, temperature, ignore_index, False, backend, schedule,
+                                 workspace_bytes)[0]  # fmt: skip
     in_step = rollout_in_step(o, on_policy)
     c, flags = token_weight, torch.zeros((n, 2), **f32)
     if o.rollout_correction is not None and not in_step:
@@ -189,12 +191,14 @@ def policy_loss_fused_op(
     need_dh: bool,
     need_dw: bool,
     backend: str,
+    schedule: str,
+    workspace_bytes: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`policy_loss_fwd` as an op: (loss [], terms [N, 7], entropy [N], dh, dW, db); an unneeded gradient is [0]."""
     loss, terms, entropy, dh, dw, db = policy_loss_fwd(
         hidden, weight, targets, bias, token_adv, old_logp, rollout_logp, ref_logp, token_weight, seq_index,
         num_sequences, decode_options(options), temperature=temperature, ignore_index=ignore_index,
-        need_dh=need_dh, need_dw=need_dw, backend=backend,
+        need_dh=need_dh, need_dw=need_dw, backend=backend, schedule=schedule, workspace_bytes=workspace_bytes,
     )  # fmt: skip
     given = lambda t: t if t is not None else hidden.new_empty(0)  # outputs may not alias: one empty each
     return loss, terms, entropy, given(dh), given(dw), given(db)
@@ -202,7 +206,8 @@ def policy_loss_fused_op(
 
 @policy_loss_fused_op.register_fake
 def _(hidden, weight, targets, bias, token_adv, old_logp, rollout_logp, ref_logp, token_weight, seq_index,
-      num_sequences, options, temperature, ignore_index, need_dh, need_dw, backend):  # fmt: skip
+      num_sequences, options, temperature, ignore_index, need_dh, need_dw, backend, schedule,
+      workspace_bytes):  # fmt: skip
     n = hidden.shape[0]
     return (
         hidden.new_empty((), dtype=torch.float32),
@@ -233,7 +238,7 @@ def _backward(ctx, grad_loss, _g_terms, _g_entropy, _g_dh, _g_dw, _g_db):
         # are also this node's outputs, and a gradient must not carry its grad_fn (torch.autograd.grad keeps it).
         return t.detach().mul_(grad_loss.to(t.dtype))
 
-    return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None) + (None,) * 13
+    return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None) + (None,) * 15
 
 
 policy_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)

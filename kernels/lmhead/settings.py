@@ -1,0 +1,59 @@
+"""The LM-head engine's two caller settings and their environment defaults, read at call time (never at import).
+
+Every public op of `ce/`, `policy/` and `mgpo/` takes them as keyword arguments:
+- `schedule`: the no-grad forward of backend "triton": "chunked" (default; fastest measured, a 1 GiB logits
+  workspace), "tiled" (<= 64 MiB extra memory) or "fused" (one Triton kernel, no workspace, slowest); see
+  `scoring_fwd.py` and benchmarks/NOTES.md. None: $VIBEPERF_LMHEAD_FWD, else "chunked".
+- `workspace_bytes`: the most bytes the [C, V] logits workspace of the call may take (C tokens per chunk or tile; at
+  least 128 rows of the three-pass engine whatever the budget). None: the default of the pass that runs, each with its
+  own variable in MiB: the three-pass engine and the "cuda" / "torch" scoring forward $VIBEPERF_LMHEAD_WORKSPACE_MB
+  (512), the "chunked" schedule $VIBEPERF_LMHEAD_SCORE_MB (1024), the "tiled" schedule $VIBEPERF_LMHEAD_TILE_MB (32).
+A variable set after import takes effect at the next call; a bad value is a one-line ValueError naming it.
+"""
+
+from __future__ import annotations
+
+import os
+
+SCHEDULES = ("chunked", "tiled", "fused")
+SCHEDULE_ENV = "VIBEPERF_LMHEAD_FWD"
+WORKSPACE_ENV = ("VIBEPERF_LMHEAD_WORKSPACE_MB", 512)
+SCORE_ENV = ("VIBEPERF_LMHEAD_SCORE_MB", 1024)
+TILE_ENV = ("VIBEPERF_LMHEAD_TILE_MB", 32)
+
+
+def forward_schedule(schedule: str | None) -> str:
+    """The schedule given, else $VIBEPERF_LMHEAD_FWD, else "chunked"; ValueError naming the argument or variable."""
+    if schedule is not None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        return schedule
+    raw = os.environ.get(SCHEDULE_ENV, "").strip()
+    if raw and raw not in SCHEDULES:
+        raise ValueError(f"{SCHEDULE_ENV} must be one of {SCHEDULES}, got {raw!r}")
+    return raw or "chunked"
+
+
+def check_workspace(workspace_bytes: int | None) -> int | None:
+    """workspace_bytes as given (None or a positive int); ValueError naming the argument otherwise."""
+    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
+                                        or workspace_bytes < 1):  # fmt: skip
+        raise ValueError(f"workspace_bytes must be a positive int or None, got {workspace_bytes!r}")
+    return workspace_bytes
+
+
+def workspace(workspace_bytes: int | None, env: tuple[str, int]) -> int:
+    """workspace_bytes, or the variable env = (name, default MiB) read now, in bytes."""
+    if workspace_bytes is not None:
+        return workspace_bytes
+    name, default_mb = env
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default_mb * 2**20
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = 0
+    if mb < 1:
+        raise ValueError(f"{name} must be a positive whole number of MiB, got {raw!r}")
+    return mb * 2**20
