@@ -61,8 +61,8 @@ for spec in "${steps[@]}"; do
   name="${spec%%=*}"; secs=600; [[ "$spec" == *=* ]] && secs="${spec#*=}"
   case "$name" in
     build) ;;
-    cuda) run_step "$secs" cuda.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_backend.py -rf \
-            -k "not torch_checks"
+    cuda) run_step "$secs" cuda.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_backend.py \
+            tests/test_linear_logprob.py tests/test_mgpo_kernel.py -rf -k "cuda and not torch_checks"
           run_step 120 cuda.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_backend.py \
             -k torch_checks || backtrace cuda.log python3 -m pytest -q -p no:cacheprovider -m gpu \
             tests/test_cuda_backend.py -k torch_checks

@@ -10,6 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from vibeperf import _ext
+
 ROOT = Path(__file__).resolve().parents[1]
 TIME_KEYS = ("time_generate_s", "time_score_s", "time_update_s", "time_sync_s", "time_step_s")
 """The RL metrics that are wall-clock times: they differ between otherwise identical runs."""
@@ -34,3 +39,22 @@ def run_report_script(script: str, out: Path, *, timeout: float) -> dict:
                           timeout=timeout, env=env, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(Path(out).read_text())
+
+
+needs_cuda_ext = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ext.HAS_CUDA_EXT),
+    reason=f"needs a GPU and vibeperf._C built with CUDA ({_ext.EXT_ERROR or 'built without its CUDA part'})",
+)
+CUDA_BACKEND = pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda_ext])
+"""backend="cuda" as a parameter of a backend-parametrised kernel test: runs with `-m gpu` where vibeperf._C has its
+CUDA part (its inputs moved with `on_backend`), skipped elsewhere."""
+
+
+def on_backend(backend: str, *tensors):
+    """The tensors where `backend` runs: CUDA copies for "cuda", the same tensors otherwise (None stays None)."""
+    return [t if t is None or backend != "cuda" else t.cuda() for t in tensors]
+
+
+def to_cpu(t):
+    """A result brought back for comparison with a CPU reference (None stays None)."""
+    return None if t is None else t.detach().cpu()

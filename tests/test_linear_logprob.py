@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CUDA_BACKEND, on_backend, to_cpu
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, lmhead
 from vibeperf.kernels.ce import linear_cross_entropy_reference, linear_logprob_reference, ops
 from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd
@@ -48,7 +49,7 @@ CASES = [
     ("T129-V1009-H64-bf16-temp0.7", 129, 1009, 64, torch.bfloat16, 0.7, {"ignore_every": 7}),
     ("T40-V257-H32-fp16", 40, 257, 32, torch.float16, 1.0, {}),
 ]
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "torch", CUDA_BACKEND]
 
 
 def _tol(low_precision_err):
@@ -73,8 +74,9 @@ def _torch_low_precision_logprob(hidden, weight, targets, temperature, bias, wan
 def test_logprob_and_entropy_forward(case, backend):
     _, n, v, h, dtype, temp, opts = case
     hidden, weight, targets, bias = make_case(n, v, h, dtype, **opts)
-    logp, ent = linear_logprob(hidden, weight, targets, temperature=temp, bias=bias, return_entropy=True,
-                               backend=backend)  # fmt: skip
+    h_b, w_b, t_b, b_b = on_backend(backend, hidden, weight, targets, bias)
+    logp, ent = linear_logprob(h_b, w_b, t_b, temperature=temp, bias=b_b, return_entropy=True, backend=backend)
+    logp, ent = to_cpu(logp), to_cpu(ent)
     up = lambda t: None if t is None else t.double()
     ref_logp, ref_ent = linear_logprob_reference(up(hidden), up(weight), targets, temperature=temp, bias=up(bias),
                                                  return_entropy=True)  # fmt: skip
@@ -130,8 +132,10 @@ def test_cross_entropy_forward_backward(case, backend, reduction):
     """The three-pass path (gradients computed in the forward) for mean and sum reductions."""
     _, n, v, h, dtype, temp, opts = case
     hidden, weight, targets, bias = make_case(n, v, h, dtype, **opts)
-    ours = _grads(lambda hh, ww, bb: 0.5 * linear_cross_entropy(hh, ww, targets, reduction=reduction, temperature=temp,
-                                                                bias=bb, backend=backend), hidden, weight, bias)
+    (t_b,) = on_backend(backend, targets)
+    ours = _grads(lambda hh, ww, bb: 0.5 * linear_cross_entropy(hh, ww, t_b, reduction=reduction, temperature=temp,
+                                                                bias=bb, backend=backend),
+                  *on_backend(backend, hidden, weight, bias))  # fmt: skip
     ref = _grads(lambda hh, ww, bb: 0.5 * linear_cross_entropy_reference(hh, ww, targets, reduction=reduction,
                                                                          temperature=temp, bias=bb),
                  hidden, weight, bias, up=True)  # fmt: skip
@@ -141,7 +145,7 @@ def test_cross_entropy_forward_backward(case, backend, reduction):
         if r is None:
             continue
         assert o.dtype == (torch.float32 if name == "loss" else dtype), name
-        assert rel_err(o, r) <= _tol(rel_err(lo, r)), name
+        assert rel_err(to_cpu(o), r) <= _tol(rel_err(lo, r)), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,10 +156,11 @@ def test_recompute_backward_with_arbitrary_upstream(case, backend):
     hidden, weight, targets, bias = make_case(n, v, h, dtype, **opts)
     g = torch.Generator().manual_seed(1)
     g_logp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    t_b, gl_b, ge_b = on_backend(backend, targets, g_logp, g_ent)
 
     def ours_fn(hh, ww, bb):
-        lp, en = linear_logprob(hh, ww, targets, temperature=temp, bias=bb, return_entropy=True, backend=backend)
-        return (lp * g_logp).sum() + (en * g_ent).sum()
+        lp, en = linear_logprob(hh, ww, t_b, temperature=temp, bias=bb, return_entropy=True, backend=backend)
+        return (lp * gl_b).sum() + (en * ge_b).sum()
 
     def ref_fn(hh, ww, bb):
         lp, en = linear_logprob_reference(hh, ww, targets, temperature=temp, bias=bb, return_entropy=True)
@@ -165,11 +170,11 @@ def test_recompute_backward_with_arbitrary_upstream(case, backend):
         lp, en = _torch_low_precision_logprob(hh, ww, targets, temp, bb, want_entropy=True)
         return (lp * g_logp).sum() + (en * g_ent).sum()
 
-    ours, ref, low = (_grads(ours_fn, hidden, weight, bias), _grads(ref_fn, hidden, weight, bias, up=True),
-                      _grads(low_fn, hidden, weight, bias))  # fmt: skip
+    ours, ref, low = (_grads(ours_fn, *on_backend(backend, hidden, weight, bias)),
+                      _grads(ref_fn, hidden, weight, bias, up=True), _grads(low_fn, hidden, weight, bias))  # fmt: skip
     for name, o, r, lo in zip(("value", "dh", "dW", "db"), ours, ref, low):
         if r is not None:
-            assert rel_err(o, r) <= _tol(rel_err(lo, r)), name
+            assert rel_err(to_cpu(o), r) <= _tol(rel_err(lo, r)), name
 
 
 def test_cross_entropy_none_and_token_weight():
@@ -184,11 +189,15 @@ def test_cross_entropy_none_and_token_weight():
     assert torch.allclose(mean, (ref * w).sum() / (targets != -100).sum(), rtol=1e-5)
 
 
-def test_all_rows_ignored_gives_zero_loss_and_gradients():
-    hidden, weight, targets, _ = make_case(20, 64, 16, torch.float32)
+@pytest.mark.parametrize("backend", ["auto", CUDA_BACKEND])
+def test_all_rows_ignored_gives_zero_loss_and_gradients(backend):
+    hidden, weight, targets, _ = on_backend(backend, *make_case(20, 64, 16, torch.float32))
     targets[:] = -100
-    loss, dh, dw, _ = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
+    loss, dh, dw, _ = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets, backend=backend), hidden, weight,
+                             None)  # fmt: skip
     assert loss.item() == 0.0 and torch.all(dh == 0) and torch.all(dw == 0)
+    logp = linear_logprob(hidden[:0], weight, targets[:0], backend=backend)
+    assert logp.shape == (0,)
 
 
 def test_chunking_does_not_change_results():
@@ -232,14 +241,17 @@ def test_bad_inputs_raise_clear_errors(kwargs, message):
         linear_logprob(**args)
 
 
-def test_opcheck_custom_ops():
-    hidden, weight, targets, bias = make_case(9, 37, 16, torch.float32, bias=True)
+@pytest.mark.parametrize(("backend", "workspace"),
+                         [("torch", 2**12), pytest.param("cuda", None, marks=CUDA_BACKEND.marks)],
+                         ids=["torch", "cuda"])  # fmt: skip
+def test_opcheck_custom_ops(backend, workspace):
+    hidden, weight, targets, bias, w = on_backend(backend, *make_case(9, 37, 16, torch.float32, bias=True),
+                                                  torch.full((9,), 1 / 9))  # fmt: skip
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    w = torch.full((9,), 1 / 9)
-    torch.library.opcheck(ops.linear_logprob_op, (hidden, weight, targets, bias, 0.8, -100, True, "torch", "chunked",
-                                                  2**12))  # fmt: skip
-    torch.library.opcheck(ops.linear_nll_fused_op, (hidden, weight, targets, None, w, 1.0, -100, True, True, "torch",
+    torch.library.opcheck(ops.linear_logprob_op, (hidden, weight, targets, bias, 0.8, -100, True, backend, "chunked",
+                                                  workspace))  # fmt: skip
+    torch.library.opcheck(ops.linear_nll_fused_op, (hidden, weight, targets, None, w, 1.0, -100, True, True, backend,
                                                     None))  # fmt: skip
 
 

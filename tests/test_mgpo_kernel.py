@@ -18,6 +18,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import CUDA_BACKEND, to_cpu
 from vibeperf.kernels import linear_logprob, mgpo_loss
 from vibeperf.kernels.ce.reference import linear_logprob_reference
 from vibeperf.kernels.lmhead import chunked
@@ -26,6 +27,7 @@ from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_wei
 from vibeperf.kernels.policy import group_statistics, ops, token_weights
 
 BACKENDS = ["triton", "torch"]
+WITH_CUDA = [*BACKENDS, CUDA_BACKEND]
 AGGS = ["seq-mean-token-mean", "token-mean", "seq-sum-norm"]
 FP32_TOL = 1e-5
 U_BF16 = 2**-8
@@ -118,6 +120,16 @@ def run(fn, c: Case, *, up=False, eager_low_precision=False, **kw):
     return out.loss.detach(), out.metrics, *[t.grad for t in leaves], *([None] if c.bias is None else [])
 
 
+def run_on(backend: str, c: Case, **kw):
+    """`run(mgpo_loss, c, backend=backend, ...)`; for "cuda" on the case moved to the GPU, results back on the CPU."""
+    if backend != "cuda":
+        return run(mgpo_loss, c, backend=backend, **kw)
+    moved = {f.name: getattr(c, f.name).cuda() for f in dataclasses.fields(c)
+             if isinstance(getattr(c, f.name), torch.Tensor)}  # fmt: skip
+    loss, metrics, *grads = run(mgpo_loss, dataclasses.replace(c, **moved), backend="cuda", **kw)
+    return to_cpu(loss), {k: to_cpu(v) for k, v in metrics.items()}, *[to_cpu(g) for g in grads]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: float | None = None) -> float:
     out, ref = out.detach().double(), ref.detach().double()
     assert torch.isfinite(out).all(), "non-finite output"
@@ -165,11 +177,11 @@ FP32_CASES = [(f"{cid}-{agg}", case, case_kw, dict(aggregation=agg) | loss_kw)
               for cid, case, case_kw, loss_kw in CASES for agg in AGGS]  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_CUDA)
 @pytest.mark.parametrize("case,case_kw,loss_kw", [c[1:] for c in FP32_CASES], ids=[c[0] for c in FP32_CASES])
 def test_fp32_matches_reference(case, case_kw, loss_kw, backend):
     c = make_case(**case, **case_kw)
-    ours = run(mgpo_loss, c, backend=backend, num_groups=c.num_groups, **loss_kw)
+    ours = run_on(backend, c, num_groups=c.num_groups, **loss_kw)
     ref = run(mgpo_loss_reference, c, **loss_kw)
     errs = errors(ours, ref, c)
     assert max(errs.values()) <= FP32_TOL, errs
@@ -212,11 +224,11 @@ BF16_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_CUDA)
 @pytest.mark.parametrize("case_kw,loss_kw", [c[1:] for c in BF16_CASES], ids=[c[0] for c in BF16_CASES])
 def test_bf16_within_twice_plain_pytorch(case_kw, loss_kw, backend):
     c = make_case(**BASE, dtype=torch.bfloat16, dim=64, **case_kw)
-    ours = run(mgpo_loss, c, backend=backend, num_groups=c.num_groups, **loss_kw)
+    ours = run_on(backend, c, num_groups=c.num_groups, **loss_kw)
     ref = run(mgpo_loss_reference, c, up=True, **loss_kw)
     low = run(mgpo_loss_reference, c, eager_low_precision=True, **loss_kw)
     assert ours[2].dtype == torch.bfloat16 and ours[3].dtype == torch.bfloat16
@@ -225,14 +237,14 @@ def test_bf16_within_twice_plain_pytorch(case_kw, loss_kw, backend):
     assert not bad, f"(ours, plain bf16) errors: {bad}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_CUDA)
 def test_several_chunks_match_reference(backend, monkeypatch):
     """16-token chunks of the engine (the last one ragged) on 38 interleaved tokens give the reference's results."""
     monkeypatch.setattr(chunked, "chunk_rows", lambda *args, **kw: 16)
     c = make_case([7, 9, 3, 11, 8], [0, 0, 0, 1, 1], [1.0, 0.0, 1.0, 0.0, 1.0], clip=True, rollout=True, ref=True,
                   interleave=True, ignored=(5, 20))  # fmt: skip
     kw = dict(beta=0.1, mgpo_lambda=1.0)
-    errs = errors(run(mgpo_loss, c, backend=backend, num_groups=2, **kw), run(mgpo_loss_reference, c, **kw), c)
+    errs = errors(run_on(backend, c, num_groups=2, **kw), run(mgpo_loss_reference, c, **kw), c)
     assert max(errs.values()) <= FP32_TOL, errs
 
 
@@ -441,12 +453,13 @@ def gpu_case(num_seqs=16, max_len=512, group_size=4, *, seed=0) -> Case:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", CUDA_BACKEND])
 @pytest.mark.parametrize("agg", AGGS)
-def test_gpu_qwen_head_matches_reference(agg):
+def test_gpu_qwen_head_matches_reference(agg, backend):
     """16 sequences of up to 512 tokens, V = 151,936, H = 2048, bf16, TIS on, lambda = 1: within 4 * 2^-8."""
     c = gpu_case()
     kw = dict(aggregation=agg, mgpo_lambda=1.0)
-    ours = run(mgpo_loss, c, num_groups=4, **kw)
+    ours = run(mgpo_loss, c, num_groups=4, backend=backend, **kw)
     ref = reference_by_sequences(c, seqs_per_piece=2, **kw)
     errs = errors(ours, ref, c)
     assert max(errs.values()) <= 4 * U_BF16, errs

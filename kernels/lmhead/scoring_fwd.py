@@ -141,7 +141,7 @@ def linear_logprob_chunked_fwd(hidden, weight, targets, bias, temperature, ignor
         budget = settings.workspace(workspace_bytes, settings.SCORE_ENV)
         rows = max(128, budget // (v * weight.element_size()))
         chunk = 1 << (rows.bit_length() - 1)
-    chunk = min(chunk, n)
+    chunk = max(1, min(chunk, n))  # n = 0: no chunk runs, and range() needs a step
     state = torch.empty((4, 1, n), device=hidden.device, dtype=torch.float32)
     m, s, t, tz = state.unbind(0)
     workspace = torch.empty((chunk, v), device=hidden.device, dtype=weight.dtype)
