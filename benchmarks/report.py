@@ -19,10 +19,11 @@ BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 TITLES = {
     "B1": "B1 log-prob forward (no grad)",
     "B2": "B2 cross-entropy forward+backward",
-    "B3": "B3 MGPO loss forward+backward (16 x 4,096)",
+    "B3": "B3 policy losses (MGPO and the policy-loss family) forward+backward (16 x 4,096)",
     "B4": "B4 packed SFT step",
     "B5": "B5 64K-token NLL scoring",
     "B6": "B6 CLR aggregation",
+    "B7": "B7 RL policy update, Qwen2.5-3B shape, on-policy skip vs old-log-prob pass (vibeperf.bench.b7_rl)",
     "P-forward": "Per-kernel device time, log-prob forward (vibeperf.bench.profile_backends)",
     "P-train": "Per-kernel device time, cross-entropy forward+backward (vibeperf.bench.profile_backends)",
     "P-mgpo": "Per-kernel device time, MGPO loss forward+backward (vibeperf.bench.profile_backends)",
