@@ -1,7 +1,8 @@
 """Faults injected into RL runs on the CPU (issue 20), each on a short transformers-engine run of the tiny model: the
-rollout engine raising mid-step, a full disk while saving a checkpoint, non-finite updates (stop or skip), a reward
-worker that crashes. Each ends in a named error (a RunError: one line from the CLI) or is counted, never silently;
-checkpoints stay complete and a resume continues exactly. SFT's non-finite policy is checked here too.
+rollout engine raising mid-step or during a phase's static filter, a full disk while saving a checkpoint, non-finite
+updates (stop or skip), a reward worker that crashes. Each ends in a named error (a RunError: one line from the CLI)
+or is counted, never silently; checkpoints stay complete and a resume continues exactly. SFT's non-finite policy is
+checked here too.
 """
 
 import errno
@@ -39,8 +40,9 @@ def _restore_threads(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _rl_config(tmp_path: Path, out: str, steps: int = 3, **over) -> RLConfig:
-    """One phase of `steps` steps, transformers engine, groups of 4, a checkpoint after every step."""
+def _rl_config(tmp_path: Path, out: str, steps: int = 3, phases: list | None = None, **over) -> RLConfig:
+    """One phase of `steps` steps (or `phases`: (name, steps, static filter) each, over the same data), transformers
+    engine, groups of 4, a checkpoint after every step."""
     data = tmp_path / "digit.jsonl"
     if not data.exists():
         write_jsonl(data, digit_records(24, seed=0))
@@ -54,7 +56,8 @@ def _rl_config(tmp_path: Path, out: str, steps: int = 3, **over) -> RLConfig:
         "train": {"cpu_threads": 1, "device": "cpu"},
         "logging": {"progress": False, "plot": False},
         "checkpoint": {"every": 1, "keep_last": 0, "resume": "latest"},
-        "phases": [{"name": "one", "steps": steps, "sources": [{"files": [str(data)]}]}],
+        "phases": [{"name": name, "steps": n, "static_filter": filt, "sources": [{"files": [str(data)]}]}
+                   for name, n, filt in phases or [("one", steps, False)]],
     }  # fmt: skip
     for key, value in over.items():
         section, name = key.split("__")
@@ -96,6 +99,37 @@ def test_rl_engine_raising_mid_step_stops_cleanly_and_resumes_exactly(tmp_path, 
     monkeypatch.setattr(rl_trainer.RLTrainer, "step", original)
     resumed = rl_trainer.train(_rl_config(tmp_path, "part"))
     assert resumed.steps == 3 and _steps(out) == [1, 2, 3]
+    a, b = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rl_engine_raising_in_the_static_filter_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
+    """The engine dies while the static filter of the second phase samples: a RunError naming that phase and the
+    cause, the first phase's checkpoints intact, no filter report written; a resume runs the filter and continues
+    exactly as an uninterrupted run."""
+    phases = [("one", 2, False), ("two", 1, True)]
+    full = rl_trainer.train(_rl_config(tmp_path, "full", phases=phases))
+    original = rl_trainer.RLTrainer._enter_phase
+
+    def enter_with_a_dying_engine(self, index):
+        if index == 1:
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("EngineCore died unexpectedly")
+
+            self.engine.generate = broken
+        return original(self, index)
+
+    monkeypatch.setattr(rl_trainer.RLTrainer, "_enter_phase", enter_with_a_dying_engine)
+    out = tmp_path / "part"
+    match = r"^static filter of phase 'two': the rollout engine \(hf\) failed while sampling: RuntimeError: "
+    with pytest.raises(RunError, match=match + "EngineCore died unexpectedly; the run stops"):
+        rl_trainer.train(_rl_config(tmp_path, "part", phases=phases))
+    assert _steps(out) == [1, 2] and _no_temporaries(out) and not (out / "static_filter").exists()
+    monkeypatch.setattr(rl_trainer.RLTrainer, "_enter_phase", original)
+    resumed = rl_trainer.train(_rl_config(tmp_path, "part", phases=phases))
+    assert resumed.steps == 3 and _steps(out) == [1, 2, 3] and resumed.filters == full.filters
+    assert (out / "static_filter" / "two.json").is_file()
     a, b = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -17,10 +17,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,20 +172,23 @@ class FilterResult:
 def static_filter(
     engine: RolloutEngine, data: PhaseData, scorer: Scorer, *, samples: int, sampling: SamplingConfig,
     batch_prompts: int, rank: int = 0, world: int = 1,
+    guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> FilterResult:  # fmt: skip
     """Sample every prompt of `data` `samples` times; keep the prompts with accuracy strictly inside (0, 1).
 
     With `world` > 1 (under torchrun, a collective) process `rank` samples a contiguous block of the prompts and the
     accuracies are gathered; prompt i samples with seed + i wherever it runs, so the result does not depend on
-    `world`."""
+    `world`. Each engine call runs inside a fresh `guard()` (the trainer's: an engine failure becomes a RunError
+    naming the phase)."""
     items = [(s, i) for s in data.sources for i in range(len(s.records))]
     lo, hi = len(items) * rank // world, len(items) * (rank + 1) // world
     acc: list[float] = []
     for b0 in range(lo, hi, batch_prompts):
         batch = items[b0 : min(b0 + batch_prompts, hi)]
         seed = None if sampling.seed is None else sampling.seed + b0
-        groups = engine.generate([engine.chat_prompt(s.records[i].prompt) for s, i in batch], n=samples,
-                                 sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
+        with guard():
+            groups = engine.generate([engine.chat_prompt(s.records[i].prompt) for s, i in batch], n=samples,
+                                     sampling=dataclasses.replace(sampling, seed=seed))  # fmt: skip
         rewards = scorer([(s.records[i], c.text) for (s, i), g in zip(batch, groups) for c in g.completions])
         acc += [sum(r == 1.0 for r in rewards[k * samples : (k + 1) * samples]) / samples for k in range(len(batch))]
     if world > 1:

@@ -290,9 +290,10 @@ class RLTrainer:
             t0 = time.perf_counter()
             samples = self.cfg.filter.samples or self.cfg.rollout.group_size
             sampling = self._sampling(pc, sampling_seed(self.cfg.train.seed, f"filter:{data.name}", 0))
+            where = f"static filter of phase {data.name!r}"
             result = static_filter(self.engine, data, self.scorer, samples=samples, sampling=sampling,
-                                   batch_prompts=self.cfg.engine.batch_prompts, rank=self.rank,
-                                   world=self.world)  # fmt: skip
+                                   batch_prompts=self.cfg.engine.batch_prompts, rank=self.rank, world=self.world,
+                                   guard=lambda: self._engine_fault("sampling", where))  # fmt: skip
             self.filters[data.name] = result.kept
             log.info("static filter, phase %s: %d prompts x %d samples, kept %d, dropped %d never solved and %d "
                      "always solved (%.1f s)", data.name, result.stats["prompts"], samples, result.stats["kept"],
@@ -456,15 +457,17 @@ class RLTrainer:
         }  # fmt: skip
 
     @contextlib.contextmanager
-    def _engine_fault(self, what: str):
-        """The rollout engine's failures as a RunError naming the step (the run stops; its checkpoints are intact)."""
+    def _engine_fault(self, what: str, where: str | None = None):
+        """The rollout engine's failures as a RunError naming where they happened, `where` (by default the step
+        under way; the static filter passes its phase): the run stops and its checkpoints are intact."""
         try:
             yield
         except UserError:
             raise
         except Exception as e:
+            where = where or f"step {self.step_count + 1}"
             raise RunError(
-                f"step {self.step_count + 1}: the rollout engine ({self.engine.name}) failed while {what}: "
+                f"{where}: the rollout engine ({self.engine.name}) failed while {what}: "
                 f"{type(e).__name__}: {' '.join(str(e).split())[:300]}; the run stops, its last checkpoint "
                 "is intact (continue with checkpoint.resume=latest)"
             ) from e
