@@ -87,6 +87,8 @@ def sizes(cpu: bool) -> dict:
 class CrcScorer:
     """Reward 1 when crc32 of the completion text is even: deterministic, varied, no math-verify on the GPU machine."""
 
+    failures: tuple[str, ...] = ()  # the Scorer contract: reasons of the last call's failed gradings (never any)
+
     def __call__(self, items) -> list[float]:
         return [float(zlib.crc32(text.encode()) % 2 == 0) for _, text in items]
 
