@@ -58,3 +58,15 @@ def on_backend(backend: str, *tensors):
 def to_cpu(t):
     """A result brought back for comparison with a CPU reference (None stays None)."""
     return None if t is None else t.detach().cpu()
+
+
+def assert_compiles_like_eager(step, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """step(h, w) -> (loss, metric) compiles with fullgraph=True (no graph break) and gives eager's loss, metric and
+    gradients of hidden and weight."""
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, metric = torch.compile(step, fullgraph=True, backend="aot_eager")(h1, w1)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref_loss, ref_metric = step(h2, w2)
+    ref_loss.backward()
+    torch.testing.assert_close((loss, metric, h1.grad, w1.grad), (ref_loss, ref_metric, h2.grad, w2.grad))
