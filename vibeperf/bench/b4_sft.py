@@ -14,7 +14,8 @@
    - packed...: vibeperf's step (`vibeperf.sft.forward_backward`: rows of --budget tokens by best-fit decreasing,
      varlen attention, fused LM-head CE), with the body switches of `vibeperf.model.body` and the precision named
      in the method (table below);
-   - trl-padding-free-liger: `trl.SFTTrainer(padding_free=True, use_liger_kernel=True)` (vibeperf.bench.b4_trl);
+   - trl-padding-free-liger: `trl.SFTTrainer(padding_free=True, use_liger_kernel=True)` (vibeperf.bench.b4_trl),
+     with gradient checkpointing as TRL recommends (the yardstick of the "x trl" ratios); ...-ckpt-none: without;
    - padded: transformers' own path, micro-batches of --pad-batch samples right-padded, sdpa, logits + its CE (the
      floor; lognormal mix only unless --padded-all).
    Methods run one by one over the mixes; those with Liger (its kernels patch transformers' Qwen2 module for the
@@ -39,6 +40,7 @@ import dataclasses
 import gc
 import importlib.util
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -85,7 +87,40 @@ METHODS = [
     Method("packed+liger", liger=True),
     Method("packed-bf16-master+liger", precision="bf16-master", liger=True),
     Method("trl-padding-free-liger", kind="trl", liger=True),
+    Method("trl-padding-free-liger-ckpt-none", kind="trl", liger=True, checkpoint="none"),
 ]
+"""The methods of `--methods all`; `parse_method` also builds any other combination of the packed switches."""
+
+_PACKED_SWITCH = re.compile(r"-compile|-ckpt-(none|full|save-matmuls|offload|every(\d+))|-bf16-master|\+liger")
+
+
+def parse_method(name: str) -> Method:
+    """A listed method, or "packed" followed by switches in any combination: -compile, -ckpt-none|full|save-matmuls|
+    offload|everyK, -bf16-master, +liger (e.g. "packed-compile-ckpt-every2-bf16-master")."""
+    listed = {m.name: m for m in METHODS}
+    if name in listed:
+        return listed[name]
+    rest = name.removeprefix("packed")
+    fields: dict = {}
+    while rest and name.startswith("packed"):
+        sw = _PACKED_SWITCH.match(rest)
+        if sw is None:
+            break
+        token, rest = sw.group(0), rest[sw.end() :]
+        if token == "-compile":
+            fields["compile"] = True
+        elif token == "-bf16-master":
+            fields["precision"] = "bf16-master"
+        elif token == "+liger":
+            fields["liger"] = True
+        elif sw.group(2):
+            fields["every"] = int(sw.group(2))
+        else:
+            fields["checkpoint"] = sw.group(1)
+    if rest or not name.startswith("packed") or fields.get("every", 1) < 1:
+        known = ", ".join(listed)
+        raise SystemExit(f"--methods: unknown method {name!r}; known: {known}, or packed + switches (parse_method)")
+    return Method(name, **fields)
 
 
 def qwen25_3b_config(layers: int, tiny: bool = False):
@@ -218,7 +253,7 @@ def run_one(m: Method, ctx) -> tuple[Row, dict]:
             from .b4_trl import run_trl
 
             res = run_trl(model, steps_samples, batch=ctx.trl_batch, attention=args.trl_attention, liger=m.liger,
-                          tokenizer_path=ctx.tokenizer_path)  # fmt: skip
+                          tokenizer_path=ctx.tokenizer_path, checkpointing=m.checkpoint != "none")  # fmt: skip
         else:
             res = time_steps(model, m, steps_samples, ctx.budget, args.pad_batch, dev)
             res.pop("opt")
@@ -272,7 +307,7 @@ def with_speedups(rows: list[Row], details: dict) -> list[Row]:
     out = []
     for r in rows:
         mix, _, impl = r.impl.partition(":")
-        trl = next((k for k in details if k.startswith(f"{mix}:trl-")), "")
+        trl = next((k for k in details if k.startswith(f"{mix}:trl-") and "-ckpt-" not in k), "")
         p, q = details.get(r.impl, {}), details.get(trl, {})
         if impl.startswith("packed") and "tokens_per_s" in p and "tokens_per_s" in q:
             p["speedup_vs_trl"] = p["tokens_per_s"] / q["tokens_per_s"]
@@ -306,13 +341,7 @@ def parse_args(argv):
 
 
 def select_methods(spec: str, tiny: bool) -> list[Method]:
-    names = [m.name for m in METHODS]
-    chosen = METHODS if spec == "all" else []
-    if spec != "all":
-        for name in spec.split(","):
-            if name not in names:
-                raise SystemExit(f"--methods: unknown method {name!r}; known: {', '.join(names)}")
-            chosen.append(METHODS[names.index(name)])
+    chosen = METHODS if spec == "all" else [parse_method(name) for name in spec.split(",")]
     have_liger = importlib.util.find_spec("liger_kernel") is not None
     out = []
     for m in chosen:

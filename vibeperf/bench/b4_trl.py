@@ -5,7 +5,8 @@ own loop on the samples of B4's steps in order (sequential sampler), one optimiz
 of `opts.trl_batch` samples flattened into one padding-free row (TRL's collator: position ids restarting per
 sample, cu_seq_lens for varlen kernels, the first token of each sample unlabelled), gradient accumulation over the
 step, bf16 autocast over fp32 weights (`bf16=True`), gradient checkpointing, fused AdamW, lr 0 (weights stay equal),
-grad clipping 1.0. Attention: `opts.trl_attention` ("vibeperf" = the same varlen_attn kernels our packed path uses,
+grad clipping 1.0 (`checkpointing=False`: TRL without gradient checkpointing, the stronger
+baseline where the activations fit). Attention: `opts.trl_attention` ("vibeperf" = the same varlen_attn kernels our packed path uses,
 registered with transformers; "sdpa" = transformers' SDPA with its packed-sequence mask from position ids).
 Timing: wall clock of steps 2.. (a callback synchronises at step begin/end); the loss of step 1 is TRL's logged loss.
 Returns a dict (loss_first_step, seconds of the timed steps, peak GiB, settings) or raises RuntimeError with the
@@ -27,7 +28,8 @@ def trl_available() -> tuple[bool, str]:
     return True, ""
 
 
-def run_trl(model, steps_samples, *, batch: int, attention: str, liger: bool, tokenizer_path: str) -> dict:
+def run_trl(model, steps_samples, *, batch: int, attention: str, liger: bool, tokenizer_path: str,
+            checkpointing: bool = True) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -78,7 +80,7 @@ def run_trl(model, steps_samples, *, batch: int, attention: str, liger: bool, to
         args = SFTConfig(output_dir=out, padding_free=True, use_liger_kernel=liger, max_length=None,
                          per_device_train_batch_size=batch, gradient_accumulation_steps=per_step // batch,
                          max_steps=len(steps_samples), learning_rate=0.0, lr_scheduler_type="constant",
-                         max_grad_norm=1.0, bf16=cuda, gradient_checkpointing=True,
+                         max_grad_norm=1.0, bf16=cuda, gradient_checkpointing=checkpointing,
                          gradient_checkpointing_kwargs={"use_reentrant": False},
                          optim="adamw_torch_fused" if cuda else "adamw_torch", logging_steps=1, save_strategy="no",
                          report_to="none", dataloader_num_workers=0, seed=0, disable_tqdm=True,
@@ -90,4 +92,4 @@ def run_trl(model, steps_samples, *, batch: int, attention: str, liger: bool, to
         raise RuntimeError(f"TRL ran {len(timer.times)} of {len(steps_samples)} steps, logged {len(timer.losses)}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"loss_first_step": timer.losses[0], "seconds": sum(timer.times[1:]), "peak_gib": peak,
-            "trl_batch": batch, "attention": attention, "liger": liger}  # fmt: skip
+            "trl_batch": batch, "attention": attention, "liger": liger, "checkpointing": checkpointing}  # fmt: skip
