@@ -5,8 +5,8 @@ own loop on the samples of B4's steps in order (sequential sampler), one optimiz
 of `opts.trl_batch` samples flattened into one padding-free row (TRL's collator: position ids restarting per
 sample, cu_seq_lens for varlen kernels, the first token of each sample unlabelled), gradient accumulation over the
 step, bf16 autocast over fp32 weights (`bf16=True`), gradient checkpointing, fused AdamW, lr 0 (weights stay equal),
-grad clipping 1.0 (`checkpointing=False`: TRL without gradient checkpointing, the stronger
-baseline where the activations fit). Attention: `opts.trl_attention` ("vibeperf" = the same varlen_attn kernels our packed path uses,
+grad clipping 1.0 (`checkpointing=False`: TRL without gradient checkpointing, the stronger baseline where the
+activations fit). Attention: `opts.trl_attention` ("vibeperf" = the same varlen_attn kernels our packed path uses,
 registered with transformers; "sdpa" = transformers' SDPA with its packed-sequence mask from position ids).
 Timing: wall clock of steps 2.. (a callback synchronises at step begin/end); the loss of step 1 is TRL's logged loss.
 Returns a dict (loss_first_step, seconds of the timed steps, peak GiB, settings) or raises RuntimeError with the
