@@ -55,3 +55,15 @@ def test_step_profile_categories():
     }
     for name, cat in cases.items():
         assert categorize(name) == cat, name
+
+
+def test_b4_methods_compose_switches():
+    m = b4_sft.parse_method("packed-compile-ckpt-every2-bf16-master+liger")
+    assert (m.compile, m.checkpoint, m.every, m.precision, m.liger) == (True, "full", 2, "bf16-master", True)
+    m = b4_sft.parse_method("packed-ckpt-save-matmuls")
+    assert (m.compile, m.checkpoint, m.every) == (False, "save-matmuls", 1)
+    assert b4_sft.parse_method("packed-default").checkpoint == "auto"
+    assert b4_sft.parse_method("trl-padding-free-liger-ckpt-none").checkpoint == "none"
+    for bad in ("packed-compile-fast", "packed-ckpt-every0", "trl-fast"):
+        with pytest.raises(SystemExit, match="unknown method"):
+            b4_sft.parse_method(bad)

@@ -7,6 +7,8 @@ how it is traced, so fp32 results agree to fp32 rounding (rtol 1e-5 of the gradi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -227,3 +229,74 @@ def test_packed_step_has_no_host_sync_on_gpu(policy):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def _meta_3b():
+    from transformers import Qwen2ForCausalLM
+
+    from vibeperf.bench.b4_sft import qwen25_3b_config
+
+    with torch.device("meta"):
+        return Qwen2ForCausalLM(qwen25_3b_config(36))
+
+
+def test_auto_settings_resolve_for_the_device():
+    """ModelConfig's defaults (compile and checkpoint_policy "auto") are concrete once applied: compile off and
+    "full" on the CPU, and the reason is in the body report."""
+    model = load_model(ModelConfig(activation_checkpointing=True), model_path("tiny"), DEV, "fp32", row_tokens=512)
+    report = body_report(model)
+    assert report["compile"] is False
+    assert report["checkpoint"] == {"full": len(model.model.layers)}
+    assert "not a CUDA device" in report["why"]
+
+
+def test_auto_policy_is_the_fastest_that_fits():
+    """On the 3B shape: save-matmuls while it fits the budget, then full, then offload (the order B4 measured)."""
+    from vibeperf.model.body import choose_policy
+
+    model = _meta_3b()
+    h200, gpu80 = 132.0, 74.0
+    assert choose_policy(model, 16384, h200)[0] == "save-matmuls"
+    assert choose_policy(model, 32768, h200)[0] == "save-matmuls"
+    assert choose_policy(model, 65536, h200)[0] == "full"
+    assert choose_policy(model, 16384, gpu80)[0] == "full"
+    assert choose_policy(model, 65536, gpu80)[0] == "full"
+    policy, why = choose_policy(model, 131072, gpu80)
+    assert policy == "offload" and "budget 74.0 GiB" in why and "full ~" in why
+    # FSDP over 8 ranks divides the static part: save-matmuls fits an 80 GB GPU at 16K again
+    assert choose_policy(model, 16384, gpu80, shards=8)[0] == "save-matmuls"
+
+
+def test_peak_estimate_bounds_measured_peaks():
+    """The estimate is an upper bound of the peaks B4 measured on an H200 (compiled blocks, AdamW state), and not a
+    wasteful one (within 1.2x), at the rows' token budget (the longest a row can be)."""
+    import json
+    from pathlib import Path
+
+    from vibeperf.model.body import estimate_peak_gib
+
+    model = _meta_3b()
+    doc = json.loads((Path(__file__).parents[1] / "benchmarks/results/NVIDIA-H200_2026-12-01_B4-switches.json")
+                     .read_text())  # fmt: skip
+    budgets = {"lognormal": doc["extra"]["args"]["budget"], "stage2": doc["extra"]["args"]["stage2_budget"]}
+    checked = 0
+    for key, det in doc["extra"]["methods"].items():
+        mix, _, name = key.partition(":")
+        policy = {"packed-compile": "full", "packed-compile-ckpt-save-matmuls": "save-matmuls"}.get(name)
+        if policy is None or "peak_gib" not in det:
+            continue
+        est = estimate_peak_gib(model, policy, budgets[mix])
+        assert det["peak_gib"] <= est <= 1.2 * det["peak_gib"], (key, det["peak_gib"], est)
+        checked += 1
+    assert checked == 4
+
+
+def test_compile_setting_accepts_auto_and_bools():
+    from vibeperf.config import ConfigError, load_config
+    from vibeperf.sft.config import SFTConfig
+
+    recipe = Path(__file__).parents[1] / "recipes" / "sft_tiny.toml"
+    for value, want in (("auto", "auto"), ("true", True), ("false", False)):
+        assert load_config(SFTConfig, recipe, [f"model.compile={value}"]).model.compile == want
+    with pytest.raises(ConfigError, match="model.compile"):
+        load_config(SFTConfig, recipe, ["model.compile=sometimes"])

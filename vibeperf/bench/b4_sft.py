@@ -26,7 +26,9 @@
    attention; recompute not counted) as frac_of_peak, extra GiB above weights+grads, and in the note tokens/s, peak
    GiB and, for packed rows, the speed-up over TRL of the same mix. JSON is rewritten after every method.
 7. --long L:POLICY,...: one sequence of L tokens per step through the packed path with AdamW (state created on
-   the warm-up step), checkpoint policy POLICY: tokens/s and peak memory (row impl packed-long-L-POLICY).
+   the warm-up step), checkpoint policy POLICY (auto: chosen for --memory-budget GiB), compile --long-compile:
+   tokens/s and peak memory (row impl packed-long-L-POLICY). packed-default is ModelConfig's defaults (policy
+   and compile "auto"); what "auto" chose is in the JSON (methods.<key>.body.why).
 8. --profile NAME: one more step of method NAME under torch.profiler; GPU time by category (attention, matmuls,
    norms+activations, LM head, optimizer, other) goes into the JSON and is printed (vibeperf.bench.step_profile).
 --tiny runs everything on a 2-layer toy shape on the CPU (the smoke test of the GPU command).
@@ -66,15 +68,17 @@ class Method:
     kind: str = "packed"
     """packed | trl | padded"""
     checkpoint: str = "full"
-    """none | full | save-matmuls | offload"""
+    """none | full | save-matmuls | offload | auto (ModelConfig.checkpoint_policy)"""
     every: int = 1
-    compile: bool = False
+    compile: bool | str = False
+    """True | False | "auto" (ModelConfig.compile)"""
     precision: str = "bf16-autocast"
     """bf16-autocast (fp32 weights) | bf16-master (bf16 weights, fp32 masters) | bf16"""
     liger: bool = False
 
 
 METHODS = [
+    Method("packed-default", checkpoint="auto", compile="auto"),
     Method("packed"),
     Method("packed-ckpt-save-matmuls", checkpoint="save-matmuls"),
     Method("packed-ckpt-every2", every=2),
@@ -159,8 +163,10 @@ def make_samples(lengths: list[int], vocab: int, seed: int) -> list[Sample]:
     return out
 
 
-def build_model(cfg, m: Method, dev: torch.device, seed: int):
-    """A fresh model of `cfg` from `seed` on `dev`, with the method's precision, Liger and body switches."""
+def build_model(cfg, m: Method, dev: torch.device, seed: int, row_tokens: int | None = None,
+                memory_budget: float = 0.0):
+    """A fresh model of `cfg` from `seed` on `dev`, with the method's precision, Liger and body switches ("auto"
+    ones resolved for rows of `row_tokens` and `memory_budget` GiB, 0: the GPU's)."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -174,8 +180,8 @@ def build_model(cfg, m: Method, dev: torch.device, seed: int):
     if m.kind == "packed":
         body = ModelConfig(activation_checkpointing=m.checkpoint != "none",
                            checkpoint_policy="full" if m.checkpoint == "none" else m.checkpoint,
-                           checkpoint_every=m.every, compile=m.compile)  # fmt: skip
-        apply_body(model, body)
+                           checkpoint_every=m.every, compile=m.compile, memory_budget_gib=memory_budget)  # fmt: skip
+        apply_body(model, body, row_tokens=row_tokens, optimizer_bytes=12 if m.precision == "bf16-master" else 8)
     elif m.kind == "padded":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.set_attn_implementation("sdpa")
@@ -248,7 +254,7 @@ def run_one(m: Method, ctx) -> tuple[Row, dict]:
     tokens = sum(s.length for s in steps_samples[0])
     model, det = None, {"method": dataclasses.asdict(m)}
     try:
-        model = build_model(ctx.cfg, m, dev, args.seed)
+        model = build_model(ctx.cfg, m, dev, args.seed, ctx.budget, args.memory_budget)
         if m.kind == "trl":
             from .b4_trl import run_trl
 
@@ -292,7 +298,7 @@ def run_one(m: Method, ctx) -> tuple[Row, dict]:
 
 def run_long(length: int, policy: str, ctx) -> tuple[Row, dict]:
     """One sequence of `length` tokens per step, packed path with AdamW, checkpoint policy `policy`."""
-    m = Method(f"packed-long-{length}-{policy}", checkpoint=policy)
+    m = Method(f"packed-long-{length}-{policy}", checkpoint=policy, compile=ctx.long_compile)
     saved = (ctx.steps_samples, ctx.budget, ctx.ref_loss)
     ctx.steps_samples = [make_samples([length], ctx.cfg.vocab_size, ctx.args.seed + 100 + k) for k in range(2)]
     ctx.budget, ctx.ref_loss = length, None
@@ -332,6 +338,9 @@ def parse_args(argv):
     ap.add_argument("--trl-attention", choices=("vibeperf", "sdpa"), default="vibeperf")
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--long", default="", help="comma list of LENGTH:POLICY (policy full|save-matmuls|offload)")
+    ap.add_argument("--memory-budget", type=float, default=0.0,
+                    help="GiB for checkpoint policy auto (model.memory_budget_gib; 0: the GPU's memory)")
+    ap.add_argument("--long-compile", default="auto", choices=("auto", "on", "off"), help="compile of the long rows")
     ap.add_argument("--profile", default="", help="profile one more step of this method (first mix)")
     ap.add_argument("--tiny", action="store_true", help="toy shape on the CPU (smoke test)")
     ap.add_argument("--seed", type=int, default=0)
@@ -345,7 +354,7 @@ def select_methods(spec: str, tiny: bool) -> list[Method]:
     have_liger = importlib.util.find_spec("liger_kernel") is not None
     out = []
     for m in chosen:
-        if tiny and m.compile:
+        if tiny and m.compile is not False:
             m = dataclasses.replace(m, compile=False)  # inductor's CPU compile time has no place in a smoke test
         if m.liger and not have_liger:
             if m.kind != "trl":
@@ -373,7 +382,8 @@ def main(argv=None) -> int:
     del probe
     ctx = argparse.Namespace(args=args, dev=dev, cfg=cfg, peak=peak, n_params=n_params, methods=methods,
                              weights_gib=weights_gib, ref_loss=None, tokenizer_path=model_path("tiny"),
-                             steps_samples=None, budget=0, trl_batch=1)  # fmt: skip
+                             steps_samples=None, budget=0, trl_batch=1,
+                             long_compile={"on": True, "off": False}.get(args.long_compile, "auto"))  # fmt: skip
     attn = resolve_attention("auto", dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     print(f"{n_params / 1e9:.3f}B matmul params; attention {attn[0]}: {attn[1]}", flush=True)
     rows, details, path = [], {}, None

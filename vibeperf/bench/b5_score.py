@@ -23,6 +23,8 @@ that materialises the logits.
    peak <= weights + 8 GiB. Tokens/s = T / median time. FLOPs per forward 2 * P * T + 2 * n_layers * n_heads *
    head_dim * T^2 (P: parameters in matmuls, causal attention), as a fraction of a bf16 matmul peak measured in the
    same run (GPU only).
+7. --compile (default on CUDA): vibeperf's scoring once more with the decoder blocks compiled, row
+   "vibeperf-compile" (after the baseline, which stays transformers' eager forward).
 A table is printed last; the JSON goes to --out or <results dir>/<gpu>_<date>_B5.json.
 """
 
@@ -169,7 +171,31 @@ def run(args) -> dict:
         if not args.no_baseline:
             rows.append(Row("B5", "hf-logits", tokens, None, None, None, False,
                             f"OOM at every length down to {args.min_baseline_tokens}"))  # fmt: skip
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        rows.append(compiled_row(model, ours_fn, ref, check, device, args, flops, peak, weights_gib, extra))
     return {"rows": rows, "peak": peak, "extra": extra}
+
+
+def compiled_row(model, ours_fn, ref, check, device, args, flops, peak, weights_gib, extra) -> Row:
+    """vibeperf's scoring again with the decoder blocks compiled (`vibeperf.model.body`, as training's default
+    compiles them on CUDA), after the eager rows: same checks, its own row "vibeperf-compile"."""
+    from vibeperf.config import ModelConfig
+    from vibeperf.model import use_varlen_attention
+    from vibeperf.model.body import apply_body
+
+    use_varlen_attention(model, "auto")
+    apply_body(model, ModelConfig(compile=True))
+    _, ms, mem = measure(lambda: ours_fn(False), device, args.repeats)
+    (score,) = ours_fn(True)
+    err = relative_error(torch.tensor(score.logprobs, dtype=torch.float64)[: check - 1], ref)
+    ok = err <= TOL
+    tokens = len(score.logprobs) + 1
+    extra["vibeperf-compile"] = {"rel_error": err, "tokens_per_s": tokens / ms * 1e3, "peak_extra_gib": mem}
+    note = f"{tokens / ms * 1e3:,.0f} tok/s, rel err {err:.1e}" + ("" if mem is None else
+                                                                      f", peak {weights_gib + mem:.1f} GiB")
+    return Row("B5", "vibeperf-compile", tokens, ms if ok else None,
+               flops / (ms * 1e-3) / (peak * 1e12) if ok and peak else None, mem, ok,
+               note if ok else f"WRONG: rel err {err:.1e} > {TOL}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
     parser.add_argument("--check-tokens", type=int, default=4096, help="prefix compared with the baseline")
     parser.add_argument("--min-baseline-tokens", type=int, default=4096, help="shortest baseline retry after OOM")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help="also time vibeperf with compiled decoder blocks (auto: on CUDA)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the timed logits baseline")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "cuda"),
                         help="linear_logprob backend")  # fmt: skip

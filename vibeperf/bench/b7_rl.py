@@ -7,8 +7,9 @@ step is on-policy) + the MGPO loss + an AdamW step, on fixed random completions 
 
 1. Peak: a plain 8192^3 bf16 matmul measured in this run (vibeperf.bench.common.peak_matmul_tflops); none on the CPU.
 2. Model: the Qwen2.5-3B shape of B4 (`b4_sft.qwen25_3b_config`; --layers fewer to smoke-test), random init, fp32
-   weights with bf16 autocast and activation checkpointing (the RL trainer's CUDA defaults); with --cpu the tiny
-   Qwen2 (`vibeperf.tiny_model`) in fp32, no checkpointing.
+   weights with bf16 autocast and activation checkpointing, its policy and compile as the RL trainer's defaults
+   choose them ("auto", `vibeperf.model.body.resolve_body`; --policy, --compile, --memory-budget override); with
+   --cpu the tiny Qwen2 (`vibeperf.tiny_model`) in fp32, no checkpointing.
 3. Rollouts: P = --prompts prompts of --prompt-len random tokens, each with G = --group completions of random tokens,
    lengths uniform in [--min-len, --max-len] (seeded), engine log-probs random, rewards random 0/1 per completion.
    Advantages through the trainer's own `vibeperf.rl.advantages.group_advantages`; rows packed by the trainer's
@@ -43,7 +44,9 @@ import time
 
 import torch
 
+from vibeperf.config import ModelConfig
 from vibeperf.model import FusedLossLM, matmul_params, step_flops, use_varlen_attention
+from vibeperf.model.body import apply_body, body_report
 from vibeperf.rl.advantages import group_advantages
 from vibeperf.rl.config import LossConfig
 from vibeperf.rl.data import pack_sequences
@@ -97,7 +100,9 @@ def make_case(name, prompts, group, lengths, prompt_len, vocab, budget, device, 
     return Case(name, rows, adv, [prompt_len + n for n in lengths])
 
 
-def build_model(args, device):
+def build_model(args, device, row_tokens: int):
+    """The model of step 2, its body set up as the RL trainer's defaults would (`ModelConfig`: checkpoint policy and
+    compile "auto", for rows of `row_tokens` tokens; --policy / --compile override)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if args.cpu:
@@ -109,9 +114,11 @@ def build_model(args, device):
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg)
-    if not args.cpu:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_varlen_attention(model, "auto")
+    compile_on = {"on": True, "off": False}.get(args.compile, "auto")
+    body = ModelConfig(activation_checkpointing=not args.cpu, checkpoint_policy=args.policy, compile=compile_on,
+                       memory_budget_gib=args.memory_budget)  # fmt: skip
+    apply_body(model, body, row_tokens=row_tokens)
     model.config.use_cache = False
     return model.train()
 
@@ -196,6 +203,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed updates per mode (after one warm-up each)")
     ap.add_argument("--layers", type=int, default=36, help="decoder layers (36 for the 3B shape)")
     ap.add_argument("--tol", type=float, default=None, help="relative tolerance of the check (default by precision)")
+    ap.add_argument("--policy", default="auto", choices=("auto", "full", "save-matmuls", "offload"),
+                    help="activation checkpoint policy (model.checkpoint_policy)")
+    ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="model.compile")
+    ap.add_argument("--memory-budget", type=float, default=0.0, help="GiB for policy auto (0: the GPU's memory)")
     ap.add_argument("--cpu", action="store_true", help="the tiny model on the CPU (fp32), for a smoke test")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="B7")
@@ -208,7 +219,8 @@ def main(argv=None) -> int:
     peak = None if args.cpu else peak_matmul_tflops()
     if peak:
         print(f"peak bf16 matmul (8192^3): {peak:.1f} TFLOP/s", flush=True)
-    model = build_model(args, device)
+    model = build_model(args, device, max(args.budget, args.prompt_len + max([args.max_len, *args.long])))
+    print(f"body: {body_report(model)}", flush=True)
     root = FusedLossLM(model)
     n_params = matmul_params(model)
     autocast = None if args.cpu else torch.bfloat16
@@ -273,6 +285,7 @@ def main(argv=None) -> int:
             "matmul_params": n_params,
             "flops_formula": "6*P*T + 6*n_layers*n_heads*head_dim*sum(L_d^2), x4/3 with the old-logp forward",
             "cases": details,
+            "body": body_report(model),
         }
         path = write_results_extra(rows, peak, extra, tag=args.tag)
     print(f"results: {path}" if path else "results not written (--no-write or --cpu)")

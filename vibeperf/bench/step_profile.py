@@ -50,7 +50,7 @@ def profile_method(m, ctx, build_model, time_steps) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    model = build_model(ctx.cfg, m, ctx.dev, ctx.args.seed)
+    model = build_model(ctx.cfg, m, ctx.dev, ctx.args.seed, ctx.budget, ctx.args.memory_budget)
     time_steps(model, m, ctx.steps_samples[:1], ctx.budget, ctx.args.pad_batch, ctx.dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.dev.type == "cuda" else [])
     with profile(activities=acts) as prof:

@@ -83,6 +83,12 @@ def _optional_inner(tp: Any) -> Any | None:
     return None
 
 
+def _arm_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """`value` checked against (and shaped into) the annotation `tp`; ConfigError naming `key` otherwise."""
     inner = _optional_inner(tp)
@@ -97,6 +103,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if origin in (typing.Union, types.UnionType):  # `str | SomeTable`: a string, or a table of the dataclass
         arms = typing.get_args(tp)
+        if not any(dataclasses.is_dataclass(a) for a in arms):  # e.g. `bool | Literal["auto"]`: the first arm that fits
+            for arm in arms:
+                try:
+                    return _convert(value, arm, key)
+                except ConfigError:
+                    continue
+            raise ConfigError(f"{key}: expected {' or '.join(_arm_name(a) for a in arms)}, got {_describe(value)}")
         if str in arms and isinstance(value, str):
             return value
         table = next((a for a in arms if dataclasses.is_dataclass(a)), None)

@@ -70,17 +70,22 @@ class ModelConfig:
     """Swap in liger_kernel's RMSNorm, RoPE and SwiGLU (Qwen2 only; an error if liger_kernel is not installed)."""
     activation_checkpointing: bool = False
     """Recompute decoder blocks in the backward pass instead of keeping their activations (how: checkpoint_policy)."""
-    checkpoint_policy: Literal["full", "save-matmuls", "offload"] = "full"
+    checkpoint_policy: Literal["auto", "full", "save-matmuls", "offload"] = "auto"
     """With activation_checkpointing: "full" recomputes the whole block; "save-matmuls" keeps the GEMM and attention
     outputs and recomputes the cheap ops; "offload" is "full" with the block input held in pinned CPU memory (long
-    rows). See vibeperf.model.body."""
+    rows); "auto" picks the fastest of these whose estimated peak memory fits memory_budget_gib for the longest row
+    of the run. See vibeperf.model.body."""
     checkpoint_every: int = 1
     """With activation_checkpointing: checkpoint blocks 0, k, 2k, ... (k = this); the others keep their activations."""
-    compile: bool = False
-    """Regional torch.compile of each decoder block (dynamic shapes: packed rows of any length reuse one graph)."""
+    memory_budget_gib: float = 0.0
+    """GPU memory checkpoint_policy "auto" may plan for (GiB); 0: 95% of the GPU's memory."""
+    compile: bool | Literal["auto"] = "auto"
+    """Regional torch.compile of each decoder block (dynamic shapes: packed rows of any length reuse one graph);
+    "auto": on with CUDA, off on the CPU."""
 
     def __post_init__(self):
         check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        check(self.memory_budget_gib >= 0, "memory_budget_gib", f"must be >= 0, got {self.memory_budget_gib}")
 
 
 @dataclass

@@ -17,6 +17,16 @@ the instance, never a class):
   "full"/"save-matmuls" the checkpoint is inside the compiled region (as torchtitan does); with "offload" the
   compiled block runs inside the offloading wrapper.
 
+`resolve_body(cfg, model, device, row_tokens, ...)` makes the "auto" settings concrete before `apply_body`:
+- `compile = "auto"`: on with CUDA, off elsewhere (inductor's CPU compile time outweighs its gain in tests/demos).
+- `checkpoint_policy = "auto"`: the fastest policy whose estimated peak memory (`estimate_peak_gib`: weights,
+  gradients and optimizer state, plus what the policy keeps per token and block for the longest row) fits the
+  budget (`memory_budget_gib`, default 95% of the GPU's memory): "save-matmuls", else "full", else "offload".
+  On the CPU it is "full". The B4 benchmark (vibeperf.bench.b4_sft) measured the order on an H200: with compile,
+  save-matmuls 1.20x the step rate of full; checkpointing every 2nd block or none are no faster than save-matmuls
+  for more memory, so they are never picked (they stay explicit settings). tests/test_body.py holds the estimate
+  against B4's measured peaks.
+
 `body_report(model)` says what each block runs with, for logs and benchmarks.
 """
 
@@ -30,6 +40,8 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 CHECKPOINT_POLICIES = ("full", "save-matmuls", "offload")
+AUTO_ORDER = ("save-matmuls", "full", "offload")
+"""The policies "auto" tries, fastest first."""
 _aten = torch.ops.aten
 
 
@@ -125,13 +137,77 @@ def _checkpointed(fn, context_fn, *args, **kwargs):
     return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
-def apply_body(model, cfg, *, compile_backend: str = "inductor") -> None:
+def estimate_peak_gib(model, policy: str, row_tokens: int, *, optimizer_bytes: int = 8, shards: int = 1) -> float:
+    """Estimated peak GPU memory (GiB) of a training step of `model` on rows of up to `row_tokens` tokens.
+
+    Static: every parameter with a gradient of its own dtype and `optimizer_bytes` per element (AdamW's two fp32
+    moments: 8; with fp32 master weights: 12), divided over `shards` (FSDP). Per token and block: the block input
+    (the residual stream, in the parameters' dtype) for "full"; plus the outputs kept by "save-matmuls" that the
+    backward pass reads (q, k, v, the attention output, gate and up; bf16); "none" is counted as "save-matmuls"
+    (a lower bound); "offload" keeps two block inputs on the GPU (the one being recomputed and its gradient).
+    Every policy adds the working set of one block's backward: its kept outputs and the MLP's fp32 intermediates
+    (two of intermediate_size per token).
+    """
+    c = model.config
+    static = sum(p.numel() * (2 * p.element_size() + optimizer_bytes) for p in model.parameters()) / shards
+    width = next(model.parameters()).element_size()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    residual = c.hidden_size * width
+    kept = (2 * c.hidden_size + 2 * kv + 2 * c.intermediate_size) * 2
+    layers = len(decoder_layers(model))
+    if policy == "offload":
+        per_row = 2 * row_tokens * residual
+    elif policy == "full":
+        per_row = layers * row_tokens * residual
+    else:
+        per_row = layers * row_tokens * (residual + kept)
+    working = row_tokens * (kept + 2 * c.intermediate_size * 4)
+    return (static + per_row + working) / 2**30
+
+
+def choose_policy(model, row_tokens: int, budget_gib: float, *, optimizer_bytes: int = 8, shards: int = 1):
+    """The first policy of AUTO_ORDER whose `estimate_peak_gib` fits `budget_gib` ("offload" when none does), and
+    a one-line reason with the estimates."""
+    est = {p: estimate_peak_gib(model, p, row_tokens, optimizer_bytes=optimizer_bytes, shards=shards)
+           for p in AUTO_ORDER}  # fmt: skip
+    policy = next((p for p in AUTO_ORDER if est[p] <= budget_gib), "offload")
+    why = (f"checkpoint_policy auto -> {policy} (rows of {row_tokens} tokens, budget {budget_gib:.1f} GiB; "
+           + ", ".join(f"{p} ~{g:.1f} GiB" for p, g in est.items()) + ")")  # fmt: skip
+    return policy, why
+
+
+def resolve_body(cfg, model, device: torch.device, row_tokens: int, *, optimizer_bytes: int = 8, shards: int = 1):
+    """`cfg` (a ModelConfig) with compile and checkpoint_policy "auto" made concrete for this model, device and
+    longest row (module docstring); returns (new cfg, a one-line reason for logs)."""
+    import dataclasses
+
+    compile_on = device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+    policy, why = cfg.checkpoint_policy, f"checkpoint_policy={cfg.checkpoint_policy}"
+    if policy == "auto":
+        if device.type != "cuda":
+            policy, why = "full", "checkpoint_policy auto -> full (not a CUDA device)"
+        else:
+            budget = cfg.memory_budget_gib or 0.95 * torch.cuda.get_device_properties(device).total_memory / 2**30
+            policy, why = choose_policy(model, row_tokens, budget, optimizer_bytes=optimizer_bytes, shards=shards)
+    if not cfg.activation_checkpointing:
+        why = "activation_checkpointing off"
+    return dataclasses.replace(cfg, compile=compile_on, checkpoint_policy=policy), f"{why}; compile {compile_on}"
+
+
+def apply_body(model, cfg, *, row_tokens: int | None = None, optimizer_bytes: int = 8, shards: int = 1,
+               compile_backend: str = "inductor") -> str:
     """Set up the decoder blocks of `model` from `cfg` (a `ModelConfig`); see the module docstring. Call once,
-    after the model is on its device and before the first forward. `compile_backend` is torch.compile's backend
-    (tests pass "aot_eager" to check the traced graph without inductor's compile time)."""
+    after the model is on its device and before the first forward. "auto" settings are resolved first
+    (`resolve_body`, for rows of up to `row_tokens` tokens; None: the model's max_position_embeddings).
+    `compile_backend` is torch.compile's backend (tests pass "aot_eager" to check the traced graph without
+    inductor's compile time). Returns the one-line reason of the resolved settings (for logs)."""
+    device = next(model.parameters()).device
+    row_tokens = row_tokens or getattr(model.config, "max_position_embeddings", None) or 131_072
+    cfg, why = resolve_body(cfg, model, device, row_tokens, optimizer_bytes=optimizer_bytes, shards=shards)
     policy, every = cfg.checkpoint_policy, cfg.checkpoint_every
     if policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"model.checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
+        raise ValueError(f"model.checkpoint_policy must be one of {CHECKPOINT_POLICIES} or auto, got {policy!r}")
     if every < 1:
         raise ValueError(f"model.checkpoint_every must be >= 1, got {every}")
     if getattr(model, "_vibeperf_body", None) is not None:
@@ -154,7 +230,9 @@ def apply_body(model, cfg, *, compile_backend: str = "inductor") -> None:
             if cfg.compile:
                 layer.compile(dynamic=True, backend=compile_backend)
         modes.append(mode)
-    model._vibeperf_body = {"checkpoint": modes, "compile": bool(cfg.compile), "compile_backend": compile_backend}
+    model._vibeperf_body = {"checkpoint": modes, "compile": bool(cfg.compile), "compile_backend": compile_backend,
+                            "why": why}
+    return why
 
 
 def body_report(model) -> dict:
@@ -164,7 +242,7 @@ def body_report(model) -> dict:
     info = getattr(model, "_vibeperf_body", None)
     if info is None:
         return {"checkpoint": "not applied", "compile": False}
-    out = {"checkpoint": dict(Counter(info["checkpoint"])), "compile": info["compile"]}
+    out = {"checkpoint": dict(Counter(info["checkpoint"])), "compile": info["compile"], "why": info.get("why", "")}
     if info["compile"]:
         from torch._dynamo.utils import counters
 

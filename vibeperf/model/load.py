@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -20,6 +21,8 @@ from vibeperf.config import ModelConfig
 from vibeperf.model.attention import use_varlen_attention
 from vibeperf.model.body import apply_body
 from vibeperf.preflight import check_device, check_model_dir
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16", "bf16-master")
 
@@ -72,8 +75,11 @@ def apply_liger(model) -> None:
                                 fused_linear_cross_entropy=False, model=model)  # fmt: skip
 
 
-def load_model(cfg: ModelConfig, path: str, device: torch.device, precision: str):
-    """A causal LM from the local checkpoint `path`, ready to train on packed rows (see the module docstring)."""
+def load_model(cfg: ModelConfig, path: str, device: torch.device, precision: str, *, row_tokens: int | None = None,
+               shards: int = 1):
+    """A causal LM from the local checkpoint `path`, ready to train on packed rows of up to `row_tokens` tokens, its
+    parameters and optimizer state later sharded over `shards` ranks (see the module docstring; both inform the
+    "auto" checkpoint policy). The body's resolved settings are logged."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if precision in ("bf16", "bf16-master") else torch.float32
@@ -82,7 +88,9 @@ def load_model(cfg: ModelConfig, path: str, device: torch.device, precision: str
         apply_liger(model)
     model.to(device)
     use_varlen_attention(model, cfg.attention)
-    apply_body(model, cfg)
+    why = apply_body(model, cfg, row_tokens=row_tokens, shards=shards,
+                     optimizer_bytes=12 if precision == "bf16-master" else 8)  # AdamW moments (+ fp32 masters)
+    log.info("model body: %s", why)
     model.config.use_cache = False
     model.train()
     return model

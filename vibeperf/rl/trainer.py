@@ -225,7 +225,8 @@ class RLTrainer:
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        self.model = load_model(cfg.model, os.fspath(resume) if resume else src, self.device, self.precision)
+        self.model = load_model(cfg.model, os.fspath(resume) if resume else src, self.device, self.precision,
+                                row_tokens=cfg.loss.token_budget, shards=vdist.world_size())
         self.fsdp_root = None
         if vdist.is_distributed():
             self.fsdp_root = vdist.shard_model(self.model, vdist.default_mp_policy(self.device))

@@ -224,7 +224,8 @@ def train(cfg: SFTConfig) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    model = load_model(cfg.model, os.fspath(resume) if resume else src, device, precision)
+    model = load_model(cfg.model, os.fspath(resume) if resume else src, device, precision,
+                       row_tokens=max(st.token_budget for st in cfg.stages), shards=vdist.world_size())
     backend, why = resolve_attention(cfg.model.attention, device, compute_dtype(precision))
     log.info("device %s, precision %s, attention %s: %s", device, precision, backend, why)
     fsdp_root = vdist.shard_model(model, vdist.default_mp_policy(device)) if vdist.is_distributed() else None
