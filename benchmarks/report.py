@@ -20,7 +20,12 @@ TITLES = {
     "B1": "B1 log-prob forward (no grad)",
     "B2": "B2 cross-entropy forward+backward",
     "B3": "B3 policy losses (MGPO and the policy-loss family) forward+backward (16 x 4,096)",
-    "B4": "B4 packed SFT step",
+    "B4": "B4 packed SFT step, Qwen2.5-3B shape (vibeperf.bench.b4_sft; on the H200: packed-default = vibeperf's "
+          "defaults)",
+    "B4-eager": "B4 survey of body switches without compile, with TRL and the padded floor",
+    "B4-switches": "B4 survey of body switches with compile, with TRL (with and without gradient checkpointing)",
+    "B4-long": "B4 one 64K-token row with AdamW state, checkpoint policy auto at a 74 GiB budget (an 80 GB GPU)",
+    "B4-long128": "B4 one 128K-token row with AdamW state, checkpoint policy auto at a 74 GiB budget (an 80 GB GPU)",
     "B5": "B5 64K-token NLL scoring",
     "B6": "B6 CLR aggregation",
     "B7": "B7 RL policy update, Qwen2.5-3B shape, on-policy skip vs old-log-prob pass (vibeperf.bench.b7_rl)",

@@ -266,12 +266,12 @@ def run_one(m: Method, ctx) -> tuple[Row, dict]:
             if m.kind == "packed":
                 det["body"] = body_report(model)
     except torch.OutOfMemoryError:
-        return Row("B4", m.name, tokens, None, None, None, False, "out of memory"), {**det, "oom": True}
+        return Row(ctx.args.tag, m.name, tokens, None, None, None, False, "out of memory"), {**det, "oom": True}
     except Exception as e:  # a baseline that cannot run is reported with its reason, the run goes on
         if m.kind == "packed" and m.name == ctx.methods[0].name:
             raise
         why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        return Row("B4", m.name, tokens, None, None, None, False, f"did not run: {why}"), {**det, "error": why}
+        return Row(ctx.args.tag, m.name, tokens, None, None, None, False, f"did not run: {why}"), {**det, "error": why}
     finally:
         del model
         gc.collect()
@@ -284,7 +284,8 @@ def run_one(m: Method, ctx) -> tuple[Row, dict]:
     rel = abs(loss0 - ctx.ref_loss) / abs(ctx.ref_loss)
     det["rel_loss_vs_first"] = rel
     if not math.isfinite(loss0) or rel > TOL:
-        return Row("B4", m.name, tokens, None, None, None, False, f"WRONG: loss {loss0:.5f} vs {ctx.ref_loss:.5f}"), det
+        why = f"WRONG: loss {loss0:.5f} vs {ctx.ref_loss:.5f}"
+        return Row(ctx.args.tag, m.name, tokens, None, None, None, False, why), det
     timed = steps_samples[1:]
     real = sum(s.length for st in timed for s in st)
     dt = res["seconds"]
@@ -293,7 +294,7 @@ def run_one(m: Method, ctx) -> tuple[Row, dict]:
     det.update(tokens_per_s=real / dt, mfu=mfu, step_ms=dt / len(timed) * 1e3, real_tokens=real)
     extra = res["peak_gib"] - ctx.weights_gib if res.get("peak_gib") is not None else None
     note = f"{real / dt:,.0f} tok/s" + (f", peak {res['peak_gib']:.1f} GiB" if res.get("peak_gib") else "")
-    return Row("B4", m.name, real // len(timed), dt / len(timed) * 1e3, mfu, extra, True, note), det
+    return Row(ctx.args.tag, m.name, real // len(timed), dt / len(timed) * 1e3, mfu, extra, True, note), det
 
 
 def run_long(length: int, policy: str, ctx) -> tuple[Row, dict]:
