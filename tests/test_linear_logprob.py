@@ -211,6 +211,32 @@ def test_chunking_does_not_change_results():
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_one_chunk_when_it_takes_no_more_memory():
+    """With a low-precision dW the engine takes all tokens in one chunk when their logits fit the workspace plus the
+    fp32 dW accumulator several chunks would hold; that chunk's dW comes straight from its GEMM, as accurate as
+    plain bf16 autograd (within 2x of its error against fp32) and equal to the several-chunk result to bf16
+    rounding."""
+    assert chunked.chunk_rows(10_000, 1000, 2, workspace_bytes=2**20, dw_hidden=4096) == 512  # 20 MB > 1 + 16.4 MB
+    assert chunked.chunk_rows(8_000, 1000, 2, workspace_bytes=2**20, dw_hidden=4096) == 8_000  # 16 MB fits
+    assert chunked.chunk_rows(8_000, 1000, 2, workspace_bytes=2**20) == 512  # no dW: the workspace decides
+    hidden, weight, targets, _ = make_case(200, 256, 64, torch.float32, ignore_every=7)
+    w = torch.full((200,), 1 / 200)
+    kw = dict(temperature=1.0, ignore_index=-100, loss=1, g_logp=w, backend="torch", workspace_bytes=128 * 256 * 2)
+    assert chunked.chunk_rows(200, 256, 2, 128 * 256 * 2, dw_hidden=64) == 200
+    ref_dw = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)[4]
+    hb, wb = hidden.bfloat16(), weight.bfloat16()
+    one = chunked.lmhead_chunked(hb, wb, targets, None, **kw)[4]
+    several = chunked.lmhead_chunked(hb, wb, targets, None, chunk=64, **kw)[4]
+    assert one.dtype == several.dtype == torch.bfloat16
+    h1, w1 = hb.clone().requires_grad_(True), wb.clone().requires_grad_(True)
+    z = (h1 @ w1.T).float()
+    (-(z.log_softmax(-1).gather(1, torch.where(targets == -100, 0, targets)[:, None])[:, 0] * (targets != -100))
+     .sum() / 200).backward()  # fmt: skip
+    plain = rel_err(w1.grad.float(), ref_dw)
+    assert rel_err(one.float(), ref_dw) <= 2 * plain + 1e-6
+    assert rel_err(one.float(), several.float()) <= 2 * 2**-8
+
+
 def test_no_grad_path_skips_gradients():
     hidden, weight, targets, _ = make_case(30, 64, 16, torch.float32)
     hidden.requires_grad_(True)
@@ -303,7 +329,8 @@ def test_engine_settings_are_read_at_call_time(monkeypatch):
     monkeypatch.setenv("VIBEPERF_LMHEAD_TILE_MB", "1")
     assert scoring_fwd.tile_shape(10**6, 4096, 2) == (256, 2048)
     seen = []
-    monkeypatch.setattr(chunked, "chunk_rows", lambda n, v, e, workspace_bytes=None: seen.append(workspace_bytes) or 4)
+    monkeypatch.setattr(chunked, "chunk_rows",
+                        lambda n, v, e, workspace_bytes=None, **kw: seen.append(workspace_bytes) or 4)  # fmt: skip
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     linear_cross_entropy(h1, w1, targets, backend="torch", workspace_bytes=12345).backward()
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)

@@ -3,7 +3,8 @@
 For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspace, see `chunk_rows`):
   1. z = h_c W^T                 head GEMM into the reusable [C, V] workspace (weight dtype)
   2. row epilogue                lse, log-prob, entropy, the gradient coefficient g = dLoss/dlogp, and dz in place
-  3. dh_c = dz W ; dW += dz^T h_c   (dW accumulated in fp32)
+  3. dh_c = dz W ; dW += dz^T h_c   (dW accumulated in fp32; one chunk, when that takes no more memory, writes
+                                    dW in the weight's dtype directly: see `chunk_rows`)
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
 The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
 recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
@@ -20,12 +21,22 @@ import torch
 from . import settings, triton_rows
 
 
-def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None) -> int:
+def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None,
+               dw_hidden: int = 0) -> int:  # fmt: skip
     """Tokens per chunk: the [C, V] logits workspace stays within `workspace_bytes` (C a multiple of 128, at least
-    128; None: $VIBEPERF_LMHEAD_WORKSPACE_MB, 512 MiB, read now)."""
+    128; None: $VIBEPERF_LMHEAD_WORKSPACE_MB, 512 MiB, read now).
+
+    `dw_hidden` = H when the caller needs dW in a dtype below fp32: several chunks then hold an fp32 [V, H]
+    accumulator besides the workspace and read and write it once per chunk, while one chunk writes dW directly
+    (fp32 accumulation inside its GEMM). So all `n_tokens` go in one chunk whenever their logits take no more memory
+    than the workspace plus that accumulator: faster, and no more memory."""
     workspace_bytes = settings.workspace(workspace_bytes, settings.WORKSPACE_ENV)
     c = max(128, workspace_bytes // (vocab * elem_bytes) // 128 * 128)
-    return min(c, n_tokens) if n_tokens > 0 else 1
+    if n_tokens <= 0:
+        return 1
+    if dw_hidden and n_tokens * vocab * elem_bytes <= min(c, n_tokens) * vocab * elem_bytes + vocab * dw_hidden * 4:
+        return n_tokens
+    return min(c, n_tokens)
 
 
 def scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
@@ -109,6 +120,15 @@ def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index,
 _DTYPE_OUT_ADDMM: bool | None = None
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as a new fp32 tensor, accumulated in fp32 (inputs of a lower precision are not upcast on CUDA)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with acc fp32 and a, b of a lower precision, accumulated in fp32 and in place."""
     global _DTYPE_OUT_ADDMM
@@ -162,15 +182,15 @@ def lmhead_chunked(
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes)
+    low_dw = need_dw and weight.dtype != torch.float32
+    c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes, dw_hidden=h if low_dw else 0)
     dev = hidden.device
     logp = torch.empty(n, device=dev, dtype=torch.float32)
     lse = torch.empty_like(logp)
     want_entropy = want_entropy or step is not None
     ent = torch.empty_like(logp) if want_entropy else None
     dh = torch.empty_like(hidden) if need_dh else None
-    dw32 = torch.zeros((v, h), device=dev, dtype=torch.float32) if need_dw else None
-    db32 = torch.zeros(v, device=dev, dtype=torch.float32) if (need_dw and bias is not None) else None
+    dw32 = db32 = None  # fp32 dW / db: written by the first chunk, accumulated by the others
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
     for i0 in range(0, n, c):
@@ -190,9 +210,15 @@ def lmhead_chunked(
         if need_dh:
             torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
         if need_dw:
-            _accumulate_fp32(dw32, z.T, h_c)  # [V, H]
-            if db32 is not None:
-                db32 += z.sum(0, dtype=torch.float32)
+            if i0 == 0 and i1 == n:
+                dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
+            elif i0 == 0:
+                dw32 = _mm_fp32(z.T, h_c)  # [V, H]
+            else:
+                _accumulate_fp32(dw32, z.T, h_c)
+            if bias is not None:
+                db_c = z.sum(0, dtype=torch.float32)
+                db32 = db_c if db32 is None else db32.add_(db_c)
     dw = None if dw32 is None else dw32.to(weight.dtype)
     db = None if db32 is None else db32.to(bias.dtype)
     return logp, ent, lse, dh, dw, db
