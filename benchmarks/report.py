@@ -19,6 +19,7 @@ BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 TITLES = {
     "B1": "B1 log-prob forward (no grad)",
     "B2": "B2 cross-entropy forward+backward",
+    "B2-llama3": "B2 cross-entropy forward+backward at the Llama-3 head (H 4,096, V 128,256)",
     "B3": "B3 policy losses (MGPO and the policy-loss family) forward+backward (16 x 4,096)",
     "B4": "B4 packed SFT step, Qwen2.5-3B shape (vibeperf.bench.b4_sft; on the H200: packed-default = vibeperf's "
           "defaults)",

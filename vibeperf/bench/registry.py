@@ -23,6 +23,7 @@ from vibeperf.kernels.policy import group_statistics
 from .common import relative_error
 
 H, V = 2048, 151_936
+LLAMA3_H, LLAMA3_V = 4096, 128_256
 TOL = 4 * 2**-8
 EAGER_MAX_LOGIT_BYTES = 24 * 2**30
 
@@ -58,11 +59,12 @@ def _optional(module: str):
         return None, f"{module} not installed ({exc})"
 
 
-def head_inputs(n: int, grad: bool = False) -> dict:
+def head_inputs(n: int, grad: bool = False, hidden_size: int = H, vocab: int = V) -> dict:
     g = torch.Generator(device="cuda").manual_seed(n)
-    hidden = torch.randn(n, H, device="cuda", dtype=torch.bfloat16, generator=g)
-    weight = (torch.randn(V, H, device="cuda", dtype=torch.float32, generator=g) * 0.04).to(torch.bfloat16)
-    targets = torch.randint(0, V, (n,), device="cuda", generator=g)
+    hidden = torch.randn(n, hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight = torch.randn(vocab, hidden_size, device="cuda", dtype=torch.float32, generator=g) * 0.04
+    weight = weight.to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
     targets[::97] = -100
     if grad:
         hidden.requires_grad_(True)
@@ -302,6 +304,18 @@ BENCHMARKS: dict[str, Benchmark] = {
         check=_b2_check,
         impls=_b2_impls(),
         rep_ms=1500.0,
+    ),
+    "B2-llama3": Benchmark(  # the Llama-3 head (issue 19's table): the same impls and checks as B2
+        id="B2-llama3",
+        sizes=[4096, 8192, 16384],
+        flops=lambda n: 6 * n * LLAMA3_H * LLAMA3_V,
+        make_inputs=lambda n: head_inputs(n, grad=True, hidden_size=LLAMA3_H, vocab=LLAMA3_V),
+        reference=_b2_reference,
+        check=_b2_check,
+        impls=_b2_impls(),
+        rep_ms=1500.0,
+        hidden=LLAMA3_H,
+        vocab=LLAMA3_V,
     ),
     "B3": Benchmark(
         id="B3",

@@ -4,13 +4,14 @@
     vibeperf bench --compare [baseline.json] [--tolerance 5%]
 
 For every benchmark id and token count: inputs are built outside the timed region (random weights of the
-Qwen2.5-3B LM head: H = 2048, V = 151,936, bf16), every implementation is run once and checked against an fp32
-reference (a wrong result is reported and never timed), warmed up (autotuning included), then timed with
-triton.testing.do_bench medians. The peak is a plain 8192^3 bf16 matmul measured in the same run. A short table is
-printed last and the full JSON goes to --save PATH, else <results dir>/<gpu>_<date>.json (`common.results_dir()`:
-benchmarks/results/ in a source checkout, else ./vibeperf-results/; a --compare run only with --save). `--save`
-with no path saves this GPU's baseline for later `--compare` runs (`compare.user_baseline_path`). Without a GPU the
-same runner runs B1 and B2 at a CPU size (`cpu_cases.py`), timed with perf_counter medians.
+Qwen2.5-3B LM head: H = 2048, V = 151,936, bf16; B2-llama3 the Llama-3 head, H = 4,096, V = 128,256), every
+implementation is run once and checked against an fp32 reference (a wrong result is reported and never timed),
+warmed up (autotuning included), then timed with triton.testing.do_bench medians. The peak is a plain 8192^3 bf16
+matmul measured in the same run. A short table is printed last and the full JSON goes to --save PATH, else
+<results dir>/<gpu>_<date>.json (`common.results_dir()`: benchmarks/results/ in a source checkout, else
+./vibeperf-results/; a --compare run only with --save). `--save` with no path saves this GPU's baseline for later
+`--compare` runs (`compare.user_baseline_path`). Without a GPU the same runner runs B1 and B2 at a CPU size
+(`cpu_cases.py`), timed with perf_counter medians.
 
 --compare reruns the cases of a baseline (a saved run, a floors file, or with no file this GPU's committed floors,
 else its saved baseline: `compare.default_baseline`), prints old / new / ratio per case and exits 1 on a regression
