@@ -8,7 +8,8 @@
 #   bench     B1-B3 (vibeperf.bench.run, extra args passed on) + B6 (CLR aggregator)
 #   compare   `vibeperf bench --compare --quick` against this GPU's committed floors (or its saved baseline), saved
 #             to $OUT/baseline.json, then the same cases rerun and compared with that file (5% tolerance)
-#   model     B4 (packed SFT step, 3B shape) + B5 (64K-token scoring, 3B shape) + B7 (RL update, 3B shape, reduced)
+#   model     B4 (packed SFT step, 3B shape: defaults vs TRL; 64K/128K rows planned for 80 GB) + B5 (64K-token
+#             scoring) + B7 (RL update, 3B shape, reduced; a 64K-token case planned for 80 GB): about 15 minutes
 #   dist      multi-GPU checks (vibeperf.bench.dist_check: FSDP2 SFT/RL 2 GPUs vs 1, resume 2 -> 1, scaling)
 #   profile   per-kernel device time of the Triton and CUDA backends (vibeperf.bench.profile_backends)
 # Each step runs under its own time limit (=SECONDS, default 600) so one hang does not take the call's other steps
@@ -74,10 +75,15 @@ for spec in "${steps[@]}"; do
                "${bench_args[@]}"
              run_step "$secs" compare.log python3 -m vibeperf bench --compare "$OUT/baseline.json" --quick \
                --tolerance 5% --save "$OUT/rerun.json" ;;
-    model) run_step "$secs" model.log python3 -m vibeperf.bench.b4_sft --pad-batch 1
+    model) run_step "$secs" model.log python3 -m vibeperf.bench.b4_sft --samples 8 --stage2-samples 2 --steps 2 \
+               --methods packed-default,trl-padding-free-liger --profile packed-default
+           run_step "$secs" model.log python3 -m vibeperf.bench.b4_sft --mixes none --methods packed --steps 1 \
+               --tag B4-long --memory-budget 74 --long 65536:auto,131072:auto
            run_step "$secs" model.log python3 -m vibeperf.bench.b5_score
            run_step "$secs" model.log python3 -m vibeperf.bench.b7_rl --prompts 8 --group 8 --min-len 1024 \
-               --max-len 4096 --long 16384 --steps 2 ;;
+               --max-len 4096 --long 16384 --steps 2
+           run_step "$secs" model.log python3 -m vibeperf.bench.b7_rl --prompts 1 --group 2 --min-len 1024 \
+               --max-len 1024 --long 65536 --memory-budget 74 --steps 1 --tag B7-long ;;
     dist) run_step "$secs" dist.log python3 -m vibeperf.bench.dist_check ;;
     profile) run_step "$secs" profile.log python3 -m vibeperf.bench.profile_backends ;;
     *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, compare, model, dist, profile, all)"; rc=1 ;;
