@@ -308,3 +308,28 @@ def test_compile_setting_accepts_auto_and_bools():
         assert load_config(SFTConfig, recipe, [f"model.compile={value}"]).model.compile == want
     with pytest.raises(ConfigError, match="model.compile"):
         load_config(SFTConfig, recipe, ["model.compile=sometimes"])
+
+
+def test_auto_budget_leaves_out_the_engine(monkeypatch):
+    """On a CUDA device the default budget is 95% of its memory less what a colocated engine holds (the RL trainer
+    reserves its KV cache and a weight copy); an explicit memory_budget_gib wins. The GPU is faked (141 GiB)."""
+    from types import SimpleNamespace
+
+    from vibeperf.model.body import resolve_body
+    from vibeperf.rl.trainer import engine_reserve_gib
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=141 * 2**30))
+    model, cuda = _meta_3b(), torch.device("cuda")
+    cfg = ModelConfig(activation_checkpointing=True)
+    got, why = resolve_body(cfg, model, cuda, 16384)
+    assert (got.checkpoint_policy, got.compile) == ("save-matmuls", True), why
+    got, why = resolve_body(cfg, model, cuda, 16384, reserved_gib=59.95)
+    assert got.checkpoint_policy == "full" and "budget 74.0 GiB" in why, why
+    got, _ = resolve_body(ModelConfig(activation_checkpointing=True, memory_budget_gib=132.0), model, cuda, 16384,
+                          reserved_gib=60.0)  # fmt: skip
+    assert got.checkpoint_policy == "save-matmuls"
+    from vibeperf.config import EngineConfig
+
+    tiny = model_path("tiny")
+    weights = sum(f.stat().st_size for f in Path(tiny).glob("*.safetensors")) / 2**30
+    assert weights > 0 and engine_reserve_gib(EngineConfig(kv_cache_gib=3.0), tiny) == pytest.approx(3.0 + weights)

@@ -177,9 +177,11 @@ def choose_policy(model, row_tokens: int, budget_gib: float, *, optimizer_bytes:
     return policy, why
 
 
-def resolve_body(cfg, model, device: torch.device, row_tokens: int, *, optimizer_bytes: int = 8, shards: int = 1):
+def resolve_body(cfg, model, device: torch.device, row_tokens: int, *, optimizer_bytes: int = 8, shards: int = 1,
+                 reserved_gib: float = 0.0):  # fmt: skip
     """`cfg` (a ModelConfig) with compile and checkpoint_policy "auto" made concrete for this model, device and
-    longest row (module docstring); returns (new cfg, a one-line reason for logs)."""
+    longest row (module docstring); `reserved_gib` of the GPU is someone else's (a colocated rollout engine) and left
+    out of the default budget. Returns (new cfg, a one-line reason for logs)."""
     import dataclasses
 
     compile_on = device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
@@ -188,7 +190,8 @@ def resolve_body(cfg, model, device: torch.device, row_tokens: int, *, optimizer
         if device.type != "cuda":
             policy, why = "full", "checkpoint_policy auto -> full (not a CUDA device)"
         else:
-            budget = cfg.memory_budget_gib or 0.95 * torch.cuda.get_device_properties(device).total_memory / 2**30
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            budget = cfg.memory_budget_gib or 0.95 * total - reserved_gib
             policy, why = choose_policy(model, row_tokens, budget, optimizer_bytes=optimizer_bytes, shards=shards)
     if not cfg.activation_checkpointing:
         why = "activation_checkpointing off"
@@ -196,15 +199,18 @@ def resolve_body(cfg, model, device: torch.device, row_tokens: int, *, optimizer
 
 
 def apply_body(model, cfg, *, row_tokens: int | None = None, optimizer_bytes: int = 8, shards: int = 1,
+               reserved_gib: float = 0.0,
                compile_backend: str = "inductor") -> str:
     """Set up the decoder blocks of `model` from `cfg` (a `ModelConfig`); see the module docstring. Call once,
     after the model is on its device and before the first forward. "auto" settings are resolved first
-    (`resolve_body`, for rows of up to `row_tokens` tokens; None: the model's max_position_embeddings).
+    (`resolve_body`, for rows of up to `row_tokens` tokens, None: the model's max_position_embeddings; leaving
+    `reserved_gib` of the GPU to others).
     `compile_backend` is torch.compile's backend (tests pass "aot_eager" to check the traced graph without
     inductor's compile time). Returns the one-line reason of the resolved settings (for logs)."""
     device = next(model.parameters()).device
     row_tokens = row_tokens or getattr(model.config, "max_position_embeddings", None) or 131_072
-    cfg, why = resolve_body(cfg, model, device, row_tokens, optimizer_bytes=optimizer_bytes, shards=shards)
+    cfg, why = resolve_body(cfg, model, device, row_tokens, optimizer_bytes=optimizer_bytes, shards=shards,
+                            reserved_gib=reserved_gib)  # fmt: skip
     policy, every = cfg.checkpoint_policy, cfg.checkpoint_every
     if policy not in CHECKPOINT_POLICIES:
         raise ValueError(f"model.checkpoint_policy must be one of {CHECKPOINT_POLICIES} or auto, got {policy!r}")

@@ -76,10 +76,11 @@ def apply_liger(model) -> None:
 
 
 def load_model(cfg: ModelConfig, path: str, device: torch.device, precision: str, *, row_tokens: int | None = None,
-               shards: int = 1):
+               shards: int = 1, reserved_gib: float = 0.0):  # fmt: skip
     """A causal LM from the local checkpoint `path`, ready to train on packed rows of up to `row_tokens` tokens, its
-    parameters and optimizer state later sharded over `shards` ranks (see the module docstring; both inform the
-    "auto" checkpoint policy). The body's resolved settings are logged."""
+    parameters and optimizer state later sharded over `shards` ranks, `reserved_gib` of the GPU held by something
+    else (a colocated rollout engine); all three inform the "auto" checkpoint policy (see the module docstring). The
+    body's resolved settings are logged."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if precision in ("bf16", "bf16-master") else torch.float32
@@ -88,7 +89,7 @@ def load_model(cfg: ModelConfig, path: str, device: torch.device, precision: str
         apply_liger(model)
     model.to(device)
     use_varlen_attention(model, cfg.attention)
-    why = apply_body(model, cfg, row_tokens=row_tokens, shards=shards,
+    why = apply_body(model, cfg, row_tokens=row_tokens, shards=shards, reserved_gib=reserved_gib,
                      optimizer_bytes=12 if precision == "bf16-master" else 8)  # AdamW moments (+ fp32 masters)
     log.info("model body: %s", why)
     model.config.use_cache = False

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from vibeperf import distributed as vdist
-from vibeperf.config import ConfigError, config_to_dict
+from vibeperf.config import ConfigError, EngineConfig, config_to_dict
 from vibeperf.errors import RunError, UserError
 from vibeperf.files import write_text
 from vibeperf.model import FusedLossLM, load_model, model_path, resolve_device, resolve_precision
@@ -168,6 +168,13 @@ class Rollouts:
     completion drawn); empty without it."""
 
 
+def engine_reserve_gib(engine: EngineConfig, checkpoint: str) -> float:
+    """GPU memory the colocated rollout engine holds beside the trainer, for the "auto" checkpoint policy: its
+    KV-cache budget plus a copy of the checkpoint's weights (the size of its safetensors files)."""
+    weights = sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors"))
+    return engine.kv_cache_gib + weights / 2**30
+
+
 @dataclass
 class RLResult:
     """What a run did."""
@@ -226,7 +233,8 @@ class RLTrainer:
         np.random.seed(seed)
         random.seed(seed)
         self.model = load_model(cfg.model, os.fspath(resume) if resume else src, self.device, self.precision,
-                                row_tokens=cfg.loss.token_budget, shards=vdist.world_size())
+                                row_tokens=cfg.loss.token_budget, shards=vdist.world_size(),
+                                reserved_gib=engine_reserve_gib(cfg.engine, src))  # fmt: skip
         self.fsdp_root = None
         if vdist.is_distributed():
             self.fsdp_root = vdist.shard_model(self.model, vdist.default_mp_policy(self.device))
