@@ -67,3 +67,20 @@ def test_b4_methods_compose_switches():
     for bad in ("packed-compile-fast", "packed-ckpt-every0", "trl-fast"):
         with pytest.raises(SystemExit, match="unknown method"):
             b4_sft.parse_method(bad)
+
+
+def test_kernel_table_sums_categories_and_keeps_top_kernels():
+    from types import SimpleNamespace
+
+    from vibeperf.bench.step_profile import kernel_table
+
+    events = [SimpleNamespace(name=n, device_type="DeviceType.CUDA", device_time=us) for n, us in (
+        ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 3000.0), ("lmhead_row_grad_kernel", 1000.0),
+        ("sm90_xmma_gemm_bf16", 5000.0), ("sm90_xmma_gemm_bf16", 1000.0), ("Memcpy DtoD", 500.0))]
+    events.append(SimpleNamespace(name="aten::mm", device_type="DeviceType.CPU", device_time=9e9))  # host: ignored
+    prof = SimpleNamespace(events=lambda: events)
+    t = kernel_table(prof)
+    assert t["ms"] == {"optimizer": 3.0, "lm_head": 1.0, "matmuls": 6.0, "other": 0.5}
+    assert t["total_ms"] == 10.5 and t["fraction"]["matmuls"] == 6.0 / 10.5
+    assert t["top_kernels"]["matmuls"] == [("sm90_xmma_gemm_bf16", 6.0)]
+    assert t["top_other"] == [("Memcpy DtoD", 0.5)]

@@ -4,8 +4,8 @@ Categories are read from kernel names (`CATEGORIES`, first match wins, case-inse
 / varlen / SDPA kernels), LM head (vibeperf's Triton LM-head kernels and Liger's fused linear CE), optimizer
 (fused/foreach Adam and the multi-tensor kernels of clipping), matmuls (cuBLAS / CUTLASS GEMMs), norms+activations
 (RMSNorm, RoPE, SiLU/SwiGLU, elementwise and reductions of the body), other (copies, casts, memsets, the rest).
-GEMMs of the LM head that go through cuBLAS (the padded baseline) count as matmuls. The ten largest "other" kernels
-are listed so an unexpected share can be read.
+GEMMs of the LM head go through cuBLAS (ours and the padded baseline's) and count as matmuls. The ten largest "other"
+kernels and the five largest of each category are kept, so that a share can be read kernel by kernel.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ def categorize(name: str) -> str:
 
 def kernel_table(prof) -> dict:
     """{category: ms} over the device kernels of a finished profiler, plus the top 'other' kernels."""
-    by_cat, other = Counter(), Counter()
+    by_cat, kernels = Counter(), {}
     for evt in prof.events():
         if getattr(evt, "device_type", None) is None or str(evt.device_type).endswith("CPU"):
             continue
         ms = evt.device_time / 1e3 if hasattr(evt, "device_time") else evt.cuda_time / 1e3
         cat = categorize(evt.name)
         by_cat[cat] += ms
-        if cat == "other":
-            other[evt.name[:80]] += ms
+        kernels.setdefault(cat, Counter())[evt.name[:80]] += ms
     total = sum(by_cat.values())
     return {"ms": dict(by_cat), "fraction": {k: v / total for k, v in by_cat.items()} if total else {},
-            "total_ms": total, "top_other": other.most_common(10)}  # fmt: skip
+            "total_ms": total, "top_other": kernels.get("other", Counter()).most_common(10),
+            "top_kernels": {cat: c.most_common(5) for cat, c in kernels.items()}}  # fmt: skip
 
 
 def profile_method(m, ctx, build_model, time_steps) -> dict:
