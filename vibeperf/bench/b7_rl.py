@@ -22,7 +22,8 @@ step is on-policy) + the MGPO loss + an AdamW step, on fixed random completions 
 5. Correctness before speed: from the same weights (AdamW at lr 0 keeps them), the two modes' loss, entropy and
    gradients must agree within --tol (relative; 2e-2 for bf16 matmuls, 1e-5 for fp32 on the CPU); a case that does
    not is reported WRONG and not timed.
-6. Timing: one warm-up update per mode, then --steps timed updates (synchronised wall clock), the modes alternating.
+6. Timing: the check of step 5 runs each mode once (their warm-up), then --steps timed updates (synchronised wall
+   clock), the modes alternating.
    Reported: the median ms of an update, tokens/s over all prompt + completion tokens, MFU = FLOPs / time / peak
    with FLOPs per update 6 * P * T + 6 * n_layers * n_heads * head_dim * sum_d L_d^2 (the B4 formula: training
    forward + backward, no recompute) plus a third of it when the old-log-prob forward runs; peak memory
@@ -160,11 +161,10 @@ def check(root, model, opt, case: Case, opts: UpdateOptions, tol: float) -> tupl
 
 
 def time_case(root, model, opt, case: Case, opts: UpdateOptions, steps: int, device) -> dict[str, dict]:
-    """Alternating timed updates of the two modes after one warm-up each; per mode: the median seconds of an update
-    (every sample kept), peak GiB and extra GiB above what was held before."""
+    """Alternating timed updates of the two modes (the check has run each once: that is their warm-up, compile and
+    autotuning included); per mode: the median seconds of an update (every sample kept), peak GiB and extra GiB
+    above what was held before."""
     cuda = device.type == "cuda"
-    for force in MODES.values():
-        run_update(root, opt, case, force, opts)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     peaks = {m: 0.0 for m in MODES}
     held = torch.cuda.memory_allocated() if cuda else 0
