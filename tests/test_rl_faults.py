@@ -8,6 +8,7 @@ checked here too.
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,11 @@ def test_rl_nonfinite_update_stops_or_is_skipped(tmp_path, monkeypatch):
     start = load_file(Path(rl_trainer.resolve_model_path("tiny-warm")) / "model.safetensors")
     end = _weights(result.last_checkpoint)
     assert all(torch.equal(start[k], end[k]) for k in start)  # no update reached the weights
+    shutil.rmtree(result.last_checkpoint)  # resume from step 1 and redo step 2 with finite gradients: the count
+    monkeypatch.undo()  # carried by the checkpoint stays 2 (a run that forgot it would log 0)
+    result = rl_trainer.train(_rl_config(tmp_path, "skip", steps=2, optim__nonfinite="skip"))
+    rows = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["nonfinite_skipped"]) for r in rows] == [(1, 2), (2, 2)]
 
 
 def _crash_once(item):
@@ -217,3 +223,7 @@ def test_sft_nonfinite_update_stops_or_is_skipped(tmp_path, monkeypatch):
     assert rows[-1]["nonfinite_skipped"] == 2
     start, end = load_file(get_tiny_model() / "model.safetensors"), _weights(result.last_checkpoint)
     assert all(torch.equal(start[k], end[k]) for k in start)
+    monkeypatch.undo()  # finite gradients from here: a resumed run's count stays at the checkpoint's 2, a fresh one 0
+    resumed = sft_trainer.train(cfg("skip", "optim.nonfinite=skip", "train.max_steps=3", "checkpoint.resume=latest"))
+    rows = [json.loads(x) for x in (resumed.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert resumed.steps == 3 and rows[-1]["step"] == 3 and rows[-1]["nonfinite_skipped"] == 2

@@ -242,15 +242,17 @@ class RLTrainer:
         self.optimizer = make_optimizer(self.model, cfg.optim, self.device,
                                         master_weights=self.precision == "bf16-master")
         self.scheduler = self.schedule.scheduler(self.optimizer, cfg.optim.lr)
-        self.step_count, self.filters, cursors = 0, {}, None
+        self.step_count, self.filters, cursors, skipped = 0, {}, None, 0
         if resume is not None:
             must_match = {"data_fingerprint": (self.fingerprint, "the data"),
                           "plan": (self.signature(), "seed, batch or phases")}  # fmt: skip
             state = self.checkpointer.load(resume, self.model, self.optimizer, self.scheduler, must_match)
             self.step_count, self.filters, cursors = state["step"], state["filters"], state["cursors"]
+            skipped = int(state.get("nonfinite_skipped", 0))
             log.info("resumed from %s at step %d (phase %s)", resume, self.step_count, state["phase_name"])
         self.start = self.step_count
         self.finite = FiniteCheck(self.device, self.step_count, cfg.optim.nonfinite)
+        self.finite.skipped = skipped  # the count goes on across a resume
         self._cursors = cursors
         self.sampler: MixtureSampler | None = None
         autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None
@@ -496,7 +498,7 @@ class RLTrainer:
         state = {"step": self.step_count, "phase": phase, "phase_name": self.cfg.phases[phase].name,
                  "cursors": None if sampler is None else {"phase": sampler.phase, "position": sampler.state()},
                  "filters": self.filters, "data_fingerprint": self.fingerprint, "plan": self.signature(),
-                 "config": config_to_dict(self.cfg)}  # fmt: skip
+                 "nonfinite_skipped": self.finite.skipped, "config": config_to_dict(self.cfg)}  # fmt: skip
         path = self.checkpointer.save(self.model, self.tokenizer, self.optimizer, self.scheduler, state)
         if self.cfg.logging.plot:
             plot_curves(self.metrics)

@@ -221,6 +221,7 @@ def train(cfg: SFTConfig) -> TrainResult:
 
     ckpt = Checkpointer(out_dir, cfg.checkpoint, sharded=vdist.is_distributed())
     resume = ckpt.resume_dir()
+    skipped = 0  # updates left out by optim.nonfinite="skip" so far (kept in checkpoints)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -236,7 +237,7 @@ def train(cfg: SFTConfig) -> TrainResult:
         must_match = {"data_fingerprint": (fingerprint, "the data"),
                       "plan": (plan_signature(cfg, plans), "batch size, seed or stages")}  # fmt: skip
         state = ckpt.load(resume, model, optimizer, scheduler, must_match)
-        step = state["step"]
+        step, skipped = state["step"], int(state.get("nonfinite_skipped", 0))
         log.info("resumed from %s at step %d (stage %s, epoch %d, batch %d)", resume, step, state["stage_name"],
                  state["epoch"], state["batch"])  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +253,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     orders: dict[tuple[int, int], list[int]] = {}
     ATTENTION_CALLS.clear()
     finite = FiniteCheck(device, step, cfg.optim.nonfinite)
+    finite.skipped = skipped  # the count goes on across a resume
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     interval = {"steps": 0, "tokens": 0, "flops": 0.0, "t0": time.perf_counter()}
     last_loss, last_ckpt, start = None, None, step
@@ -261,7 +263,8 @@ def train(cfg: SFTConfig) -> TrainResult:
     def position(s: int) -> dict:
         plan, epoch, batch = locate(plans, schedule, s) if s < total else (plans[-1], plans[-1].epochs, 0)
         return {"step": s, "stage": plan.index, "stage_name": plan.name, "epoch": epoch, "batch": batch,
-                "data_fingerprint": fingerprint, "plan": plan_signature(cfg, plans), "config": config_to_dict(cfg)}
+                "data_fingerprint": fingerprint, "plan": plan_signature(cfg, plans),
+                "nonfinite_skipped": finite.skipped, "config": config_to_dict(cfg)}
 
     def checkpoint(s: int) -> Path:
         path = ckpt.save(model, tokenizer, optimizer, scheduler, position(s))
