@@ -121,12 +121,18 @@ _DTYPE_OUT_ADDMM: bool | None = None
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as a new fp32 tensor, accumulated in fp32 (inputs of a lower precision are not upcast on CUDA)."""
+    """a @ b as a new fp32 tensor, accumulated in fp32 (inputs of a lower precision are not upcast on CUDA; where
+    this torch has no fp32-output mm for them, a zeroed accumulator and `_accumulate_fp32`)."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
+    if not a.is_cuda:
+        return a.float() @ b.float()
+    try:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+    except (RuntimeError, TypeError, NotImplementedError):
+        acc = torch.zeros((a.shape[0], b.shape[1]), device=a.device, dtype=torch.float32)
+        _accumulate_fp32(acc, a, b)
+        return acc
 
 
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
