@@ -237,6 +237,32 @@ def test_one_chunk_when_it_takes_no_more_memory():
     assert rel_err(one.float(), several.float()) <= 2 * 2**-8
 
 
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+def test_fp32_master_weight_returns_fp32_dw(backend, dtype):
+    """An fp32 weight with low-precision hidden states (fp32 weights under autocast): the op computes in hidden's
+    dtype and returns dW in fp32 from its fp32 accumulator, closer to the fp32 math of the same GEMM inputs than the
+    same op on a low-precision copy of the weight (whose dW is rounded once more); forward, dh equal to that op's."""
+    hidden, w32, targets, bias = make_case(133, 257, 40, torch.float32, bias=True, ignore_every=7)
+    h = hidden.to(dtype)
+
+    def run(weight, b):
+        hh, ww = h.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = linear_cross_entropy(hh, ww, targets, bias=b, backend=backend)
+        loss.backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    loss_m, dh_m, dw_m = run(w32, bias)
+    loss_l, dh_l, dw_l = run(w32.to(dtype), bias)
+    assert dw_m.dtype == torch.float32 and dh_m.dtype == dtype
+    assert torch.equal(loss_m, loss_l) and torch.equal(dh_m, dh_l)
+    hr, wr = h.float().requires_grad_(True), w32.to(dtype).float().requires_grad_(True)  # the GEMMs' inputs, in fp32
+    linear_cross_entropy_reference(hr, wr, targets, bias=bias).backward()
+    assert rel_err(dw_m, wr.grad) < rel_err(dw_l.float(), wr.grad)
+    assert rel_err(dw_m, wr.grad) <= torch.finfo(dtype).eps  # what is left: logits and dz rounded to the dtype
+    with pytest.raises(ValueError, match="or weight be fp32"):
+        linear_cross_entropy(h, w32.to(torch.float64), targets, backend=backend)
+
+
 def test_no_grad_path_skips_gradients():
     hidden, weight, targets, _ = make_case(30, 64, 16, torch.float32)
     hidden.requires_grad_(True)

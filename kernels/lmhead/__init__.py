@@ -62,9 +62,12 @@ def check_head_inputs(hidden, weight, targets, bias, temperature):
         raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got shape {tuple(weight.shape)}")
     if targets.shape != (hidden.shape[0],):
         raise ValueError(f"targets must be [N={hidden.shape[0]}], got shape {tuple(targets.shape)}")
-    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != hidden.dtype:
+    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32) or (
+        weight.dtype != hidden.dtype and weight.dtype != torch.float32
+    ):
         raise ValueError(
-            f"hidden and weight must share a float dtype (bf16/fp16/fp32), got {hidden.dtype}, {weight.dtype}"
+            f"hidden and weight must share a float dtype (bf16/fp16/fp32), or weight be fp32 (a master copy: the op "
+            f"computes in hidden's dtype), got {hidden.dtype}, {weight.dtype}"
         )
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
@@ -86,8 +89,22 @@ def prepare_head_inputs(hidden, weight, targets, bias):
 def scores(hidden, weight, targets, bias, temperature: float, ignore_index: int, want_entropy: bool, backend: str,
            schedule: str | None = None, workspace_bytes: int | None = None):  # fmt: skip
     """Forward without gradients: (logp [N], lse [N], entropy [N], or [0] when not wanted), fp32. schedule (backend
-    "triton" only) and workspace_bytes: see settings.py (None: the environment's default, read now)."""
-    args = (hidden, weight, targets, bias, temperature, ignore_index, want_entropy)
+    "triton" only) and workspace_bytes: see settings.py (None: the environment's default, read now). An fp32 weight
+    with lower-precision hidden states is used in hidden's dtype."""
+    with _own_precision(hidden):
+        return _scores(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend, schedule,
+                       workspace_bytes)  # fmt: skip
+
+
+def _own_precision(t: torch.Tensor):
+    """The engine picks every GEMM's dtype itself (inputs in hidden's dtype, fp32 accumulators and outputs where it
+    asks for them): an autocast region around the op (the trainer's) would recast them, e.g. an fp32 dW GEMM to bf16."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _scores(hidden, weight, targets, bias, temperature, ignore_index, want_entropy, backend, schedule,
+            workspace_bytes):  # fmt: skip
+    args = (hidden, weight.to(hidden.dtype), targets, bias, temperature, ignore_index, want_entropy)
     if backend == "cuda":
         return cuda_backend.linear_logprob_fwd(*args, workspace_bytes=workspace_bytes)
     if backend == "triton":
@@ -100,7 +117,23 @@ def scores(hidden, weight, targets, bias, temperature: float, ignore_index: int,
 
 def chunked_engine(backend: str, workspace_bytes: int | None = None):
     """The three-pass engine of a backend: vibeperf._C for "cuda", else chunked.py's (Triton or torch row epilogue);
-    workspace_bytes bounds its logits workspace (None: $VIBEPERF_LMHEAD_WORKSPACE_MB, read at the call)."""
+    workspace_bytes bounds its logits workspace (None: $VIBEPERF_LMHEAD_WORKSPACE_MB, read at the call).
+
+    An fp32 weight with lower-precision hidden states (a master copy: fp32 weights under autocast) computes in
+    hidden's dtype and returns dW in fp32: chunked.py's engine hands over its fp32 accumulator as it is (no rounding
+    to bf16 and back, no bf16 dW); the CUDA engine runs on a cast copy and its dW is cast up."""
     if backend == "cuda":
-        return functools.partial(cuda_backend.lmhead_chunked, workspace_bytes=workspace_bytes)
-    return functools.partial(chunked.lmhead_chunked, backend=backend, workspace_bytes=workspace_bytes)
+        return functools.partial(_engine, _cuda_in_compute_dtype, workspace_bytes=workspace_bytes)
+    return functools.partial(_engine, chunked.lmhead_chunked, backend=backend, workspace_bytes=workspace_bytes)
+
+
+def _engine(run, hidden, weight, *args, **kwargs):
+    with _own_precision(hidden):
+        return run(hidden, weight, *args, **kwargs)
+
+
+def _cuda_in_compute_dtype(hidden, weight, *args, **kwargs):
+    if weight.dtype == hidden.dtype:
+        return cuda_backend.lmhead_chunked(hidden, weight, *args, **kwargs)
+    logp, ent, lse, dh, dw, db = cuda_backend.lmhead_chunked(hidden, weight.to(hidden.dtype), *args, **kwargs)
+    return logp, ent, lse, dh, None if dw is None else dw.to(weight.dtype), db

@@ -180,15 +180,17 @@ def lmhead_chunked(
 ):
     """Runs the three passes over all chunks.
 
-    hidden: [N, H], weight: [V, H] (same dtype), targets: [N] int64, g_logp / g_ent: [N] fp32 (see LOSS_* in
-    triton_rows); step: a `TokenStep` forming dLoss/dlogp per chunk instead of g_logp (which is then None); the
-    entropy is then always computed.
+    hidden: [N, H], weight: [V, H] (hidden's dtype, or fp32: a master copy, cast once for the GEMMs), targets: [N]
+    int64, g_logp / g_ent: [N] fp32 (see LOSS_* in triton_rows); step: a `TokenStep` forming dLoss/dlogp per chunk
+    instead of g_logp (which is then None); the entropy is then always computed.
     Returns (logp [N], entropy [N] or None, lse [N], dh [N, H] or None, dW [V, H] or None, db [V] or None); dh in
     hidden's dtype, dW / db in weight's dtype (accumulated in fp32).
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    low_dw = need_dw and weight.dtype != torch.float32
+    w_in = weight  # dW comes back in its dtype; the GEMMs run in hidden's (an fp32 master weight is cast once)
+    weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+    low_dw = need_dw and w_in.dtype != torch.float32
     c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes, dw_hidden=h if low_dw else 0)
     dev = hidden.device
     logp = torch.empty(n, device=dev, dtype=torch.float32)
@@ -216,7 +218,7 @@ def lmhead_chunked(
         if need_dh:
             torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
         if need_dw:
-            if i0 == 0 and i1 == n:
+            if i0 == 0 and i1 == n and low_dw:
                 dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
             elif i0 == 0:
                 dw32 = _mm_fp32(z.T, h_c)  # [V, H]
@@ -225,6 +227,6 @@ def lmhead_chunked(
             if bias is not None:
                 db_c = z.sum(0, dtype=torch.float32)
                 db32 = db_c if db32 is None else db32.add_(db_c)
-    dw = None if dw32 is None else dw32.to(weight.dtype)
+    dw = None if dw32 is None else dw32.to(w_in.dtype)
     db = None if db32 is None else db32.to(bias.dtype)
     return logp, ent, lse, dh, dw, db

@@ -45,9 +45,14 @@ def _check_supported(model) -> None:
 
 
 def head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """(hidden, weight, bias) in the dtype the LM head would compute in: the autocast dtype inside autocast."""
+    """(hidden, weight, bias) for the fused LM-head ops: inside autocast, hidden in the autocast dtype (the dtype
+    the head computes in, as `nn.Linear` would) and an fp32 weight and bias as they are: the ops compute in hidden's
+    dtype and return the weight's gradient in fp32 straight from their fp32 accumulator (vibeperf.kernels.lmhead
+    `chunked_engine`), where a cast here would round it to bf16 and back."""
     if torch.is_autocast_enabled(hidden.device.type):
         dt = torch.get_autocast_dtype(hidden.device.type)
+        if weight.dtype == torch.float32:
+            return hidden.to(dt), weight, bias
         return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
