@@ -213,13 +213,15 @@ def test_master_adamw_follows_the_fp32_update():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("policy", ["full", "save-matmuls", "offload"])
-def test_packed_step_has_no_host_sync_on_gpu(policy):
-    """A packed micro-batch (rows already on the GPU) runs forward and backward without a host sync."""
+def test_packed_step_has_no_host_sync_on_gpu(policy, compiled):
+    """A packed micro-batch (rows already on the GPU) runs forward and backward without a host sync, with the
+    blocks eager and compiled (compile is the default on CUDA)."""
     from vibeperf.sft import forward_backward
 
     model = _fresh().cuda()
-    apply_body(model, ModelConfig(activation_checkpointing=True, checkpoint_policy=policy))
+    apply_body(model, ModelConfig(activation_checkpointing=True, checkpoint_policy=policy, compile=compiled))
     rows = [r.to("cuda") for r in ROWS]
     forward_backward(model, rows, autocast_dtype=torch.bfloat16)  # warm-up: kernels compiled, caches filled
     torch.cuda.synchronize()
