@@ -30,6 +30,7 @@ TITLES = {
     "B5": "B5 64K-token NLL scoring",
     "B6": "B6 CLR aggregation",
     "B7": "B7 RL policy update, Qwen2.5-3B shape, on-policy skip vs old-log-prob pass (vibeperf.bench.b7_rl)",
+    "B7-long": "B7 with 64K-token completions, checkpoint policy auto at a 74 GiB budget (an 80 GB GPU)",
     "P-forward": "Per-kernel device time, log-prob forward (vibeperf.bench.profile_backends)",
     "P-train": "Per-kernel device time, cross-entropy forward+backward (vibeperf.bench.profile_backends)",
     "P-mgpo": "Per-kernel device time, MGPO loss forward+backward (vibeperf.bench.profile_backends)",

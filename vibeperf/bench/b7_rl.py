@@ -31,7 +31,8 @@ step is on-policy) + the MGPO loss + an AdamW step, on fixed random completions 
    skip is on the on-policy row. The skip saves the body's forward but adds a no-grad LM-head pass (mgpo_loss takes
    old_logp as an input), so it pays where the body dominates (the 3B shape), not on the tiny model, whose cost on
    the CPU is mostly per-row overhead.
-A table is printed last; on a GPU the JSON goes to <results dir>/<gpu>_<date>_B7.json.
+A table is printed last; on a GPU the JSON goes to <results dir>/<gpu>_<date>_<--tag>.json, rewritten after every
+case (rows carry the tag as their id).
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
         f"{[c[0] for c in cases]}",
         flush=True,
     )
-    rows, details = [], {}
+    rows, details, path = [], {}, None
     for k, (label, prompts, lengths) in enumerate(cases):
         case = make_case(
             label, prompts, args.group, lengths, args.prompt_len, vocab, args.budget, device, args.seed + k
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
         for name, force in MODES.items():
             impl = f"{name} {label}"
             if not ok:
-                rows.append(Row("B7", impl, case.tokens, None, None, None, False, f"WRONG or failed: {note}"))
+                rows.append(Row(args.tag, impl, case.tokens, None, None, None, False, f"WRONG or failed: {note}"))
                 continue
             t = timed[name]
             work = flops * (4 / 3 if force else 1.0)
@@ -265,29 +266,28 @@ def main(argv=None) -> int:
             tok_s = case.tokens / t["s"]
             det[name] = {"ms": t["s"] * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "flops": work, **t}
             text = f"{tok_s:,.0f} tok/s" + (f", MFU {mfu:.3f}, peak {t['peak_gib']:.1f} GiB" if peak else "")
-            rows.append(Row("B7", impl, case.tokens, t["s"] * 1e3, mfu, t["extra_gib"], True, text))
+            rows.append(Row(args.tag, impl, case.tokens, t["s"] * 1e3, mfu, t["extra_gib"], True, text))
         if ok:
             speedup = det["packed-oldlogp"]["s"] / det["packed-onpolicy"]["s"]
             det["skip_speedup"] = speedup
             rows[-2] = dataclasses.replace(rows[-2], note=rows[-2].note + f", {speedup:.2f}x the old-logp pass; {note}")
         details[label] = det
         print(format_table(rows[-2:]), flush=True)
+        if not args.no_write and not args.cpu:  # after every case: a run stopped later keeps the cases it finished
+            extra = {
+                "args": vars(args),
+                "model": model.config.to_dict(),
+                "matmul_params": n_params,
+                "flops_formula": "6*P*T + 6*n_layers*n_heads*head_dim*sum(L_d^2), x4/3 with the old-logp forward",
+                "cases": details,
+                "body": body_report(model),
+            }
+            path = write_results_extra(rows, peak, extra, tag=args.tag)
         del case
         model.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    path = None
-    if not args.no_write and not args.cpu:
-        extra = {
-            "args": vars(args),
-            "model": model.config.to_dict(),
-            "matmul_params": n_params,
-            "flops_formula": "6*P*T + 6*n_layers*n_heads*head_dim*sum(L_d^2), x4/3 with the old-logp forward",
-            "cases": details,
-            "body": body_report(model),
-        }
-        path = write_results_extra(rows, peak, extra, tag=args.tag)
     print(f"results: {path}" if path else "results not written (--no-write or --cpu)")
     print(
         "\nms = one policy update (one minibatch); 'of peak' = MFU over the FLOPs run; extra GiB above weights + "
