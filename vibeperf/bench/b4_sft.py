@@ -106,10 +106,7 @@ def parse_method(name: str) -> Method:
         return listed[name]
     rest = name.removeprefix("packed")
     fields: dict = {}
-    while rest and name.startswith("packed"):
-        sw = _PACKED_SWITCH.match(rest)
-        if sw is None:
-            break
+    while rest and (sw := _PACKED_SWITCH.match(rest)) is not None:
         token, rest = sw.group(0), rest[sw.end() :]
         if token == "-compile":
             fields["compile"] = True
@@ -121,7 +118,7 @@ def parse_method(name: str) -> Method:
             fields["every"] = int(sw.group(2))
         else:
             fields["checkpoint"] = sw.group(1)
-    if rest or not name.startswith("packed") or fields.get("every", 1) < 1:
+    if not name.startswith("packed") or rest or fields.get("every", 1) < 1:
         known = ", ".join(listed)
         raise SystemExit(f"--methods: unknown method {name!r}; known: {known}, or packed + switches (parse_method)")
     return Method(name, **fields)

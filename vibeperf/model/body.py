@@ -32,6 +32,7 @@ the instance, never a class):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 
@@ -182,19 +183,17 @@ def resolve_body(cfg, model, device: torch.device, row_tokens: int, *, optimizer
     """`cfg` (a ModelConfig) with compile and checkpoint_policy "auto" made concrete for this model, device and
     longest row (module docstring); `reserved_gib` of the GPU is someone else's (a colocated rollout engine) and left
     out of the default budget. Returns (new cfg, a one-line reason for logs)."""
-    import dataclasses
-
     compile_on = device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
     policy, why = cfg.checkpoint_policy, f"checkpoint_policy={cfg.checkpoint_policy}"
-    if policy == "auto":
+    if not cfg.activation_checkpointing:  # the policy is never used: nothing to plan
+        policy, why = ("full" if policy == "auto" else policy), "activation_checkpointing off"
+    elif policy == "auto":
         if device.type != "cuda":
             policy, why = "full", "checkpoint_policy auto -> full (not a CUDA device)"
         else:
             total = torch.cuda.get_device_properties(device).total_memory / 2**30
             budget = cfg.memory_budget_gib or 0.95 * total - reserved_gib
             policy, why = choose_policy(model, row_tokens, budget, optimizer_bytes=optimizer_bytes, shards=shards)
-    if not cfg.activation_checkpointing:
-        why = "activation_checkpointing off"
     return dataclasses.replace(cfg, compile=compile_on, checkpoint_policy=policy), f"{why}; compile {compile_on}"
 
 

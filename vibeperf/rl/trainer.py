@@ -251,8 +251,7 @@ class RLTrainer:
             skipped = int(state.get("nonfinite_skipped", 0))
             log.info("resumed from %s at step %d (phase %s)", resume, self.step_count, state["phase_name"])
         self.start = self.step_count
-        self.finite = FiniteCheck(self.device, self.step_count, cfg.optim.nonfinite)
-        self.finite.skipped = skipped  # the count goes on across a resume
+        self.finite = FiniteCheck(self.device, self.step_count, cfg.optim.nonfinite, skipped)
         self._cursors = cursors
         self.sampler: MixtureSampler | None = None
         autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None

@@ -252,8 +252,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     autocast_dtype = torch.bfloat16 if precision == "bf16-autocast" else None
     orders: dict[tuple[int, int], list[int]] = {}
     ATTENTION_CALLS.clear()
-    finite = FiniteCheck(device, step, cfg.optim.nonfinite)
-    finite.skipped = skipped  # the count goes on across a resume
+    finite = FiniteCheck(device, step, cfg.optim.nonfinite, skipped)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     interval = {"steps": 0, "tokens": 0, "flops": 0.0, "t0": time.perf_counter()}
     last_loss, last_ckpt, start = None, None, step

@@ -46,13 +46,14 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 class FiniteCheck:
-    """The non-finite policy of a training loop (see the module docstring); `skipped` counts the updates left out."""
+    """The non-finite policy of a training loop (see the module docstring); `skipped` counts the updates left out
+    (starting from `skipped`: a resumed run passes its checkpoint's count)."""
 
-    def __init__(self, device: torch.device, first_step: int = 0, policy: str = "stop"):
+    def __init__(self, device: torch.device, first_step: int = 0, policy: str = "stop", skipped: int = 0):
         if policy not in ("stop", "skip"):
             raise ValueError(f"policy must be 'stop' or 'skip', got {policy!r}")
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.first, self.policy, self.skipped = first_step, policy, 0
+        self.first, self.policy, self.skipped = first_step, policy, skipped
 
     def allow(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether to apply the update of this loss and grad norm: always under "stop" (the flag is collected for
