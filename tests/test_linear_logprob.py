@@ -237,6 +237,39 @@ def test_one_chunk_when_it_takes_no_more_memory():
     assert rel_err(one.float(), several.float()) <= 2 * 2**-8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", ["nll", "given+entropy", "step"])
+def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode):
+    """The Triton head GEMM whose epilogue writes the softmax statistics (triton_gemm.py, then one PHASE_GRAD pass)
+    gives the engine's outputs of the cuBLAS GEMM + two-pass row kernel: several chunks with a ragged last one, tiles
+    cut by V (1000 = 31 tiles of 32 + 8), ignored rows, a temperature; the per-token loss step (policy losses)
+    included. fp16 (the interpreter's stand-in for bf16) and fp32."""
+    from vibeperf.kernels.lmhead import triton_gemm
+
+    hidden, weight, targets, _ = make_case(203, 1000, 64, dtype, ignore_every=6)
+    g = torch.Generator().manual_seed(1)
+    kw = dict(temperature=0.8, ignore_index=-100, backend="triton", chunk=80)
+    if mode == "nll":
+        kw.update(loss=1, g_logp=torch.full((203,), 1 / 203))
+    elif mode == "given+entropy":
+        kw.update(loss=0, g_logp=torch.randn(203, generator=g), g_ent=torch.randn(203, generator=g),
+                  want_entropy=True)  # fmt: skip
+    else:
+        kw.update(loss=0, g_logp=None, step=lambda i0, i1, lp, en: torch.exp(lp) - 0.1 * en)
+    workspace = torch.empty(80, 1000, dtype=dtype)
+    assert triton_gemm.eligible(hidden, weight, workspace, None)
+    assert not triton_gemm.eligible(hidden, weight, workspace, torch.zeros(1000, dtype=dtype))
+    ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    monkeypatch.setattr(chunked, "HEAD_GEMM", "triton")
+    out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: dz rounded to fp16 from statistics equal to ~1e-6
+    for name, a, b in zip(["logp", "entropy", "lse", "dh", "dW", "db"], out, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype, name
+            assert rel_err(a.float(), b.float()) <= tol, name
+
+
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
 def test_fp32_master_weight_returns_fp32_dw(backend, dtype):
     """An fp32 weight with low-precision hidden states (fp32 weights under autocast): the op computes in hidden's
@@ -419,8 +452,12 @@ def test_gpu_forward_full_vocab(n):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
-def test_gpu_cross_entropy_grads_full_vocab(n):
+def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
+    """Full Qwen2.5 head, both head GEMMs of the engine (cuBLAS + two-pass rows; Triton with the statistics in its
+    epilogue + one pass): loss, dh, dW within twice plain bf16 PyTorch's error."""
+    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm)
     hidden, weight, targets = _gpu_inputs(n, seed=1)
     ours = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
     ref = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets, backend="torch"), hidden, weight, None,

@@ -1,10 +1,13 @@
 """Where the LM-head time goes: per-pass timings and forward-variant sweep (GPU only).
 
-    python -m vibeperf.bench.lmhead_passes [--n 65536]
+    python -m vibeperf.bench.lmhead_passes [--n 65536] [--train-only] [--head qwen llama3]
 
 Prints, for the Qwen2.5-3B head (H = 2048, V = 151,936, bf16): the fused Triton forward (and its autotuned
 config), the L2-tiled forward at several tile shapes, and the chunked training path split into its passes
 (head GEMM, row epilogue, dh GEMM, fp32 dW accumulation). Every variant is checked against the fp32 reference.
+`--train-only` runs only `train_sweep`: the training path's passes and engine variants (the head GEMM with the
+softmax statistics in its epilogue, the persistent row kernel) against the default and three bare GEMMs, for each
+`--head` (qwen: H 2,048, V 151,936; llama3: H 4,096, V 128,256); variants are checked against the default.
 """
 
 from __future__ import annotations
@@ -14,18 +17,99 @@ import argparse
 import torch
 
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
-from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_rows
+from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_gemm, triton_rows
 
 from .common import do_bench_ms, peak_matmul_tflops, relative_error
-from .registry import TOL, H, V, head_inputs
+from .registry import LLAMA3_H, LLAMA3_V, TOL, H, V, head_inputs
+
+HEADS = {"qwen": (H, V), "llama3": (LLAMA3_H, LLAMA3_V)}
+
+
+def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
+    """Per-pass times of one chunk (scaled to all chunks) and the whole CE fwd+bwd under each engine variant."""
+    x = head_inputs(n, hidden_size=h_size, vocab=vocab)
+    h, w, t = x["hidden"], x["weight"], x["targets"]
+    tag = f"N={n:6d} H={h_size} V={vocab}"
+    frac = lambda ms, passes: passes * 2 * n * h_size * vocab / (ms * 1e-3) / 1e12 / peak
+    c = chunked.chunk_rows(n, vocab, 2, dw_hidden=h_size)
+    per = n / c
+    z = torch.empty((c, vocab), device="cuda", dtype=torch.bfloat16)
+    hc, tc = h[:c], t[:c]
+    g = torch.full((c,), 1.0 / n, device="cuda")
+    stats = triton_rows.lmhead_row_grad(z.copy_(hc @ w.T), tc, None, g, None, 1.0, -100, 1, False,
+                                        phase=triton_rows.PHASE_STATS)  # fmt: skip
+    part, zt = triton_gemm.head_gemm_stats(hc, w, z, tc, 1.0, False)
+    fused_stats = triton_gemm.merge_partials(part, zt, tc, -100, False)
+    err = max(relative_error(a, b) for a, b in zip((fused_stats[0], fused_stats[2]), (stats[0], stats[2])))
+    print(f"{tag} chunk {c} rows x {per:.1f}; fused-epilogue statistics vs row kernel: rel err {err:.1e}"
+          f"{'' if err <= 1e-5 else '  WRONG'}  (GEMM config {triton_gemm.head_gemm_stats_kernel.best_config})")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    passes = [
+        ("head GEMM (cuBLAS)", lambda: torch.mm(hc, w.T, out=z), 1),
+        ("head GEMM + stats epilogue (triton)", lambda: triton_gemm.head_gemm_stats(hc, w, z, tc, 1.0, False), 1),
+        ("head GEMM + stats + merge (triton)", lambda: triton_gemm.merge_partials(
+            *triton_gemm.head_gemm_stats(hc, w, z, tc, 1.0, False), tc, -100, False), 1),
+        ("row grad phase only (1 read + 1 write)", lambda: triton_rows.lmhead_row_grad(
+            z, tc, None, g, None, 1.0, -100, 1, False, phase=triton_rows.PHASE_GRAD, stats=stats), -2),
+    ]
+    for progs, nw, bv in ((None, 16, 4096), (sms, 16, 4096), (sms, 32, 4096), (sms, 32, 8192), (2 * sms, 16, 4096),
+                          (2 * sms, 32, 4096), (4 * sms, 16, 4096), (None, 8, 2048)):
+        passes.append((f"row full progs={progs} w={nw} bv={bv}", lambda progs=progs, nw=nw, bv=bv: (
+            triton_rows.lmhead_row_grad(z, tc, None, g, None, 1.0, -100, 1, False, programs=progs, num_warps=nw,
+                                        block_v=bv)), -3))  # fmt: skip
+    dh = torch.empty_like(hc)
+    dw32 = torch.zeros((vocab, h_size), device="cuda", dtype=torch.float32)
+    passes += [("dh GEMM", lambda: torch.mm(z, w, out=dh), 1),
+               ("dW fp32 accumulate", lambda: chunked._accumulate_fp32(dw32, z.T, hc), 1)]
+    for name, fn, fl in passes:
+        ms = do_bench_ms(fn, rep_ms=200)
+        extra = f"{fl * 2 * c * h_size * vocab / (ms * 1e-3) / 1e12 / peak:.3f} of peak" if fl > 0 else \
+            f"{-fl * c * vocab * 2 / (ms * 1e-3) / 1e12:.2f} TB/s ({-fl} passes of the chunk)"  # fmt: skip
+        print(f"{tag} {name:<40} {ms * per:8.2f} ms  {extra}", flush=True)
+    z = dw32 = dh = passes = None  # free the chunk buffers before the whole-op runs
+    xg = head_inputs(n, grad=True, hidden_size=h_size, vocab=vocab)
+    grads = lambda: torch.autograd.grad(linear_cross_entropy(xg["hidden"], xg["weight"], xg["targets"]),
+                                        [xg["hidden"], xg["weight"]])  # fmt: skip
+    ref = grads()
+    for name, gemm, progs in (("default", "cublas", None), ("triton head GEMM + stats", "triton", None),
+                              ("persistent row kernel", "cublas", sms), ("persistent row x2", "cublas", 2 * sms),
+                              ("triton head GEMM + persistent rows", "triton", sms)):
+        chunked.HEAD_GEMM, chunked.ROW_PROGRAMS = gemm, progs
+        try:
+            out = grads()
+            err = max(relative_error(a.float(), b.float()) for a, b in zip(out, ref))
+            ms = do_bench_ms(grads, rep_ms=600)
+            print(f"{tag} CE fwd+bwd {name:<34} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak  vs default {err:.1e}"
+                  f"{'' if err <= 1e-2 else '  WRONG'}", flush=True)
+        finally:
+            chunked.HEAD_GEMM, chunked.ROW_PROGRAMS = "cublas", None
+    if n * vocab * 2 * 2 < 40 * 2**30:
+        zf = torch.empty((n, vocab), device="cuda", dtype=torch.bfloat16)
+
+        def floor():
+            torch.mm(h, w.T, out=zf)
+            torch.mm(zf, w)
+            torch.mm(zf.T, h)
+
+        ms = do_bench_ms(floor, rep_ms=600)
+        print(f"{tag} three bare GEMMs (floor)                   {ms:8.2f} ms  {frac(ms, 3):.3f} of peak", flush=True)
+        zf = None
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[8192, 65536])
+    ap.add_argument("--train-only", action="store_true", help="only the training path's sweep (train_sweep)")
+    ap.add_argument("--head", nargs="+", choices=sorted(HEADS), default=["qwen"])
     args = ap.parse_args(argv)
     peak = peak_matmul_tflops()
     print(f"peak {peak:.1f} TFLOP/s")
+    if args.train_only:
+        for head in args.head:
+            for n in args.n:
+                train_sweep(n, *HEADS[head], peak)
+                torch.cuda.empty_cache()
+        return
     for n in args.n:
         x = head_inputs(n)
         h, w, t = x["hidden"], x["weight"], x["targets"]
