@@ -237,15 +237,18 @@ def test_one_chunk_when_it_takes_no_more_memory():
     assert rel_err(one.float(), several.float()) <= 2 * 2**-8
 
 
+@pytest.mark.parametrize("epi_split", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mode", ["nll", "given+entropy", "step"])
-def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode):
-    """The Triton head GEMM whose epilogue writes the softmax statistics (triton_gemm.py, then one PHASE_GRAD pass)
-    gives the engine's outputs of the cuBLAS GEMM + two-pass row kernel: several chunks with a ragged last one, tiles
-    cut by V (1000 = 31 tiles of 32 + 8), ignored rows, a temperature; the per-token loss step (policy losses)
-    included. fp16 (the interpreter's stand-in for bf16) and fp32."""
+def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, epi_split):
+    """The Triton head GEMM whose epilogue writes the rows' partial softmax states (triton_gemm.py; the row kernel
+    merges them and reads and writes z once) gives the engine's outputs of the cuBLAS GEMM + two-pass row kernel:
+    several chunks with a ragged last one, tiles cut by V (1000 = 31 tiles of 32 + 8: with the epilogue in two
+    pieces, the last tile's second piece lies wholly past V), ignored rows, a temperature; the per-token loss step
+    (policy losses) included. fp16 (the interpreter's stand-in for bf16) and fp32."""
     from vibeperf.kernels.lmhead import triton_gemm
 
+    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(epi_split)])
     hidden, weight, targets, _ = make_case(203, 1000, 64, dtype, ignore_every=6)
     g = torch.Generator().manual_seed(1)
     kw = dict(temperature=0.8, ignore_index=-100, backend="triton", chunk=80)

@@ -20,9 +20,9 @@ import torch
 
 from . import settings, triton_gemm, triton_rows
 
-# Experiment knobs (set by vibeperf.bench.lmhead_passes; the defaults are the measured choice):
-HEAD_GEMM = "cublas"  # "triton": the head GEMM with the softmax statistics in its epilogue (triton_gemm.py)
-ROW_PROGRAMS: int | None = None  # programs of the PHASE_FULL row kernel (None: one per row)
+# The head GEMM of backend "triton": "cublas" (torch.mm, then the row kernel's statistics pass) or "triton" (the
+# statistics in the GEMM's epilogue, triton_gemm.py); vibeperf.bench.lmhead_passes measures both.
+HEAD_GEMM = "cublas"
 
 
 def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None,
@@ -109,31 +109,18 @@ def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, l
     return logp, ent, lse
 
 
-def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss, want_entropy, step=None):
-    """The Triton row epilogue with the contract of `row_grad_torch`: one launch, or two around `step`."""
+def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss, want_entropy, step=None,
+                     partials=None):  # fmt: skip
+    """The Triton row epilogue with the contract of `row_grad_torch`: one launch, or two around `step`; partials:
+    the rows' softmax states from the head GEMM's epilogue (`triton_gemm.head_gemm_stats`), if it ran."""
     if step is None:
         return triton_rows.lmhead_row_grad(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss,
-                                           want_entropy, programs=ROW_PROGRAMS)  # fmt: skip
+                                           want_entropy, partials=partials)  # fmt: skip
     stats = triton_rows.lmhead_row_grad(z, targets, bias, None, None, temperature, ignore_index, loss, True,
-                                        phase=triton_rows.PHASE_STATS)  # fmt: skip
+                                        phase=triton_rows.PHASE_STATS, partials=partials)  # fmt: skip
     g = step(stats[0], stats[1]).float().contiguous()
     return triton_rows.lmhead_row_grad(z, targets, bias, g, g_ent, temperature, ignore_index, triton_rows.LOSS_GIVEN,
                                        True, phase=triton_rows.PHASE_GRAD, stats=stats)  # fmt: skip
-
-
-def _head_gemm_row_grad(h_c, weight, z, targets, g_logp, g_ent, temperature, ignore_index, loss, want_entropy,
-                        step=None):  # fmt: skip
-    """z = h_c W^T with the statistics from the GEMM's epilogue (triton_gemm.py), then one PHASE_GRAD pass: the
-    contract of `row_grad_torch` (bias-free), the head GEMM included."""
-    want_ent = want_entropy or step is not None or g_ent is not None
-    part, zt = triton_gemm.head_gemm_stats(h_c, weight, z, targets, temperature, want_ent)
-    stats = triton_gemm.merge_partials(part, zt, targets, ignore_index, want_ent)
-    if step is not None:
-        g_logp, loss = step(stats[0], stats[1]).float().contiguous(), triton_rows.LOSS_GIVEN
-    triton_rows.lmhead_row_grad(z, targets, None, g_logp, g_ent, temperature, ignore_index, loss, want_ent,
-                                phase=triton_rows.PHASE_GRAD, stats=stats)  # fmt: skip
-    logp, ent, lse = stats
-    return logp, ent if want_entropy or step is not None else None, lse
 
 
 _DTYPE_OUT_ADDMM: bool | None = None
@@ -225,16 +212,17 @@ def lmhead_chunked(
         i1 = min(n, i0 + c)
         h_c = hidden[i0:i1]
         z = workspace[: i1 - i0]
-        row_args = (
-            z, targets[i0:i1], None if g_logp is None else g_logp[i0:i1], None if g_ent is None else g_ent[i0:i1],
-            temperature, ignore_index, loss, want_entropy,
-            None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c)),
-        )  # fmt: skip
+        extra = {}
         if fused:
-            lp, en, ls = _head_gemm_row_grad(h_c, weight, *row_args)
+            want_t = want_entropy or step is not None or g_ent is not None
+            extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
         else:
             torch.mm(h_c, weight.T, out=z)  # [C, V]
-            lp, en, ls = row_grad(row_args[0], row_args[1], bias, *row_args[2:])
+        lp, en, ls = row_grad(
+            z, targets[i0:i1], bias, None if g_logp is None else g_logp[i0:i1],
+            None if g_ent is None else g_ent[i0:i1], temperature, ignore_index, loss, want_entropy,
+            None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c)), **extra,
+        )  # fmt: skip
         logp[i0:i1] = lp
         lse[i0:i1] = ls
         if want_entropy:

@@ -3,9 +3,8 @@
 z = h_c W^T is written to the chunk's workspace as the bf16/fp16 GEMM output, as cuBLAS would; while each [BM, BN]
 output tile is still in registers the epilogue folds it (as rounded to z's dtype, the values the gradient pass will
 read) into per-row partial softmax states of that vocabulary tile: max m, s = sum 2^(z - m), t = sum 2^(z - m)(z - m)
-(base 2, z scaled by log2(e) / temperature), and picks the target's logit out of the one tile that holds it.
-`merge_partials` folds the [C, tiles] partials into lse, log-prob and entropy. The row kernel then needs one pass
-over the chunk (PHASE_GRAD: read z, write dz) instead of two reads and a write (PHASE_FULL).
+(base 2, z scaled by log2(e) / temperature). The row kernel (`triton_rows.py`, `partials=`) merges a row's
+partials into its lse and entropy, so it reads and writes the chunk once instead of reading it twice.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, LN2_F, LOG2E
+from .triton_fwd import INTERPRET, LOG2E
 
 try:  # Triton >= 3.3 host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -27,22 +26,29 @@ def _block_shapes(nargs):
     bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
     nargs["h_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    nargs["z_desc"].block_shape = [bm, bn]
+    nargs["z_desc"].block_shape = [bm, bn // nargs["EPI_SPLIT"]]
+
+
+def interpreter_config(epi_split: int) -> triton.Config:
+    """The one config of CPU runs (the interpreter cannot autotune): small tiles, epilogue in `epi_split` pieces."""
+    return triton.Config({"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2, "EPI_SPLIT": epi_split}, num_warps=4,
+                         num_stages=1, pre_hook=_block_shapes)  # fmt: skip
 
 
 def _configs():
     if INTERPRET:
-        return [triton.Config({"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2}, num_warps=4, num_stages=1,
-                              pre_hook=_block_shapes)]  # fmt: skip
+        return [interpreter_config(2)]
     return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=_block_shapes)
-        for bm, bn, bk, w, s in [
-            (128, 256, 64, 8, 3),
-            (128, 256, 64, 8, 4),
-            (128, 128, 64, 8, 4),
-            (128, 128, 64, 4, 4),
-            (128, 128, 128, 8, 3),
-            (256, 128, 64, 8, 3),
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "EPI_SPLIT": e}, num_warps=w, num_stages=s,
+                      pre_hook=_block_shapes)  # fmt: skip
+        for bm, bn, bk, w, s, e in [
+            (128, 256, 64, 8, 3, 1),
+            (128, 256, 64, 8, 3, 2),
+            (128, 256, 64, 8, 4, 2),
+            (128, 128, 64, 8, 4, 1),
+            (128, 128, 64, 4, 4, 1),
+            (128, 128, 64, 4, 5, 2),
+            (256, 128, 64, 8, 3, 2),
         ]
     ]
 
@@ -53,9 +59,7 @@ def head_gemm_stats_kernel(
     h_desc,  # [C, H] block [BM, BK]
     w_desc,  # [V, H] block [BN, BK]
     z_desc,  # [C, V] block [BM, BN], written
-    tgt_ptr,  # [C] int64
     part_ptr,  # [3, C, n_tiles] fp32 out: m, s, t per row and vocabulary tile
-    zt_ptr,  # [C] fp32 out: the target's scaled logit (base 2)
     C,
     V,
     H,
@@ -66,6 +70,7 @@ def head_gemm_stats_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
 ):
     num_m = tl.cdiv(C, BM)
     num_n = tl.cdiv(V, BN)
@@ -85,28 +90,45 @@ def head_gemm_stats_kernel(
             a = h_desc.load([off_m, ki * BK])
             b = w_desc.load([off_n, ki * BK])
             acc = tl.dot(a, b.T, acc)
-        zq = acc.to(z_desc.dtype)
-        z_desc.store([off_m, off_n], zq)
-        # Epilogue: the tile's partial softmax state per row, from the values as stored.
-        cols = off_n + tl.arange(0, BN)
+        # Epilogue: the tile's partial softmax state per row, from the values as stored, in EPI_SPLIT column pieces
+        # (fewer live registers), merged into one state per row and tile.
+        if EPI_SPLIT == 1:
+            m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T)
+        else:
+            a0, a1 = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)).split()
+            m0, s0, t0 = _store_piece(z_desc, a0, off_m, off_n, V, scale_log2, WANT_T)
+            m1, s1, t1 = _store_piece(z_desc, a1, off_m, off_n + BN // 2, V, scale_log2, WANT_T)
+            m = tl.maximum(m0, m1)
+            w0 = tl.exp2(m0 - m)
+            w1 = tl.exp2(m1 - m)
+            s = s0 * w0 + s1 * w1
+            t = w0 * (t0 + s0 * (m0 - m)) + tl.where(s1 > 0, w1 * (t1 + s1 * (m1 - m)), 0.0)  # piece 1 may be empty
         rows = off_m + tl.arange(0, BM)
-        zs = zq.to(tl.float32) * scale_log2
-        zs = tl.where(cols[None, :] < V, zs, float("-inf"))
-        m = tl.max(zs, axis=1)
-        zc = zs - m[:, None]
-        p = tl.exp2(zc)
-        s = tl.sum(p, axis=1)
         row_ok = rows < C
         base = rows.to(tl.int64) * num_n + pid_n
         tl.store(part_ptr + base, m, mask=row_ok)
         tl.store(part_ptr + C * num_n + base, s, mask=row_ok)
         if WANT_T:
-            t = tl.sum(p * tl.where(cols[None, :] < V, zc, 0.0), axis=1)
             tl.store(part_ptr + 2 * C * num_n + base, t, mask=row_ok)
-        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        hit = row_ok & (tgt >= off_n) & (tgt < off_n + BN)
-        zt = tl.sum(tl.where(cols[None, :] == tgt[:, None], zs, 0.0), axis=1)
-        tl.store(zt_ptr + rows, zt, mask=hit)
+
+
+@triton.jit
+def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr):
+    """Store a [BM, B] piece of z at (off_m, off_n) in z's dtype; return its rows' softmax state (m, s, t), base 2,
+    over the columns < V (a piece always has one: its tile starts below V, and B <= the tile's width)."""
+    zq = acc.to(z_desc.dtype)
+    z_desc.store([off_m, off_n], zq)
+    cols = off_n + tl.arange(0, acc.shape[1])
+    zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
+    m = tl.max(zs, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a second piece wholly past V
+    zc = zs - m_safe[:, None]
+    p = tl.exp2(zc)
+    s = tl.sum(p, axis=1)
+    t = s
+    if WANT_T:
+        t = tl.sum(p * tl.where(cols[None, :] < V, zc, 0.0), axis=1)
+    return m, s, t
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -126,10 +148,10 @@ def eligible(hidden: torch.Tensor, weight: torch.Tensor, workspace: torch.Tensor
                for t in (hidden, weight, workspace))  # fmt: skip
 
 
-def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, targets: torch.Tensor,
-                    temperature: float, want_entropy: bool):  # fmt: skip
-    """z[:] = h_c @ weight.T (in z's dtype); returns the partials [3, C, tiles] (m, s, t) and the target's scaled
-    logit [C] (base 2; rows whose target is outside [0, V) keep garbage, masked by `merge_partials`)."""
+def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, temperature: float,
+                    want_t: bool) -> torch.Tensor:  # fmt: skip
+    """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
+    want_t (entropy), t; base 2, logits / temperature)."""
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
@@ -145,30 +167,11 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, ta
     def grid(meta):
         return (min(progs, triton.cdiv(c, meta["BM"]) * triton.cdiv(v, meta["BN"])),)
 
-    zt = torch.zeros(c, device=dev, dtype=torch.float32)
     # The partials' layout depends on the config's BN: sized for the smallest, viewed as the chosen one wrote it.
     min_bn = min(cfg.kwargs["BN"] for cfg in head_gemm_stats_kernel.configs)
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
-        h_desc, w_desc, z_desc, targets, part_store, zt, c, v, h, LOG2E / temperature,
-        NUM_PROGS=progs, WANT_T=want_entropy,
+        h_desc, w_desc, z_desc, part_store, c, v, h, LOG2E / temperature, NUM_PROGS=progs, WANT_T=want_t,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
-    return part_store[: 3 * c * n_tiles].view(3, c, n_tiles), zt
-
-
-def merge_partials(part: torch.Tensor, zt: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                   want_entropy: bool):  # fmt: skip
-    """(logp, entropy or None, lse) [C] fp32 from the per-tile partial states (natural log)."""
-    m, s, t = part[0], part[1], part[2]
-    mx = m.amax(dim=1, keepdim=True)
-    w = torch.exp2(m - mx)
-    ss = (s * w).sum(1)
-    lse2 = mx.squeeze(1) + torch.log2(ss)
-    valid = targets != ignore_index
-    logp = torch.where(valid, (zt - lse2) * LN2_F, 0.0)
-    ent = None
-    if want_entropy:
-        tt = (w * (t + s * (m - mx))).sum(1)
-        ent = torch.where(valid, (torch.log2(ss) - tt / ss) * LN2_F, 0.0)
-    return logp, ent, lse2 * LN2_F
+    return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)

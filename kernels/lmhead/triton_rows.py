@@ -8,6 +8,9 @@ g = dLoss/dlogp and g_H = dLoss/dentropy of the token. PHASE_FULL runs both in o
 the row is re-read mostly from L2); PHASE_STATS and PHASE_GRAD run them as two launches, so that a loss can form g
 from the chunk's log-probs in between (`chunked.TokenStep`: the policy losses), from lse and entropy stored in [C]
 vectors. The dh and dW GEMMs then read that chunk; no [N, V] tensor ever exists.
+When the head GEMM already folded each output tile into partial softmax states (`triton_gemm.py`), the statistics
+come from those [tiles] partials of the row instead of a pass over it (`partials=`): PHASE_FULL then reads and
+writes the row once, and PHASE_STATS reads no logit but the target's.
 """
 
 from __future__ import annotations
@@ -24,7 +27,34 @@ PHASE_FULL, PHASE_STATS, PHASE_GRAD = 0, 1, 2
 LOG2E_C = tl.constexpr(LOG2E)  # kernels may read only constexpr globals
 
 
-@triton.jit(do_not_specialize=["C", "ignore_index"])
+@triton.jit
+def merge_partial_states(part_ptr, row, plane, n_part, WANT_T: tl.constexpr):
+    """One row's softmax state (m, s, t), base 2, from its per-tile partial states (m_j, s_j, t_j), each relative
+    to its own max: s = sum_j s_j 2^(m_j - m), t = sum_j 2^(m_j - m) (t_j + s_j (m_j - m)). The m, s and t
+    planes are `plane` elements apart, each [C, n_part]."""
+    BLOCK: tl.constexpr = 1024
+    base = part_ptr + row * n_part
+    mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    for j0 in range(0, n_part, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        mx = tl.maximum(mx, tl.load(base + offs, mask=offs < n_part, other=float("-inf")))
+    m = tl.max(mx, axis=0)
+    s = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    for j0 in range(0, n_part, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        ok = offs < n_part
+        mj = tl.load(base + offs, mask=ok, other=float("-inf"))
+        w = tl.exp2(mj - m)
+        sj = tl.load(base + plane + offs, mask=ok, other=0.0)
+        s += w * sj
+        if WANT_T:
+            tj = tl.load(base + 2 * plane + offs, mask=ok, other=0.0)
+            t += tl.where(ok, w * (tj + sj * (mj - m)), 0.0)
+    return m, tl.sum(s, axis=0), tl.sum(t, axis=0)
+
+
+@triton.jit(do_not_specialize=["ignore_index", "part_plane", "n_part"])
 def lmhead_row_grad_kernel(
     z_ptr,  # [C, V] raw logits h W^T, overwritten with dLoss / d(h W^T) (not PHASE_STATS)
     b_ptr,  # [V] or dummy
@@ -34,7 +64,9 @@ def lmhead_row_grad_kernel(
     logp_ptr,  # [C] fp32 out (in PHASE_GRAD: unused)
     ent_ptr,  # [C] fp32 out (WANT_ENTROPY); in PHASE_GRAD the entropy in (GRAD_ENTROPY)
     lse_ptr,  # [C] fp32 out; in PHASE_GRAD the log-sum-exp in
-    C,
+    part_ptr,  # [3, C, n_part] fp32 partial states (m, s, t) per vocabulary tile (FROM_PARTIALS) or dummy
+    part_plane,  # C * n_part
+    n_part,
     V,
     stride_z,
     scale_log2,  # log2(e) / temperature
@@ -45,55 +77,58 @@ def lmhead_row_grad_kernel(
     HAS_BIAS: tl.constexpr,
     WANT_ENTROPY: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
+    FROM_PARTIALS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    # Programs stride over the rows: one per row (grid = C), or persistent (grid < C) so that fewer rows are in
-    # flight and each row's second read (the gradient phase) finds it still in L2.
-    for row in range(tl.program_id(0).to(tl.int64), C, tl.num_programs(0)):
-        z_row = z_ptr + row * stride_z
-        tgt = tl.load(tgt_ptr + row)
-        valid = tgt != ignore_index
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    tgt = tl.load(tgt_ptr + row)
+    valid = tgt != ignore_index
 
-        if PHASE == 2:
-            lse2 = tl.load(lse_ptr + row) * LOG2E_C
-            ez2 = lse2  # E_p[z] in base 2 (only read when GRAD_ENTROPY)
-            if GRAD_ENTROPY:
-                ez2 = lse2 - tl.load(ent_ptr + row) * LOG2E_C
+    if PHASE == 2:
+        lse2 = tl.load(lse_ptr + row) * LOG2E_C
+        ez2 = lse2  # E_p[z] in base 2 (only read when GRAD_ENTROPY)
+        if GRAD_ENTROPY:
+            ez2 = lse2 - tl.load(ent_ptr + row) * LOG2E_C
+    else:
+        safe_tgt = tl.where(valid, tgt, 0)
+        if FROM_PARTIALS:
+            m, s, t = merge_partial_states(part_ptr, row, part_plane, n_part, WANT_ENTROPY or GRAD_ENTROPY)
         else:
-            safe_tgt = tl.where(valid, tgt, 0)
-            m, s, t = row_softmax_state(z_row, b_ptr, V, scale_log2, HAS_BIAS, WANT_ENTROPY or GRAD_ENTROPY, BLOCK_V)
-            lse2 = m + tl.log2(s)
-            ez2 = m + t / s  # E_p[z], base 2
-            z_t = tl.load(z_row + safe_tgt).to(tl.float32)
-            if HAS_BIAS:
-                z_t += tl.load(b_ptr + safe_tgt).to(tl.float32)
-            logp = tl.where(valid, (z_t * scale_log2 - lse2) * LN2, 0.0)
-            tl.store(logp_ptr + row, logp)
-            tl.store(lse_ptr + row, lse2 * LN2)
-            if WANT_ENTROPY:
-                tl.store(ent_ptr + row, tl.where(valid, (tl.log2(s) - t / s) * LN2, 0.0))
+            m, s, t = row_softmax_state(z_row, b_ptr, V, scale_log2, HAS_BIAS, WANT_ENTROPY or GRAD_ENTROPY,
+                                        BLOCK_V)  # fmt: skip
+        lse2 = m + tl.log2(s)
+        ez2 = m + t / s  # E_p[z], base 2
+        z_t = tl.load(z_row + safe_tgt).to(tl.float32)
+        if HAS_BIAS:
+            z_t += tl.load(b_ptr + safe_tgt).to(tl.float32)
+        logp = tl.where(valid, (z_t * scale_log2 - lse2) * LN2, 0.0)
+        tl.store(logp_ptr + row, logp)
+        tl.store(lse_ptr + row, lse2 * LN2)
+        if WANT_ENTROPY:
+            tl.store(ent_ptr + row, tl.where(valid, (tl.log2(s) - t / s) * LN2, 0.0))
 
-        if PHASE != 1:
-            if LOSS == 0:
-                g = tl.load(g_logp_ptr + row)
-            else:
-                g = -tl.load(g_logp_ptr + row)
-            g = tl.where(valid, g, 0.0)
-            g_ent = tl.zeros([], tl.float32)
+    if PHASE != 1:
+        if LOSS == 0:
+            g = tl.load(g_logp_ptr + row)
+        else:
+            g = -tl.load(g_logp_ptr + row)
+        g = tl.where(valid, g, 0.0)
+        g_ent = tl.zeros([], tl.float32)
+        if GRAD_ENTROPY:
+            g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = z * scale_log2
+            p = tl.exp2(z - lse2)
+            dz = g * (tl.where(offs == tgt, 1.0, 0.0) - p)
             if GRAD_ENTROPY:
-                g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                mask = offs < V
-                z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    z += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                z = z * scale_log2
-                p = tl.exp2(z - lse2)
-                dz = g * (tl.where(offs == tgt, 1.0, 0.0) - p)
-                if GRAD_ENTROPY:
-                    dz += g_ent * p * (ez2 - z) * LN2
-                tl.store(z_row + offs, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=mask)
+                dz += g_ent * p * (ez2 - z) * LN2
+            tl.store(z_row + offs, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=mask)
 
 
 def lmhead_row_grad(
@@ -108,19 +143,18 @@ def lmhead_row_grad(
     want_entropy: bool,
     phase: int = PHASE_FULL,
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-    programs: int | None = None,
-    num_warps: int | None = None,
-    block_v: int | None = None,
+    partials: torch.Tensor | None = None,
 ):
     """Host launcher on z [C, V]; returns (logp [C], entropy [C] or None, lse [C]), fp32.
 
     PHASE_FULL: statistics and dz in place. PHASE_STATS: statistics only (z untouched; g_logp / g_ent unused).
     PHASE_GRAD: dz in place from `stats` = (logp, entropy or None, lse) of an earlier PHASE_STATS launch (entropy
     needed when g_ent is given), which are returned as they are.
-    programs: how many programs stride over the C rows (None: one per row); num_warps / block_v: the launch shape
-    (None: 16 warps x 4096).
+    partials: [3, C, tiles] fp32 partial softmax states of the rows (`triton_gemm.head_gemm_stats`), read instead
+    of a statistics pass over z (bias-free; PHASE_FULL and PHASE_STATS).
     """
     c, v = z.shape
+    assert partials is None or (partials.is_contiguous() and partials.shape[1] == c and bias is None)
     if phase == PHASE_GRAD:
         logp, ent, lse = stats
     else:
@@ -128,13 +162,14 @@ def lmhead_row_grad(
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if want_entropy else None
     dummy = logp
-    grid = (c if programs is None else max(1, min(c, programs)),)
-    lmhead_row_grad_kernel[grid](
+    lmhead_row_grad_kernel[(c,)](
         z, bias if bias is not None else z, targets, g_logp if g_logp is not None else dummy,
         g_ent if g_ent is not None else dummy, logp, ent if ent is not None else dummy, lse,
-        c, v, z.stride(0), LOG2E / temperature, 1.0 / temperature, ignore_index,
+        partials if partials is not None else dummy, 0 if partials is None else partials.stride(0),
+        0 if partials is None else partials.shape[2], v, z.stride(0), LOG2E / temperature, 1.0 / temperature,
+        ignore_index,
         LOSS=loss, PHASE=phase, HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy and phase != PHASE_GRAD,
-        GRAD_ENTROPY=g_ent is not None and phase != PHASE_STATS,
-        BLOCK_V=128 if INTERPRET else (block_v or 4096), num_warps=1 if INTERPRET else (num_warps or 16),
+        GRAD_ENTROPY=g_ent is not None and phase != PHASE_STATS, FROM_PARTIALS=partials is not None,
+        BLOCK_V=128 if INTERPRET else 4096, num_warps=1 if INTERPRET else 16,
     )  # fmt: skip
     return logp, (ent if want_entropy else None), lse

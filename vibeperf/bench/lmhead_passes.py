@@ -36,27 +36,23 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     z = torch.empty((c, vocab), device="cuda", dtype=torch.bfloat16)
     hc, tc = h[:c], t[:c]
     g = torch.full((c,), 1.0 / n, device="cuda")
-    stats = triton_rows.lmhead_row_grad(z.copy_(hc @ w.T), tc, None, g, None, 1.0, -100, 1, False,
-                                        phase=triton_rows.PHASE_STATS)  # fmt: skip
-    part, zt = triton_gemm.head_gemm_stats(hc, w, z, tc, 1.0, False)
-    fused_stats = triton_gemm.merge_partials(part, zt, tc, -100, False)
-    err = max(relative_error(a, b) for a, b in zip((fused_stats[0], fused_stats[2]), (stats[0], stats[2])))
-    print(f"{tag} chunk {c} rows x {per:.1f}; fused-epilogue statistics vs row kernel: rel err {err:.1e}"
-          f"{'' if err <= 1e-5 else '  WRONG'}  (GEMM config {triton_gemm.head_gemm_stats_kernel.best_config})")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.mm(hc, w.T, out=z)
+    stats = triton_rows.lmhead_row_grad(z, tc, None, g, None, 1.0, -100, 1, True, phase=triton_rows.PHASE_STATS)
+    part = triton_gemm.head_gemm_stats(hc, w, z, 1.0, True)
+    merged = triton_rows.lmhead_row_grad(z, tc, None, g, None, 1.0, -100, 1, True, phase=triton_rows.PHASE_STATS,
+                                         partials=part)  # fmt: skip
+    err = max(relative_error(a, b) for a, b in zip(merged, stats))
+    print(f"{tag} chunk {c} rows x {per:.1f}; statistics from the GEMM epilogue's partials vs the row pass: rel err "
+          f"{err:.1e}{'' if err <= 1e-5 else '  WRONG'}  ({triton_gemm.head_gemm_stats_kernel.best_config})")
     passes = [
         ("head GEMM (cuBLAS)", lambda: torch.mm(hc, w.T, out=z), 1),
-        ("head GEMM + stats epilogue (triton)", lambda: triton_gemm.head_gemm_stats(hc, w, z, tc, 1.0, False), 1),
-        ("head GEMM + stats + merge (triton)", lambda: triton_gemm.merge_partials(
-            *triton_gemm.head_gemm_stats(hc, w, z, tc, 1.0, False), tc, -100, False), 1),
-        ("row grad phase only (1 read + 1 write)", lambda: triton_rows.lmhead_row_grad(
-            z, tc, None, g, None, 1.0, -100, 1, False, phase=triton_rows.PHASE_GRAD, stats=stats), -2),
+        ("head GEMM + stats epilogue (triton)", lambda: triton_gemm.head_gemm_stats(hc, w, z, 1.0, False), 1),
+        ("head GEMM + stats epilogue + entropy", lambda: triton_gemm.head_gemm_stats(hc, w, z, 1.0, True), 1),
+        ("row kernel (2 reads + 1 write)", lambda: triton_rows.lmhead_row_grad(
+            z, tc, None, g, None, 1.0, -100, 1, False), -3),
+        ("row kernel from partials (1 + 1)", lambda: triton_rows.lmhead_row_grad(
+            z, tc, None, g, None, 1.0, -100, 1, False, partials=part), -2),
     ]
-    for progs, nw, bv in ((None, 16, 4096), (sms, 16, 4096), (sms, 32, 4096), (sms, 32, 8192), (2 * sms, 16, 4096),
-                          (2 * sms, 32, 4096), (4 * sms, 16, 4096), (None, 8, 2048)):
-        passes.append((f"row full progs={progs} w={nw} bv={bv}", lambda progs=progs, nw=nw, bv=bv: (
-            triton_rows.lmhead_row_grad(z, tc, None, g, None, 1.0, -100, 1, False, programs=progs, num_warps=nw,
-                                        block_v=bv)), -3))  # fmt: skip
     dh = torch.empty_like(hc)
     dw32 = torch.zeros((vocab, h_size), device="cuda", dtype=torch.float32)
     passes += [("dh GEMM", lambda: torch.mm(z, w, out=dh), 1),
@@ -66,23 +62,22 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
         extra = f"{fl * 2 * c * h_size * vocab / (ms * 1e-3) / 1e12 / peak:.3f} of peak" if fl > 0 else \
             f"{-fl * c * vocab * 2 / (ms * 1e-3) / 1e12:.2f} TB/s ({-fl} passes of the chunk)"  # fmt: skip
         print(f"{tag} {name:<40} {ms * per:8.2f} ms  {extra}", flush=True)
-    z = dw32 = dh = passes = None  # free the chunk buffers before the whole-op runs
+    z = dw32 = dh = passes = part = None  # free the chunk buffers before the whole-op runs
     xg = head_inputs(n, grad=True, hidden_size=h_size, vocab=vocab)
     grads = lambda: torch.autograd.grad(linear_cross_entropy(xg["hidden"], xg["weight"], xg["targets"]),
                                         [xg["hidden"], xg["weight"]])  # fmt: skip
     ref = grads()
-    for name, gemm, progs in (("default", "cublas", None), ("triton head GEMM + stats", "triton", None),
-                              ("persistent row kernel", "cublas", sms), ("persistent row x2", "cublas", 2 * sms),
-                              ("triton head GEMM + persistent rows", "triton", sms)):
-        chunked.HEAD_GEMM, chunked.ROW_PROGRAMS = gemm, progs
+    for gemm in ("cublas", "triton"):
+        chunked.HEAD_GEMM = gemm
+        name = f"head GEMM {gemm}"
         try:
             out = grads()
             err = max(relative_error(a.float(), b.float()) for a, b in zip(out, ref))
             ms = do_bench_ms(grads, rep_ms=600)
-            print(f"{tag} CE fwd+bwd {name:<34} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak  vs default {err:.1e}"
+            print(f"{tag} CE fwd+bwd {name:<34} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak  vs cublas {err:.1e}"
                   f"{'' if err <= 1e-2 else '  WRONG'}", flush=True)
         finally:
-            chunked.HEAD_GEMM, chunked.ROW_PROGRAMS = "cublas", None
+            chunked.HEAD_GEMM = "cublas"
     if n * vocab * 2 * 2 < 40 * 2**30:
         zf = torch.empty((n, vocab), device="cuda", dtype=torch.bfloat16)
 
