@@ -112,6 +112,37 @@ def test_forward_schedules_agree(variant):
     assert rel_err(lse, ref_lse) <= 1e-5
 
 
+@pytest.mark.parametrize("epi_split", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_epilogue_forward_schedule(monkeypatch, dtype, epi_split):
+    """The default forward ("epilogue": the head GEMM folds its tiles into softmax statistics and the targets'
+    logits, no logit stored) against the reference: two chunks of rows (the smallest partials budget: 128 rows),
+    tiles cut by V, ignored rows, a temperature; a bias (not supported by it) falls back to "chunked"."""
+    from vibeperf.kernels.lmhead import triton_gemm
+
+    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(epi_split)])
+    hidden, weight, targets, _ = make_case(203, 1000, 48, dtype, ignore_every=5)
+    budget = 12 * 8 * 128  # partials of 128 rows x 8 tiles of 128 columns
+    assert triton_gemm.epilogue_chunk_rows(203, 1000, budget) == 128
+    assert triton_gemm.epilogue_chunk_rows(10**6, 151_936) == 64 * 2**20 // (12 * 1187) // 128 * 128  # 4608
+    ran = []
+    for name in ("epilogue", "chunked"):
+        fwd = lmhead.FORWARD_SCHEDULES[name]
+        spy = lambda *a, _f=fwd, _n=name, **k: ran.append(_n) or _f(*a, **k)  # noqa: E731
+        monkeypatch.setitem(lmhead.FORWARD_SCHEDULES, name, spy)
+    logp, ent = linear_logprob(hidden, weight, targets, temperature=0.7, return_entropy=True, backend="triton",
+                               workspace_bytes=budget)  # fmt: skip
+    ref_logp, ref_ent = linear_logprob_reference(hidden.double(), weight.double(), targets, temperature=0.7,
+                                                 return_entropy=True)  # fmt: skip
+    lo = _torch_low_precision_logprob(hidden, weight, targets, 0.7, None)
+    tol = 1e-5 if dtype == torch.float32 else _tol(rel_err(lo, ref_logp))
+    assert rel_err(logp, ref_logp) <= tol
+    assert rel_err(ent, ref_ent) <= max(tol, 1e-5 if dtype == torch.float32 else 1e-3)
+    assert torch.all(logp[targets == -100] == 0)
+    linear_logprob(hidden, weight, targets, bias=torch.zeros(1000, dtype=dtype), backend="triton")
+    assert ran == ["epilogue", "chunked"]
+
+
 def _grads(fn, hidden, weight, bias, *, up=False):
     """(value, dh, dW, db) of fn; up=True: on fp64 copies of the inputs, up=<dtype>: on copies in that dtype."""
     dtype = torch.float64 if up is True else (up or None)
@@ -260,8 +291,10 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     else:
         kw.update(loss=0, g_logp=None, step=lambda i0, i1, lp, en: torch.exp(lp) - 0.1 * en)
     workspace = torch.empty(80, 1000, dtype=dtype)
-    assert triton_gemm.eligible(hidden, weight, workspace, None)
-    assert not triton_gemm.eligible(hidden, weight, workspace, torch.zeros(1000, dtype=dtype))
+    assert triton_gemm.eligible(None, hidden, weight, workspace)
+    assert not triton_gemm.eligible(torch.zeros(1000, dtype=dtype), hidden, weight, workspace)
+    assert not triton_gemm.eligible(None, hidden[:, :63].contiguous(), weight[:, :63].contiguous())  # rows unaligned
+    monkeypatch.setattr(chunked, "HEAD_GEMM", "cublas")
     ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
     monkeypatch.setattr(chunked, "HEAD_GEMM", "triton")
     out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from . import autoselect, chunked, cuda_backend, scoring_fwd, settings, triton_fwd
+from . import autoselect, chunked, cuda_backend, scoring_fwd, settings, triton_fwd, triton_gemm
 
 __all__ = ["autoselect", "settings", "BACKENDS", "resolve_backend", "check_head_inputs", "prepare_head_inputs",
            "scores", "chunked_engine"]  # fmt: skip
@@ -28,6 +28,7 @@ BACKENDS = ("auto", "triton", "torch", "cuda")
 
 # Forward (no grad) of backend "triton" by `schedule` (settings.py says what each costs).
 FORWARD_SCHEDULES = {
+    "epilogue": triton_gemm.linear_logprob_epilogue_fwd,
     "chunked": scoring_fwd.linear_logprob_chunked_fwd,
     "tiled": scoring_fwd.linear_logprob_tiled_fwd,
     "fused": triton_fwd.linear_logprob_fwd,
@@ -109,6 +110,8 @@ def _scores(hidden, weight, targets, bias, temperature, ignore_index, want_entro
         return cuda_backend.linear_logprob_fwd(*args, workspace_bytes=workspace_bytes)
     if backend == "triton":
         name = settings.forward_schedule(schedule)
+        if name == "epilogue" and not triton_gemm.eligible(bias, hidden, args[1]):
+            name = "chunked"
         kw = {} if name == "fused" else {"workspace_bytes": workspace_bytes}  # the fused kernel has no workspace
         logp, lse, ent = FORWARD_SCHEDULES[name](*args, **kw)
         return logp, lse, ent if want_entropy else logp.new_empty(0)

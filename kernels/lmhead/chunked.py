@@ -1,7 +1,9 @@
 """The chunked LM-head engine: forward and backward in three GEMM-sized passes, never an [N, V] tensor.
 
 For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspace, see `chunk_rows`):
-  1. z = h_c W^T                 head GEMM into the reusable [C, V] workspace (weight dtype)
+  1. z = h_c W^T                 head GEMM into the reusable [C, V] workspace (weight dtype); backend "triton" runs
+                                 its own GEMM (`triton_gemm.py`) whose epilogue also writes the rows' partial softmax
+                                 states, so that step 2 reads the chunk once instead of twice
   2. row epilogue                lse, log-prob, entropy, the gradient coefficient g = dLoss/dlogp, and dz in place
   3. dh_c = dz W ; dW += dz^T h_c   (dW accumulated in fp32; one chunk, when that takes no more memory, writes
                                     dW in the weight's dtype directly: see `chunk_rows`)
@@ -20,9 +22,10 @@ import torch
 
 from . import settings, triton_gemm, triton_rows
 
-# The head GEMM of backend "triton": "cublas" (torch.mm, then the row kernel's statistics pass) or "triton" (the
-# statistics in the GEMM's epilogue, triton_gemm.py); vibeperf.bench.lmhead_passes measures both.
-HEAD_GEMM = "cublas"
+# The head GEMM of backend "triton": "triton" (the statistics in the GEMM's epilogue, triton_gemm.py, where its
+# inputs allow: `triton_gemm.eligible`) or "cublas" (torch.mm, then the row kernel's statistics pass);
+# vibeperf.bench.lmhead_passes measures both (H200: "triton" 1-4% faster over the whole op at every shape measured).
+HEAD_GEMM = "triton"
 
 
 def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None,
@@ -207,7 +210,7 @@ def lmhead_chunked(
     dw32 = db32 = None  # fp32 dW / db: written by the first chunk, accumulated by the others
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
-    fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(hidden, weight, workspace, bias)
+    fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(bias, hidden, weight, workspace)
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         h_c = hidden[i0:i1]

@@ -1,7 +1,8 @@
 """LM-head scoring forward (no grad) from cuBLAS GEMM tiles and Triton online-softmax kernels.
 
-Two schedules, both exact (fp32 softmax state, running max from -inf), chosen by the memory the caller allows:
-- "chunked" (default): whole-row chunks [C, V] (C from a workspace budget, 1 GiB by default: 4096 rows of the
+Two schedules, both exact (fp32 softmax state, running max from -inf), chosen by the memory the caller allows (the
+default "epilogue" schedule, `triton_gemm.py`, runs neither; it falls back to "chunked" where it cannot run):
+- "chunked": whole-row chunks [C, V] (C from a workspace budget, 1 GiB by default: 4096 rows of the
   Qwen2.5 head) through one GEMM each, then one streaming read per row folds it into (max, sum-exp, target logit,
   sum p*z). Measured on an H100 at N = 65,536: 65-68 ms against 57 ms for the bare head GEMM.
 - "tiled" (low memory): [TILE_N, TILE_V] tiles (32 MiB, 8192 x 2048 bf16) so the logits of a tile mostly stay in

@@ -1,13 +1,16 @@
 """The LM-head engine's two caller settings and their environment defaults, read at call time (never at import).
 
 Every public op of `ce/`, `policy/` and `mgpo/` takes them as keyword arguments:
-- `schedule`: the no-grad forward of backend "triton": "chunked" (default; fastest measured, a 1 GiB logits
-  workspace), "tiled" (<= 64 MiB extra memory) or "fused" (one Triton kernel, no workspace, slowest); see
-  `scoring_fwd.py` and benchmarks/NOTES.md. None: $VIBEPERF_LMHEAD_FWD, else "chunked".
+- `schedule`: the no-grad forward of backend "triton": "epilogue" (default; the head GEMM folds each output tile
+  into softmax statistics and stores no logit: `triton_gemm.py`, 64 MiB of partials; bias-free bf16/fp16 inputs
+  with 16-byte aligned rows, others run "chunked"), "chunked" (cuBLAS GEMM into a 1 GiB logits workspace, then a
+  pass over it), "tiled" (<= 64 MiB extra memory) or "fused" (one Triton kernel, no workspace, slowest); see
+  `scoring_fwd.py` and benchmarks/NOTES.md. None: $VIBEPERF_LMHEAD_FWD, else "epilogue".
 - `workspace_bytes`: the most bytes the [C, V] logits workspace of the call may take (C tokens per chunk or tile; at
   least 128 rows of the three-pass engine whatever the budget). None: the default of the pass that runs, each with its
   own variable in MiB: the three-pass engine and the "cuda" / "torch" scoring forward $VIBEPERF_LMHEAD_WORKSPACE_MB
-  (512), the "chunked" schedule $VIBEPERF_LMHEAD_SCORE_MB (1024), the "tiled" schedule $VIBEPERF_LMHEAD_TILE_MB (32).
+  (512), the "chunked" schedule $VIBEPERF_LMHEAD_SCORE_MB (1024), the "tiled" schedule $VIBEPERF_LMHEAD_TILE_MB (32),
+  the "epilogue" schedule's partials $VIBEPERF_LMHEAD_EPILOGUE_MB (64).
 A variable set after import takes effect at the next call; a bad value is a one-line ValueError naming it.
 """
 
@@ -15,15 +18,16 @@ from __future__ import annotations
 
 import os
 
-SCHEDULES = ("chunked", "tiled", "fused")
+SCHEDULES = ("epilogue", "chunked", "tiled", "fused")
 SCHEDULE_ENV = "VIBEPERF_LMHEAD_FWD"
 WORKSPACE_ENV = ("VIBEPERF_LMHEAD_WORKSPACE_MB", 512)
 SCORE_ENV = ("VIBEPERF_LMHEAD_SCORE_MB", 1024)
 TILE_ENV = ("VIBEPERF_LMHEAD_TILE_MB", 32)
+EPILOGUE_ENV = ("VIBEPERF_LMHEAD_EPILOGUE_MB", 64)
 
 
 def forward_schedule(schedule: str | None) -> str:
-    """The schedule given, else $VIBEPERF_LMHEAD_FWD, else "chunked"; ValueError naming the argument or variable."""
+    """The schedule given, else $VIBEPERF_LMHEAD_FWD, else "epilogue"; ValueError naming the argument or variable."""
     if schedule is not None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -31,7 +35,7 @@ def forward_schedule(schedule: str | None) -> str:
     raw = os.environ.get(SCHEDULE_ENV, "").strip()
     if raw and raw not in SCHEDULES:
         raise ValueError(f"{SCHEDULE_ENV} must be one of {SCHEDULES}, got {raw!r}")
-    return raw or "chunked"
+    return raw or "epilogue"
 
 
 def check_workspace(workspace_bytes: int | None) -> int | None:

@@ -5,6 +5,10 @@ output tile is still in registers the epilogue folds it (as rounded to z's dtype
 read) into per-row partial softmax states of that vocabulary tile: max m, s = sum 2^(z - m), t = sum 2^(z - m)(z - m)
 (base 2, z scaled by log2(e) / temperature). The row kernel (`triton_rows.py`, `partials=`) merges a row's
 partials into its lse and entropy, so it reads and writes the chunk once instead of reading it twice.
+
+Without gradients z need not be stored at all: the epilogue also picks the target's logit out of the one tile that
+holds it, and `linear_logprob_epilogue_fwd` (the "epilogue" forward schedule) merges the partials of each chunk of
+rows with a small kernel. Its only memory is the partials: 12 bytes per row and vocabulary tile.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, LOG2E
+from . import settings
+from .triton_fwd import INTERPRET, LOG2E, combine_partials
+from .triton_rows import merge_partial_states
 
 try:  # Triton >= 3.3 host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -58,14 +64,17 @@ def _configs():
 def head_gemm_stats_kernel(
     h_desc,  # [C, H] block [BM, BK]
     w_desc,  # [V, H] block [BN, BK]
-    z_desc,  # [C, V] block [BM, BN], written
+    z_desc,  # [C, V] block [BM, BN / EPI_SPLIT], written (STORE_Z; else a dummy)
     part_ptr,  # [3, C, n_tiles] fp32 out: m, s, t per row and vocabulary tile
+    tgt_ptr,  # [C] int64 (not STORE_Z)
+    tz_ptr,  # [C] fp32 out (not STORE_Z): the target's logit, base 2, written by the tile that holds it
     C,
     V,
     H,
     scale_log2,
     NUM_PROGS: tl.constexpr,
     WANT_T: tl.constexpr,
+    STORE_Z: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -92,19 +101,25 @@ def head_gemm_stats_kernel(
             acc = tl.dot(a, b.T, acc)
         # Epilogue: the tile's partial softmax state per row, from the values as stored, in EPI_SPLIT column pieces
         # (fewer live registers), merged into one state per row and tile.
+        rows = off_m + tl.arange(0, BM)
+        row_ok = rows < C
+        tgt = rows  # (read only without STORE_Z)
+        if not STORE_Z:
+            tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
         if EPI_SPLIT == 1:
-            m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T)
+            m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T, STORE_Z, tgt, tz_ptr + rows,
+                                   row_ok)  # fmt: skip
         else:
             a0, a1 = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)).split()
-            m0, s0, t0 = _store_piece(z_desc, a0, off_m, off_n, V, scale_log2, WANT_T)
-            m1, s1, t1 = _store_piece(z_desc, a1, off_m, off_n + BN // 2, V, scale_log2, WANT_T)
+            m0, s0, t0 = _store_piece(z_desc, a0, off_m, off_n, V, scale_log2, WANT_T, STORE_Z, tgt, tz_ptr + rows,
+                                      row_ok)  # fmt: skip
+            m1, s1, t1 = _store_piece(z_desc, a1, off_m, off_n + BN // 2, V, scale_log2, WANT_T, STORE_Z, tgt,
+                                      tz_ptr + rows, row_ok)  # fmt: skip
             m = tl.maximum(m0, m1)
             w0 = tl.exp2(m0 - m)
             w1 = tl.exp2(m1 - m)
             s = s0 * w0 + s1 * w1
             t = w0 * (t0 + s0 * (m0 - m)) + tl.where(s1 > 0, w1 * (t1 + s1 * (m1 - m)), 0.0)  # piece 1 may be empty
-        rows = off_m + tl.arange(0, BM)
-        row_ok = rows < C
         base = rows.to(tl.int64) * num_n + pid_n
         tl.store(part_ptr + base, m, mask=row_ok)
         tl.store(part_ptr + C * num_n + base, s, mask=row_ok)
@@ -113,13 +128,19 @@ def head_gemm_stats_kernel(
 
 
 @triton.jit
-def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr):
-    """Store a [BM, B] piece of z at (off_m, off_n) in z's dtype; return its rows' softmax state (m, s, t), base 2,
-    over the columns < V (a piece always has one: its tile starts below V, and B <= the tile's width)."""
+def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr, STORE_Z: tl.constexpr, tgt,
+                 tz_ptrs, row_ok):  # fmt: skip
+    """Store a [BM, B] piece of z at (off_m, off_n) in z's dtype (STORE_Z; else write the logit of each row whose
+    target falls in the piece to tz_ptrs); return its rows' softmax state (m, s, t), base 2, over the columns < V
+    (m = -inf, s = 0 for a piece wholly past V), from the values rounded to z's dtype."""
     zq = acc.to(z_desc.dtype)
-    z_desc.store([off_m, off_n], zq)
     cols = off_n + tl.arange(0, acc.shape[1])
     zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
+    if STORE_Z:
+        z_desc.store([off_m, off_n], zq)
+    else:
+        hit = row_ok & (tgt >= off_n) & (tgt < off_n + acc.shape[1])
+        tl.store(tz_ptrs, tl.sum(tl.where(cols[None, :] == tgt[:, None], zs, 0.0), axis=1), mask=hit)
     m = tl.max(zs, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a second piece wholly past V
     zc = zs - m_safe[:, None]
@@ -134,24 +155,27 @@ def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr)
 _NUM_SMS: dict[int, int] = {}
 
 
-def eligible(hidden: torch.Tensor, weight: torch.Tensor, workspace: torch.Tensor, bias) -> bool:
-    """Whether the fused GEMM can run: CUDA (or the interpreter), bf16/fp16 (fp32 would run TF32, not the exact
-    product the engine promises), no bias, TMA-aligned strides."""
+def eligible(bias, hidden: torch.Tensor, *more: torch.Tensor) -> bool:
+    """Whether the fused GEMM can run on these [rows, cols] operands (hidden, weight, the z workspace): CUDA (or the
+    interpreter), bf16/fp16 (fp32 would run TF32, not the exact product the engine promises; the interpreter runs
+    fp32 and fp16 but no bf16 dot), no bias, TMA-aligned strides."""
     if TensorDescriptor is None or bias is not None:
         return False
     if not (hidden.is_cuda or INTERPRET):
         return False
-    if hidden.dtype not in (torch.bfloat16, torch.float16) and not INTERPRET:
+    if hidden.dtype not in ((torch.float32, torch.float16) if INTERPRET else (torch.bfloat16, torch.float16)):
         return False
     es = hidden.element_size()
     return all(t.stride(-1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in (hidden, weight, workspace))  # fmt: skip
+               for t in (hidden, *more))  # fmt: skip
 
 
-def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, temperature: float,
-                    want_t: bool) -> torch.Tensor:  # fmt: skip
+def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, temperature: float,
+                    want_t: bool, targets: torch.Tensor | None = None,
+                    tz: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
-    want_t (entropy), t; base 2, logits / temperature)."""
+    want_t (entropy), t; base 2, logits / temperature). z None: nothing stored; the targets' logits (base 2) go to
+    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held)."""
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
@@ -162,6 +186,12 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, te
     dummy = [16, 16]  # replaced by each config's tiles (`_block_shapes`)
     h_desc = TensorDescriptor(h_c, h_c.shape, h_c.stride(), dummy)
     w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), dummy)
+    if z is None:  # an unused descriptor, for the signature (the config's box is set on it all the same)
+        z = torch.empty((1, 16), device=dev, dtype=h_c.dtype)
+        store_z = False
+    else:
+        store_z = True
+        targets = tz = h_c  # unused
     z_desc = TensorDescriptor(z, z.shape, z.stride(), dummy)
 
     def grid(meta):
@@ -171,7 +201,46 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, te
     min_bn = min(cfg.kwargs["BN"] for cfg in head_gemm_stats_kernel.configs)
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
-        h_desc, w_desc, z_desc, part_store, c, v, h, LOG2E / temperature, NUM_PROGS=progs, WANT_T=want_t,
+        h_desc, w_desc, z_desc, part_store, targets, tz, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
+        WANT_T=want_t, STORE_Z=store_z,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
     return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)
+
+
+@triton.jit
+def merge_rows_kernel(part_ptr, part_plane, n_part, m_ptr, s_ptr, t_ptr, WANT_T: tl.constexpr):
+    """One program per row: its per-tile partial states merged into one (m, s, t), base 2."""
+    row = tl.program_id(0).to(tl.int64)
+    m, s, t = merge_partial_states(part_ptr, row, part_plane, n_part, WANT_T)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    if WANT_T:
+        tl.store(t_ptr + row, t)
+
+
+def epilogue_chunk_rows(n: int, vocab: int, budget_bytes: int | None = None) -> int:
+    """Rows per chunk of the "epilogue" forward: their partials (12 bytes per row and tile, tiles of at least 128
+    columns) fit `budget_bytes` (None: $VIBEPERF_LMHEAD_EPILOGUE_MB, 64 MiB); a multiple of 128, at least 128."""
+    budget = settings.workspace(budget_bytes, settings.EPILOGUE_ENV)
+    rows = max(128, budget // (12 * triton.cdiv(vocab, 128)) // 128 * 128)
+    return max(1, min(rows, n))
+
+
+def linear_logprob_epilogue_fwd(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
+                                workspace_bytes: int | None = None):  # fmt: skip
+    """The "epilogue" forward schedule (bias-free, `eligible` inputs): per chunk of rows, the head GEMM folds its
+    tiles into partial softmax states and the targets' logits, never storing a logit; then one small merge launch.
+    Returns (logp [N], lse [N], entropy [N] or None), fp32."""
+    assert bias is None
+    n = hidden.shape[0]
+    dev = hidden.device
+    state = torch.zeros((4, 1, n), device=dev, dtype=torch.float32)
+    m, s, t, tz = state.unbind(0)
+    chunk = epilogue_chunk_rows(n, weight.shape[0], workspace_bytes)
+    for n0 in range(0, n, chunk):
+        n1 = min(n, n0 + chunk)
+        part = head_gemm_stats(hidden[n0:n1], weight, None, temperature, want_entropy, targets[n0:n1], tz[0, n0:n1])
+        merge_rows_kernel[(n1 - n0,)](part, part.stride(0), part.shape[2], m[0, n0:], s[0, n0:], t[0, n0:],
+                                      WANT_T=want_entropy, num_warps=1 if INTERPRET else 4)  # fmt: skip
+    return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)

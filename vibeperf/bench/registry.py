@@ -100,6 +100,15 @@ def _b1_impls() -> dict[str, Impl]:
     cce, cce_err = _optional("cut_cross_entropy")
     impls = {
         "vibeperf-triton": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="triton")),
+        # with the entropy (RL old-log-probs, scoring); the row's check is on the log-probs, the entropy's is
+        # tests/test_linear_logprob.py::test_gpu_forward_full_vocab
+        "vibeperf-triton+entropy": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"],
+                                                                 return_entropy=True, backend="triton")[0]),  # fmt: skip
+        "vibeperf-chunked": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="triton",
+                                                          schedule="chunked")),  # fmt: skip
+        "vibeperf-chunked+entropy": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"],
+                                                                  return_entropy=True, backend="triton",
+                                                                  schedule="chunked")[0]),  # fmt: skip
         "vibeperf-cuda": Impl(
             lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="cuda"), skip=_cuda_ext_skip
         ),
