@@ -243,4 +243,5 @@ def linear_logprob_epilogue_fwd(hidden, weight, targets, bias, temperature, igno
         part = head_gemm_stats(hidden[n0:n1], weight, None, temperature, want_entropy, targets[n0:n1], tz[0, n0:n1])
         merge_rows_kernel[(n1 - n0,)](part, part.stride(0), part.shape[2], m[0, n0:], s[0, n0:], t[0, n0:],
                                       WANT_T=want_entropy, num_warps=1 if INTERPRET else 4)  # fmt: skip
+        part = None  # freed before the next chunk's partials are allocated: one chunk's worth alive at a time
     return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
