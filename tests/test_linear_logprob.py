@@ -112,6 +112,40 @@ def test_forward_schedules_agree(variant):
     assert rel_err(lse, ref_lse) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", ["nll", "given+entropy-out", "step", "entropy-grad-falls-back"])
+def test_dz_formed_in_the_backward_gemms_matches(monkeypatch, dtype, mode):
+    """The experimental backward (chunked.BWD_GEMM = "triton"): the head GEMM stores P = 2^(z - tile max), the dh / dW
+    GEMMs scale it per row and tile as they load it and the one-hot part is a gather / scatter-add, with no row pass.
+    Same outputs as the default engine: several chunks (ragged last one, dW accumulated across them), tiles cut by
+    V, ignored rows, a temperature, the per-token step; an entropy gradient takes the default path."""
+    hidden, weight, targets, _ = make_case(203, 1000, 64, dtype, ignore_every=6)
+    g = torch.Generator().manual_seed(2)
+    kw = dict(temperature=0.8, ignore_index=-100, backend="triton", chunk=80)
+    if mode == "nll":
+        kw.update(loss=1, g_logp=torch.full((203,), 1 / 203))
+    elif mode == "given+entropy-out":
+        kw.update(loss=0, g_logp=torch.randn(203, generator=g), want_entropy=True)
+    elif mode == "step":
+        kw.update(loss=0, g_logp=None, step=lambda i0, i1, lp, en: torch.exp(lp) - 0.1 * en)
+    else:
+        kw.update(loss=0, g_logp=torch.randn(203, generator=g), g_ent=torch.randn(203, generator=g),
+                  want_entropy=True)  # fmt: skip
+    ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    monkeypatch.setattr(chunked, "BWD_GEMM", "triton")
+    ran = []
+    monkeypatch.setattr(chunked.triton_dz_gemm, "dz_grads",
+                        lambda *a, _f=chunked.triton_dz_gemm.dz_grads: ran.append(1) or _f(*a))  # fmt: skip
+    out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    assert len(ran) == (0 if mode == "entropy-grad-falls-back" else 3)  # chunks of 80, 80, 43
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: dz rounded differently (S * P vs g * (onehot - p))
+    for name, a, b in zip(["logp", "entropy", "lse", "dh", "dW", "db"], out, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype, name
+            assert rel_err(a.float(), b.float()) <= tol, name
+
+
 @pytest.mark.parametrize("epi_split", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_epilogue_forward_schedule(monkeypatch, dtype, epi_split):
@@ -488,12 +522,14 @@ def test_gpu_forward_full_vocab(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("head_gemm", ["cublas", "triton", "triton+dz-on-load"])
 @pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
 def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
-    """Full Qwen2.5 head, both head GEMMs of the engine (cuBLAS + two-pass rows; Triton with the statistics in its
-    epilogue + one pass): loss, dh, dW within twice plain bf16 PyTorch's error."""
-    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm)
+    """Full Qwen2.5 head, each engine variant (cuBLAS + two-pass rows; Triton with the statistics in its epilogue +
+    one pass; the experimental backward forming dz in the dh / dW GEMMs): loss, dh, dW within twice plain bf16
+    PyTorch's error."""
+    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm.split("+")[0])
+    monkeypatch.setattr(chunked, "BWD_GEMM", "triton" if head_gemm.endswith("dz-on-load") else "cublas")
     hidden, weight, targets = _gpu_inputs(n, seed=1)
     ours = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
     ref = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets, backend="torch"), hidden, weight, None,

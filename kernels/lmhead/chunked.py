@@ -7,6 +7,8 @@ For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspa
   2. row epilogue                lse, log-prob, entropy, the gradient coefficient g = dLoss/dlogp, and dz in place
   3. dh_c = dz W ; dW += dz^T h_c   (dW accumulated in fp32; one chunk, when that takes no more memory, writes
                                     dW in the weight's dtype directly: see `chunk_rows`)
+Experimental, off by default (`BWD_GEMM = "triton"`, not yet measured on a GPU): the head GEMM stores P = 2^(z - tile
+max) instead of z and the dh / dW GEMMs form dz from it as they load it (`triton_dz_gemm.py`), with no row pass.
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
 The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
 recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
@@ -20,12 +22,15 @@ from typing import Protocol
 
 import torch
 
-from . import settings, triton_gemm, triton_rows
+from . import settings, triton_dz_gemm, triton_fwd, triton_gemm, triton_rows
 
 # The head GEMM of backend "triton": "triton" (the statistics in the GEMM's epilogue, triton_gemm.py, where its
 # inputs allow: `triton_gemm.eligible`) or "cublas" (torch.mm, then the row kernel's statistics pass);
 # vibeperf.bench.lmhead_passes measures both (H200: "triton" 1-4% faster over the whole op at every shape measured).
 HEAD_GEMM = "triton"
+# Experimental (not measured yet): "triton" forms dz inside the dh / dW GEMMs from the head GEMM's P tiles
+# (triton_dz_gemm.py; no row pass; bias-free, no entropy gradient); "cublas" runs them on the row pass's dz.
+BWD_GEMM = "cublas"
 
 
 def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None,
@@ -126,6 +131,27 @@ def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index,
                                        True, phase=triton_rows.PHASE_GRAD, stats=stats)  # fmt: skip
 
 
+def _p_chunk(h_c, weight, p, targets, g_logp, temperature, ignore_index, loss, want_entropy, step):
+    """The head GEMM of one chunk storing P (`triton_gemm.head_gemm_stats(store_p=True)`), its rows' statistics and
+    gradient coefficient, for `triton_dz_gemm.dz_grads`. Returns (logp, entropy or None, lse, g = dLoss/dlogp /
+    temperature (0 on ignored rows), the scales S [C, tiles], the tile width)."""
+    c = h_c.shape[0]
+    want_t = want_entropy or step is not None
+    tz = torch.zeros(c, device=h_c.device, dtype=torch.float32)
+    part = triton_gemm.head_gemm_stats(h_c, weight, p, temperature, want_t, targets, tz, store_p=True)
+    tw = triton_gemm.tile_width()
+    m, s, t = torch.empty((3, 1, c), device=h_c.device, dtype=torch.float32).unbind(0)
+    triton_gemm.merge_rows(part, m[0], s[0], t[0], want_t)
+    logp, lse, ent = triton_fwd.combine_partials(m, s, t, tz[None], targets, ignore_index, want_t)
+    if step is not None:
+        g = step(logp, ent).float()
+    else:
+        g = g_logp if loss == triton_rows.LOSS_GIVEN else -g_logp
+    g = torch.where(targets != ignore_index, g, 0.0) / temperature
+    scales = -g[:, None] * torch.exp2(part[0] - (lse * triton_fwd.LOG2E)[:, None])
+    return logp, ent, lse, g, scales, tw
+
+
 _DTYPE_OUT_ADDMM: bool | None = None
 
 
@@ -211,10 +237,28 @@ def lmhead_chunked(
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
     fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(bias, hidden, weight, workspace)
+    dz_on_load = fused and BWD_GEMM == "triton" and g_ent is None and (need_dh or need_dw)
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         h_c = hidden[i0:i1]
         z = workspace[: i1 - i0]
+        if dz_on_load:  # P into the workspace, then dh and dW straight from it: no row pass
+            step_c = None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c))
+            lp, en, ls, g, scales, tw = _p_chunk(
+                h_c, weight, z, targets[i0:i1], None if g_logp is None else g_logp[i0:i1], temperature, ignore_index,
+                loss, want_entropy, step_c,
+            )  # fmt: skip
+            first = dw32 is None
+            if need_dw and first:
+                dw32 = torch.empty((v, h), device=dev, dtype=torch.float32)
+            dh_c = triton_dz_gemm.dz_grads(z, scales, tw, weight, h_c, targets[i0:i1], g, dw32 if need_dw else None,
+                                           not first, need_dh)  # fmt: skip
+            logp[i0:i1], lse[i0:i1] = lp, ls
+            if want_entropy:
+                ent[i0:i1] = en
+            if need_dh:
+                dh[i0:i1] = dh_c
+            continue
         extra = {}
         if fused:
             want_t = want_entropy or step is not None or g_ent is not None

@@ -27,12 +27,15 @@ except ImportError:  # pragma: no cover - older Triton: the fused GEMM is simply
     TensorDescriptor = None
 
 
+STORE_NONE, STORE_Z, STORE_P = 0, 1, 2  # what the head GEMM writes besides the partials (see head_gemm_stats)
+
+
 def _block_shapes(nargs):
     """Config pre-hook: the TMA descriptors' boxes are the config's tiles."""
     bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
     nargs["h_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    nargs["z_desc"].block_shape = [bm, bn // nargs["EPI_SPLIT"]]
+    nargs["z_desc"].block_shape = [bm, bn if nargs.get("STORE") == STORE_P else bn // nargs["EPI_SPLIT"]]
 
 
 def interpreter_config(epi_split: int) -> triton.Config:
@@ -59,12 +62,12 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["V", "H", "WANT_T"])
+@triton.autotune(configs=_configs(), key=["V", "H", "WANT_T", "STORE"])
 @triton.jit(do_not_specialize=["C"])
 def head_gemm_stats_kernel(
     h_desc,  # [C, H] block [BM, BK]
     w_desc,  # [V, H] block [BN, BK]
-    z_desc,  # [C, V] block [BM, BN / EPI_SPLIT], written (STORE_Z; else a dummy)
+    z_desc,  # [C, V] written: z (STORE_Z, block [BM, BN / EPI_SPLIT]) or P (STORE_P, block [BM, BN]); else a dummy
     part_ptr,  # [3, C, n_tiles] fp32 out: m, s, t per row and vocabulary tile
     tgt_ptr,  # [C] int64 (not STORE_Z)
     tz_ptr,  # [C] fp32 out (not STORE_Z): the target's logit, base 2, written by the tile that holds it
@@ -74,7 +77,7 @@ def head_gemm_stats_kernel(
     scale_log2,
     NUM_PROGS: tl.constexpr,
     WANT_T: tl.constexpr,
-    STORE_Z: tl.constexpr,
+    STORE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -104,16 +107,16 @@ def head_gemm_stats_kernel(
         rows = off_m + tl.arange(0, BM)
         row_ok = rows < C
         tgt = rows  # (read only without STORE_Z)
-        if not STORE_Z:
+        if STORE != 1:
             tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        if EPI_SPLIT == 1:
-            m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T, STORE_Z, tgt, tz_ptr + rows,
+        if EPI_SPLIT == 1 or STORE == 2:  # P is relative to the whole tile's max: one piece
+            m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
                                    row_ok)  # fmt: skip
         else:
             a0, a1 = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)).split()
-            m0, s0, t0 = _store_piece(z_desc, a0, off_m, off_n, V, scale_log2, WANT_T, STORE_Z, tgt, tz_ptr + rows,
+            m0, s0, t0 = _store_piece(z_desc, a0, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
                                       row_ok)  # fmt: skip
-            m1, s1, t1 = _store_piece(z_desc, a1, off_m, off_n + BN // 2, V, scale_log2, WANT_T, STORE_Z, tgt,
+            m1, s1, t1 = _store_piece(z_desc, a1, off_m, off_n + BN // 2, V, scale_log2, WANT_T, STORE, tgt,
                                       tz_ptr + rows, row_ok)  # fmt: skip
             m = tl.maximum(m0, m1)
             w0 = tl.exp2(m0 - m)
@@ -128,15 +131,16 @@ def head_gemm_stats_kernel(
 
 
 @triton.jit
-def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr, STORE_Z: tl.constexpr, tgt,
+def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr, STORE: tl.constexpr, tgt,
                  tz_ptrs, row_ok):  # fmt: skip
-    """Store a [BM, B] piece of z at (off_m, off_n) in z's dtype (STORE_Z; else write the logit of each row whose
-    target falls in the piece to tz_ptrs); return its rows' softmax state (m, s, t), base 2, over the columns < V
-    (m = -inf, s = 0 for a piece wholly past V), from the values rounded to z's dtype."""
+    """Store a [BM, B] piece at (off_m, off_n): z in z's dtype (STORE_Z), or P = 2^(z - m) relative to the piece's
+    row max (STORE_P); without STORE_Z write the logit of each row whose target falls in the piece to tz_ptrs.
+    Returns its rows' softmax state (m, s, t), base 2, over the columns < V (m = -inf, s = 0 for a piece wholly past
+    V), from the values rounded to z's dtype."""
     zq = acc.to(z_desc.dtype)
     cols = off_n + tl.arange(0, acc.shape[1])
     zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
-    if STORE_Z:
+    if STORE == 1:
         z_desc.store([off_m, off_n], zq)
     else:
         hit = row_ok & (tgt >= off_n) & (tgt < off_n + acc.shape[1])
@@ -145,6 +149,8 @@ def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr,
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a second piece wholly past V
     zc = zs - m_safe[:, None]
     p = tl.exp2(zc)
+    if STORE == 2:
+        z_desc.store([off_m, off_n], p.to(z_desc.dtype))
     s = tl.sum(p, axis=1)
     t = s
     if WANT_T:
@@ -171,11 +177,13 @@ def eligible(bias, hidden: torch.Tensor, *more: torch.Tensor) -> bool:
 
 
 def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, temperature: float,
-                    want_t: bool, targets: torch.Tensor | None = None,
-                    tz: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                    want_t: bool, targets: torch.Tensor | None = None, tz: torch.Tensor | None = None,
+                    store_p: bool = False) -> torch.Tensor:  # fmt: skip
     """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
     want_t (entropy), t; base 2, logits / temperature). z None: nothing stored; the targets' logits (base 2) go to
-    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held)."""
+    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held). store_p: z gets P = 2^(z - m_tile)
+    (base 2, logits / temperature) instead of the logits, relative to each row's max over its tile of
+    `tile_width()` columns, and the targets' logits go to tz (`triton_dz_gemm.py` forms dz from them)."""
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
@@ -188,9 +196,11 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), dummy)
     if z is None:  # an unused descriptor, for the signature (the config's box is set on it all the same)
         z = torch.empty((1, 16), device=dev, dtype=h_c.dtype)
-        store_z = False
+        store = STORE_NONE
+    elif store_p:
+        store = STORE_P
     else:
-        store_z = True
+        store = STORE_Z
         targets = tz = h_c  # unused
     z_desc = TensorDescriptor(z, z.shape, z.stride(), dummy)
 
@@ -202,10 +212,15 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
         h_desc, w_desc, z_desc, part_store, targets, tz, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
-        WANT_T=want_t, STORE_Z=store_z,
+        WANT_T=want_t, STORE=store,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
     return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)
+
+
+def tile_width() -> int:
+    """Columns per partial state (the BN of the config of the last `head_gemm_stats` call)."""
+    return head_gemm_stats_kernel.best_config.kwargs["BN"]
 
 
 @triton.jit
@@ -217,6 +232,12 @@ def merge_rows_kernel(part_ptr, part_plane, n_part, m_ptr, s_ptr, t_ptr, WANT_T:
     tl.store(s_ptr + row, s)
     if WANT_T:
         tl.store(t_ptr + row, t)
+
+
+def merge_rows(part: torch.Tensor, m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, want_t: bool) -> None:
+    """Each row's partial states [3, C, tiles] merged into m, s, t [C] (base 2; t only when want_t)."""
+    merge_rows_kernel[(part.shape[1],)](part, part.stride(0), part.shape[2], m, s, t, WANT_T=want_t,
+                                        num_warps=1 if INTERPRET else 4)  # fmt: skip
 
 
 def epilogue_chunk_rows(n: int, vocab: int, budget_bytes: int | None = None) -> int:
@@ -241,7 +262,6 @@ def linear_logprob_epilogue_fwd(hidden, weight, targets, bias, temperature, igno
     for n0 in range(0, n, chunk):
         n1 = min(n, n0 + chunk)
         part = head_gemm_stats(hidden[n0:n1], weight, None, temperature, want_entropy, targets[n0:n1], tz[0, n0:n1])
-        merge_rows_kernel[(n1 - n0,)](part, part.stride(0), part.shape[2], m[0, n0:], s[0, n0:], t[0, n0:],
-                                      WANT_T=want_entropy, num_warps=1 if INTERPRET else 4)  # fmt: skip
+        merge_rows(part, m[0, n0:], s[0, n0:], t[0, n0:], want_entropy)
         part = None  # freed before the next chunk's partials are allocated: one chunk's worth alive at a time
     return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)

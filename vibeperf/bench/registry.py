@@ -102,8 +102,9 @@ def _b1_impls() -> dict[str, Impl]:
         "vibeperf-triton": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="triton")),
         # with the entropy (RL old-log-probs, scoring); the row's check is on the log-probs, the entropy's is
         # tests/test_linear_logprob.py::test_gpu_forward_full_vocab
-        "vibeperf-triton+entropy": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"],
-                                                                 return_entropy=True, backend="triton")[0]),  # fmt: skip
+        "vibeperf-triton+entropy": Impl(
+            lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], return_entropy=True, backend="triton")[0]
+        ),
         "vibeperf-chunked": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"], backend="triton",
                                                           schedule="chunked")),  # fmt: skip
         "vibeperf-chunked+entropy": Impl(lambda x: linear_logprob(x["hidden"], x["weight"], x["targets"],
