@@ -10,7 +10,8 @@ so dz is P scaled per (row, tile) plus a one-hot. These kernels scale each P til
 (one multiply per element, no exp) and feed it to the MMA:
 - `dz_dh_kernel`: dh = (S . P) W, split over the vocabulary (K) with fp32 atomic adds;
 - `dz_dw_kernel`: dW (+)= (S . P)^T h, fp32, read-modify-write of the accumulator in the epilogue;
-and the one-hot part is added by `dz_grads` as a gather (dh += g W[y]) and a scatter-add (dW[y] += g h).
+and the one-hot part is added by `dz_grads` as a gather (dh += g W[y]) and a scatter-add (dW[y] += g h). The
+atomic adds and the scatter-add make dh and dW reproducible only to rounding (the default engine is deterministic).
 Used by the chunked engine when `chunked.BWD_GEMM == "triton"` (bias-free, no entropy gradient); the default is
 cuBLAS after the row pass until a GPU run shows this one faster (`vibeperf.bench.lmhead_passes --train-only`).
 """
@@ -25,6 +26,53 @@ from .triton_fwd import INTERPRET
 from .triton_gemm import TensorDescriptor
 
 
+def _dh_boxes(nargs):
+    """Config pre-hooks: the TMA boxes are the config's tiles (P [BM, BK] and W [BK, BN]; P [BK, BM] and h [BK, BN])."""
+    nargs["p_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["w_desc"].block_shape = [nargs["BK"], nargs["BN"]]
+
+
+def _dw_boxes(nargs):
+    nargs["p_desc"].block_shape = [nargs["BK"], nargs["BM"]]
+    nargs["h_desc"].block_shape = [nargs["BK"], nargs["BN"]]
+
+
+def _dh_configs():
+    """Tiles of the dh GEMM; BK divides every P tile width (128 or 256; 32 in the interpreter)."""
+    if INTERPRET:
+        return [triton.Config({"BM": 16, "BN": 32, "BK": 16, "SPLIT_K": 3}, num_warps=4, num_stages=1,
+                              pre_hook=_dh_boxes)]  # fmt: skip
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st, pre_hook=_dh_boxes)
+        for bm, bn, bk, sk, w, st in [
+            (128, 128, 64, 4, 8, 3),
+            (128, 256, 64, 4, 8, 3),
+            (128, 128, 64, 2, 8, 4),
+            (128, 128, 64, 8, 8, 3),
+            (64, 128, 64, 4, 4, 4),
+            (128, 256, 64, 2, 8, 3),
+        ]
+    ]
+
+
+def _dw_configs():
+    """Tiles of the dW GEMM; BM divides every P tile width."""
+    if INTERPRET:
+        return [triton.Config({"BM": 16, "BN": 32, "BK": 16}, num_warps=4, num_stages=1, pre_hook=_dw_boxes)]
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st, pre_hook=_dw_boxes)
+        for bm, bn, bk, w, st in [
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 4, 4),
+            (64, 256, 64, 4, 4),
+            (128, 128, 128, 8, 3),
+        ]
+    ]
+
+
+# Autotuning reruns a launch: the atomically added dh starts from zero for each, the accumulated dW is restored.
+@triton.autotune(configs=_dh_configs(), key=["V", "H", "TW"], reset_to_zero=["dh_ptr"])
 @triton.jit(do_not_specialize=["C", "V", "H", "n_tiles"])
 def dz_dh_kernel(
     p_desc,  # [C, V] P, block [BM, BK]
@@ -61,6 +109,7 @@ def dz_dh_kernel(
     tl.atomic_add(dh_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], acc, mask=mask, sem="relaxed")
 
 
+@triton.autotune(configs=_dw_configs(), key=["V", "H", "TW", "ACCUMULATE"], restore_value=["dw_ptr"])
 @triton.jit(do_not_specialize=["C", "V", "H", "n_tiles"])
 def dz_dw_kernel(
     p_desc,  # [C, V] P, block [BK, BM]
@@ -96,13 +145,6 @@ def dz_dw_kernel(
     tl.store(ptrs, acc, mask=mask)
 
 
-def _tiles(tw: int):
-    """(BM, BN, BK, SPLIT_K, num_warps, num_stages) of both kernels; BK and dW's BM divide the P tile width tw."""
-    if INTERPRET:
-        return 16, 32, 16, 3, 4, 1
-    return 128, 128, 64, 4, 8, 3
-
-
 def dz_grads(p: torch.Tensor, scales: torch.Tensor, tile_width: int, weight: torch.Tensor, h_c: torch.Tensor,
              targets: torch.Tensor, g: torch.Tensor, dw32: torch.Tensor | None, accumulate: bool,
              need_dh: bool) -> torch.Tensor | None:  # fmt: skip
@@ -111,26 +153,23 @@ def dz_grads(p: torch.Tensor, scales: torch.Tensor, tile_width: int, weight: tor
     0 on ignored rows; targets of those rows may be anything)."""
     c, v = p.shape
     h = h_c.shape[1]
-    bm, bn, bk, split, warps, stages = _tiles(tile_width)
-    assert tile_width % bk == 0 and tile_width % bm == 0, (tile_width, bm, bk)
     n_tiles = scales.shape[1]
     safe = torch.where(g != 0, targets, 0).clamp_(0, v - 1)
+    box = [16, 16]  # replaced by each config's tiles
     dh = None
     if need_dh:
-        dh32 = g[:, None] * weight[safe].float()  # the one-hot part: g W[y]
-        p_desc = TensorDescriptor(p, p.shape, p.stride(), [bm, bk])
-        w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), [bk, bn])
-        dz_dh_kernel[(triton.cdiv(c, bm), triton.cdiv(h, bn), split)](
-            p_desc, w_desc, scales, dh32, c, v, h, n_tiles, TW=tile_width, SPLIT_K=split, BM=bm, BN=bn, BK=bk,
-            num_warps=warps, num_stages=stages,
+        dh32 = torch.zeros((c, h), device=p.device, dtype=torch.float32)
+        p_desc = TensorDescriptor(p, p.shape, p.stride(), box)
+        w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), box)
+        dz_dh_kernel[lambda m: (triton.cdiv(c, m["BM"]), triton.cdiv(h, m["BN"]), m["SPLIT_K"])](
+            p_desc, w_desc, scales, dh32, c, v, h, n_tiles, TW=tile_width,
         )  # fmt: skip
-        dh = dh32.to(h_c.dtype)
+        dh = dh32.addcmul_(g[:, None], weight[safe].float()).to(h_c.dtype)  # + the one-hot part: g W[y]
     if dw32 is not None:
-        p_desc = TensorDescriptor(p, p.shape, p.stride(), [bk, bm])
-        h_desc = TensorDescriptor(h_c, h_c.shape, h_c.stride(), [bk, bn])
-        dz_dw_kernel[(triton.cdiv(v, bm), triton.cdiv(h, bn))](
-            p_desc, h_desc, scales, dw32, c, v, h, n_tiles, TW=tile_width, ACCUMULATE=accumulate, BM=bm, BN=bn,
-            BK=bk, num_warps=warps, num_stages=stages,
+        p_desc = TensorDescriptor(p, p.shape, p.stride(), box)
+        h_desc = TensorDescriptor(h_c, h_c.shape, h_c.stride(), box)
+        dz_dw_kernel[lambda m: (triton.cdiv(v, m["BM"]), triton.cdiv(h, m["BN"]))](
+            p_desc, h_desc, scales, dw32, c, v, h, n_tiles, TW=tile_width, ACCUMULATE=accumulate,
         )  # fmt: skip
         dw32.index_add_(0, safe, g[:, None] * h_c.float())  # the one-hot part: dW[y] += g h
     return dh
