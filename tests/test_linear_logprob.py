@@ -112,38 +112,49 @@ def test_forward_schedules_agree(variant):
     assert rel_err(lse, ref_lse) <= 1e-5
 
 
+def _engine_case(mode: str, dtype, seed: int):
+    """Inputs and keyword arguments of `chunked.lmhead_chunked` for one loss mode: chunks of 80 of 203 rows (ragged
+    last one), V = 1000, ignored rows, temperature 0.8. Modes: nll (weights known before the pass), given (upstream
+    gradients of logp), given+entropy (and of the entropy), given+entropy-out (entropy returned, no gradient),
+    step (the per-token step of the policy losses)."""
+    hidden, weight, targets, _ = make_case(203, 1000, 64, dtype, ignore_every=6)
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(temperature=0.8, ignore_index=-100, backend="triton", chunk=80)
+    if mode == "nll":
+        kw.update(loss=1, g_logp=torch.full((203,), 1 / 203))
+    elif mode == "step":
+        kw.update(loss=0, g_logp=None, step=lambda i0, i1, lp, en: torch.exp(lp) - 0.1 * en)
+    else:
+        kw.update(loss=0, g_logp=torch.randn(203, generator=g), want_entropy=mode != "given")
+        if mode == "given+entropy":
+            kw.update(g_ent=torch.randn(203, generator=g))
+    return hidden, weight, targets, kw
+
+
+def _assert_engine_outputs_match(out, ref, tol):
+    for name, a, b in zip(["logp", "entropy", "lse", "dh", "dW", "db"], out, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype, name
+            assert rel_err(a.float(), b.float()) <= tol, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("mode", ["nll", "given+entropy-out", "step", "entropy-grad-falls-back"])
+@pytest.mark.parametrize("mode", ["nll", "given+entropy-out", "step", "given+entropy"])
 def test_dz_formed_in_the_backward_gemms_matches(monkeypatch, dtype, mode):
     """The experimental backward (chunked.BWD_GEMM = "triton"): the head GEMM stores P = 2^(z - tile max), the dh / dW
     GEMMs scale it per row and tile as they load it and the one-hot part is a gather / scatter-add, with no row pass.
     Same outputs as the default engine: several chunks (ragged last one, dW accumulated across them), tiles cut by
     V, ignored rows, a temperature, the per-token step; an entropy gradient takes the default path."""
-    hidden, weight, targets, _ = make_case(203, 1000, 64, dtype, ignore_every=6)
-    g = torch.Generator().manual_seed(2)
-    kw = dict(temperature=0.8, ignore_index=-100, backend="triton", chunk=80)
-    if mode == "nll":
-        kw.update(loss=1, g_logp=torch.full((203,), 1 / 203))
-    elif mode == "given+entropy-out":
-        kw.update(loss=0, g_logp=torch.randn(203, generator=g), want_entropy=True)
-    elif mode == "step":
-        kw.update(loss=0, g_logp=None, step=lambda i0, i1, lp, en: torch.exp(lp) - 0.1 * en)
-    else:
-        kw.update(loss=0, g_logp=torch.randn(203, generator=g), g_ent=torch.randn(203, generator=g),
-                  want_entropy=True)  # fmt: skip
+    hidden, weight, targets, kw = _engine_case(mode, dtype, seed=2)
     ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
     monkeypatch.setattr(chunked, "BWD_GEMM", "triton")
     ran = []
     monkeypatch.setattr(chunked.triton_dz_gemm, "dz_grads",
                         lambda *a, _f=chunked.triton_dz_gemm.dz_grads: ran.append(1) or _f(*a))  # fmt: skip
     out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
-    assert len(ran) == (0 if mode == "entropy-grad-falls-back" else 3)  # chunks of 80, 80, 43
-    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: dz rounded differently (S * P vs g * (onehot - p))
-    for name, a, b in zip(["logp", "entropy", "lse", "dh", "dW", "db"], out, ref):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert a.dtype == b.dtype, name
-            assert rel_err(a.float(), b.float()) <= tol, name
+    assert len(ran) == (0 if mode == "given+entropy" else 3)  # chunks of 80, 80, 43; an entropy gradient falls back
+    _assert_engine_outputs_match(out, ref, 1e-5 if dtype == torch.float32 else 2e-3)  # fp16: dz rounded differently
 
 
 @pytest.mark.parametrize("epi_split", [1, 2])
@@ -314,16 +325,7 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     from vibeperf.kernels.lmhead import triton_gemm
 
     monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(epi_split)])
-    hidden, weight, targets, _ = make_case(203, 1000, 64, dtype, ignore_every=6)
-    g = torch.Generator().manual_seed(1)
-    kw = dict(temperature=0.8, ignore_index=-100, backend="triton", chunk=80)
-    if mode == "nll":
-        kw.update(loss=1, g_logp=torch.full((203,), 1 / 203))
-    elif mode == "given+entropy":
-        kw.update(loss=0, g_logp=torch.randn(203, generator=g), g_ent=torch.randn(203, generator=g),
-                  want_entropy=True)  # fmt: skip
-    else:
-        kw.update(loss=0, g_logp=None, step=lambda i0, i1, lp, en: torch.exp(lp) - 0.1 * en)
+    hidden, weight, targets, kw = _engine_case(mode, dtype, seed=1)
     workspace = torch.empty(80, 1000, dtype=dtype)
     assert triton_gemm.eligible(None, hidden, weight, workspace)
     assert not triton_gemm.eligible(torch.zeros(1000, dtype=dtype), hidden, weight, workspace)
@@ -332,12 +334,8 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
     monkeypatch.setattr(chunked, "HEAD_GEMM", "triton")
     out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: dz rounded to fp16 from statistics equal to ~1e-6
-    for name, a, b in zip(["logp", "entropy", "lse", "dh", "dW", "db"], out, ref):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert a.dtype == b.dtype, name
-            assert rel_err(a.float(), b.float()) <= tol, name
+    # fp16: dz rounded to fp16 from statistics that agree to ~1e-6
+    _assert_engine_outputs_match(out, ref, 1e-5 if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
