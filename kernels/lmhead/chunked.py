@@ -240,52 +240,44 @@ def lmhead_chunked(
     dz_on_load = fused and BWD_GEMM == "triton" and g_ent is None and (need_dh or need_dw)
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
-        h_c = hidden[i0:i1]
-        z = workspace[: i1 - i0]
+        h_c, t_c, z = hidden[i0:i1], targets[i0:i1], workspace[: i1 - i0]
+        g_c = None if g_logp is None else g_logp[i0:i1]
+        step_c = None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c))
         if dz_on_load:  # P into the workspace, then dh and dW straight from it: no row pass
-            step_c = None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c))
-            lp, en, ls, g, scales, tw = _p_chunk(
-                h_c, weight, z, targets[i0:i1], None if g_logp is None else g_logp[i0:i1], temperature, ignore_index,
-                loss, want_entropy, step_c,
-            )  # fmt: skip
+            lp, en, ls, g, scales, tw = _p_chunk(h_c, weight, z, t_c, g_c, temperature, ignore_index, loss,
+                                                 want_entropy, step_c)  # fmt: skip
             first = dw32 is None
             if need_dw and first:
                 dw32 = torch.empty((v, h), device=dev, dtype=torch.float32)
-            dh_c = triton_dz_gemm.dz_grads(z, scales, tw, weight, h_c, targets[i0:i1], g, dw32 if need_dw else None,
-                                           not first, need_dh)  # fmt: skip
-            logp[i0:i1], lse[i0:i1] = lp, ls
-            if want_entropy:
-                ent[i0:i1] = en
+            dh_c = triton_dz_gemm.dz_grads(z, scales, tw, weight, h_c, t_c, g, dw32 if need_dw else None, not first,
+                                           need_dh)  # fmt: skip
             if need_dh:
                 dh[i0:i1] = dh_c
-            continue
-        extra = {}
-        if fused:
-            want_t = want_entropy or step is not None or g_ent is not None
-            extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
         else:
-            torch.mm(h_c, weight.T, out=z)  # [C, V]
-        lp, en, ls = row_grad(
-            z, targets[i0:i1], bias, None if g_logp is None else g_logp[i0:i1],
-            None if g_ent is None else g_ent[i0:i1], temperature, ignore_index, loss, want_entropy,
-            None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c)), **extra,
-        )  # fmt: skip
+            extra = {}
+            if fused:
+                want_t = want_entropy or step is not None or g_ent is not None
+                extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
+            else:
+                torch.mm(h_c, weight.T, out=z)  # [C, V]
+            lp, en, ls = row_grad(z, t_c, bias, g_c, None if g_ent is None else g_ent[i0:i1], temperature,
+                                  ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
+            if need_dh:
+                torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
+            if need_dw:
+                if i0 == 0 and i1 == n and low_dw:
+                    dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
+                elif i0 == 0:
+                    dw32 = _mm_fp32(z.T, h_c)  # [V, H]
+                else:
+                    _accumulate_fp32(dw32, z.T, h_c)
+                if bias is not None:
+                    db_c = z.sum(0, dtype=torch.float32)
+                    db32 = db_c if db32 is None else db32.add_(db_c)
         logp[i0:i1] = lp
         lse[i0:i1] = ls
         if want_entropy:
             ent[i0:i1] = en
-        if need_dh:
-            torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
-        if need_dw:
-            if i0 == 0 and i1 == n and low_dw:
-                dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
-            elif i0 == 0:
-                dw32 = _mm_fp32(z.T, h_c)  # [V, H]
-            else:
-                _accumulate_fp32(dw32, z.T, h_c)
-            if bias is not None:
-                db_c = z.sum(0, dtype=torch.float32)
-                db32 = db_c if db32 is None else db32.add_(db_c)
     dw = None if dw32 is None else dw32.to(w_in.dtype)
     db = None if db32 is None else db32.to(bias.dtype)
     return logp, ent, lse, dh, dw, db
