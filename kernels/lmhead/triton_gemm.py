@@ -9,6 +9,8 @@ partials into its lse and entropy, so it reads and writes the chunk once instead
 Without gradients z need not be stored at all: the epilogue also picks the target's logit out of the one tile that
 holds it, and `linear_logprob_epilogue_fwd` (the "epilogue" forward schedule) merges the partials of each chunk of
 rows with a small kernel. Its only memory is the partials: 12 bytes per row and vocabulary tile.
+
+The experimental backward (`triton_dz_gemm.py`) has the tile stored as P = 2^(z - m) instead (`store_p=True`).
 """
 
 from __future__ import annotations
