@@ -86,6 +86,11 @@ class TokenStep(Protocol):
     def __call__(self, i0: int, i1: int, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor: ...
 
 
+def _dlogp(g_logp: torch.Tensor, loss: int) -> torch.Tensor:
+    """dLoss/dlogp from the coefficient the caller gave for `loss` (triton_rows.LOSS_*; the row kernel's rule)."""
+    return g_logp if loss == triton_rows.LOSS_GIVEN else -g_logp
+
+
 def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, loss, want_entropy, step=None):
     """Plain-torch twin of the Triton row epilogue, in place on z [C, V]: statistics, then dz.
 
@@ -107,7 +112,7 @@ def row_grad_torch(z, targets, bias, g_logp, g_ent, temperature, ignore_index, l
     if step is not None:
         g = step(logp, ent)
     else:
-        g = g_logp if loss == triton_rows.LOSS_GIVEN else -g_logp
+        g = _dlogp(g_logp, loss)
     g = torch.where(valid, g, 0.0)
     dz = -g[:, None] * p
     dz.scatter_add_(1, safe[:, None], g[:, None])
@@ -135,18 +140,15 @@ def _p_chunk(h_c, weight, p, targets, g_logp, temperature, ignore_index, loss, w
     """The head GEMM of one chunk storing P (`triton_gemm.head_gemm_stats(store_p=True)`), its rows' statistics and
     gradient coefficient, for `triton_dz_gemm.dz_grads`. Returns (logp, entropy or None, lse, g = dLoss/dlogp /
     temperature (0 on ignored rows), the scales S [C, tiles], the tile width)."""
-    c = h_c.shape[0]
     want_t = want_entropy or step is not None
-    tz = torch.zeros(c, device=h_c.device, dtype=torch.float32)
+    tz = torch.zeros(h_c.shape[0], device=h_c.device, dtype=torch.float32)
     part = triton_gemm.head_gemm_stats(h_c, weight, p, temperature, want_t, targets, tz, store_p=True)
     tw = triton_gemm.tile_width()
-    m, s, t = torch.empty((3, 1, c), device=h_c.device, dtype=torch.float32).unbind(0)
-    triton_gemm.merge_rows(part, m[0], s[0], t[0], want_t)
-    logp, lse, ent = triton_fwd.combine_partials(m, s, t, tz[None], targets, ignore_index, want_t)
+    logp, lse, ent = triton_gemm.row_statistics(part, tz, targets, ignore_index, want_t)
     if step is not None:
         g = step(logp, ent).float()
     else:
-        g = g_logp if loss == triton_rows.LOSS_GIVEN else -g_logp
+        g = _dlogp(g_logp, loss)
     g = torch.where(targets != ignore_index, g, 0.0) / temperature
     scales = -g[:, None] * torch.exp2(part[0] - (lse * triton_fwd.LOG2E)[:, None])
     return logp, ent, lse, g, scales, tw

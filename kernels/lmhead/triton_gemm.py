@@ -236,10 +236,13 @@ def merge_rows_kernel(part_ptr, part_plane, n_part, m_ptr, s_ptr, t_ptr, WANT_T:
         tl.store(t_ptr + row, t)
 
 
-def merge_rows(part: torch.Tensor, m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, want_t: bool) -> None:
-    """Each row's partial states [3, C, tiles] merged into m, s, t [C] (base 2; t only when want_t)."""
+def row_statistics(part: torch.Tensor, tz: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_t: bool):
+    """(logp, lse, entropy or None) [C] fp32, natural log, of rows from their partial states [3, C, tiles] and
+    their targets' logits tz [C] (base 2): one merge launch, then `combine_partials` on [C] vectors."""
+    m, s, t = torch.empty((3, 1, part.shape[1]), device=part.device, dtype=torch.float32).unbind(0)
     merge_rows_kernel[(part.shape[1],)](part, part.stride(0), part.shape[2], m, s, t, WANT_T=want_t,
                                         num_warps=1 if INTERPRET else 4)  # fmt: skip
+    return combine_partials(m, s, t, tz[None], targets, ignore_index, want_t)
 
 
 def epilogue_chunk_rows(n: int, vocab: int, budget_bytes: int | None = None) -> int:
@@ -257,13 +260,16 @@ def linear_logprob_epilogue_fwd(hidden, weight, targets, bias, temperature, igno
     Returns (logp [N], lse [N], entropy [N] or None), fp32."""
     assert bias is None
     n = hidden.shape[0]
-    dev = hidden.device
-    state = torch.zeros((4, 1, n), device=dev, dtype=torch.float32)
-    m, s, t, tz = state.unbind(0)
+    logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if want_entropy else None
     chunk = epilogue_chunk_rows(n, weight.shape[0], workspace_bytes)
     for n0 in range(0, n, chunk):
         n1 = min(n, n0 + chunk)
-        part = head_gemm_stats(hidden[n0:n1], weight, None, temperature, want_entropy, targets[n0:n1], tz[0, n0:n1])
-        merge_rows(part, m[0, n0:], s[0, n0:], t[0, n0:], want_entropy)
+        tz = torch.zeros(n1 - n0, device=hidden.device, dtype=torch.float32)
+        part = head_gemm_stats(hidden[n0:n1], weight, None, temperature, want_entropy, targets[n0:n1], tz)
+        logp[n0:n1], lse[n0:n1], en = row_statistics(part, tz, targets[n0:n1], ignore_index, want_entropy)
+        if want_entropy:
+            ent[n0:n1] = en
         part = None  # freed before the next chunk's partials are allocated: one chunk's worth alive at a time
-    return combine_partials(m, s, t, tz, targets, ignore_index, want_entropy)
+    return logp, lse, ent

@@ -6,8 +6,9 @@ Prints, for the Qwen2.5-3B head (H = 2048, V = 151,936, bf16): the fused Triton 
 config), the L2-tiled forward at several tile shapes, and the chunked training path split into its passes
 (head GEMM, row epilogue, dh GEMM, fp32 dW accumulation). Every variant is checked against the fp32 reference.
 `--train-only` runs only `train_sweep`: the training path's passes and engine variants (the head GEMM with the
-softmax statistics in its epilogue, the persistent row kernel) against the default and three bare GEMMs, for each
-`--head` (qwen: H 2,048, V 151,936; llama3: H 4,096, V 128,256); variants are checked against the default.
+softmax statistics in its epilogue, the experimental dz-on-load backward) against the cuBLAS path and three bare
+GEMMs, for each `--head` (qwen: H 2,048, V 151,936; llama3: H 4,096, V 128,256); each variant is checked against
+the cuBLAS path.
 """
 
 from __future__ import annotations
