@@ -139,24 +139,6 @@ def _assert_engine_outputs_match(out, ref, tol):
             assert rel_err(a.float(), b.float()) <= tol, name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("mode", ["nll", "given+entropy-out", "step", "given+entropy"])
-def test_dz_formed_in_the_backward_gemms_matches(monkeypatch, dtype, mode):
-    """The experimental backward (chunked.BWD_GEMM = "triton"): the head GEMM stores P = 2^(z - tile max), the dh / dW
-    GEMMs scale it per row and tile as they load it and the one-hot part is a gather / scatter-add, with no row pass.
-    Same outputs as the default engine: several chunks (ragged last one, dW accumulated across them), tiles cut by
-    V, ignored rows, a temperature, the per-token step; an entropy gradient takes the default path."""
-    hidden, weight, targets, kw = _engine_case(mode, dtype, seed=2)
-    ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
-    monkeypatch.setattr(chunked, "BWD_GEMM", "triton")
-    ran = []
-    monkeypatch.setattr(chunked.triton_dz_gemm, "dz_grads",
-                        lambda *a, _f=chunked.triton_dz_gemm.dz_grads: ran.append(1) or _f(*a))  # fmt: skip
-    out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
-    assert len(ran) == (0 if mode == "given+entropy" else 3)  # chunks of 80, 80, 43; an entropy gradient falls back
-    _assert_engine_outputs_match(out, ref, 1e-5 if dtype == torch.float32 else 2e-3)  # fp16: dz rounded differently
-
-
 @pytest.mark.parametrize("epi_split", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_epilogue_forward_schedule(monkeypatch, dtype, epi_split):
@@ -228,23 +210,37 @@ def test_cross_entropy_forward_backward(case, backend, reduction):
 @pytest.mark.parametrize("case", CASES[:5], ids=[c[0] for c in CASES[:5]])
 def test_recompute_backward_with_arbitrary_upstream(case, backend):
     """reduction "none" / return_entropy: any upstream gradient of logp and entropy (the recompute backward)."""
+    _check_recompute_backward(case, backend, used=("logp", "entropy"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", [("logp",), ("entropy",)])
+def test_recompute_backward_of_one_output(used, backend):
+    """Only one of (logp, entropy) reaches the loss: the other's gradient is None, not zeros, and still right."""
+    _check_recompute_backward(CASES[1], backend, used)
+
+
+def _check_recompute_backward(case, backend, used):
     _, n, v, h, dtype, temp, opts = case
     hidden, weight, targets, bias = make_case(n, v, h, dtype, **opts)
     g = torch.Generator().manual_seed(1)
     g_logp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
     t_b, gl_b, ge_b = on_backend(backend, targets, g_logp, g_ent)
 
+    def loss(lp, en, gl, ge):
+        return sum((lp * gl).sum() if u == "logp" else (en * ge).sum() for u in used)
+
     def ours_fn(hh, ww, bb):
         lp, en = linear_logprob(hh, ww, t_b, temperature=temp, bias=bb, return_entropy=True, backend=backend)
-        return (lp * gl_b).sum() + (en * ge_b).sum()
+        return loss(lp, en, gl_b, ge_b)
 
     def ref_fn(hh, ww, bb):
         lp, en = linear_logprob_reference(hh, ww, targets, temperature=temp, bias=bb, return_entropy=True)
-        return (lp * g_logp).sum() + (en * g_ent).sum()
+        return loss(lp, en, g_logp, g_ent)
 
     def low_fn(hh, ww, bb):
         lp, en = _torch_low_precision_logprob(hh, ww, targets, temp, bb, want_entropy=True)
-        return (lp * g_logp).sum() + (en * g_ent).sum()
+        return loss(lp, en, g_logp, g_ent)
 
     ours, ref, low = (_grads(ours_fn, *on_backend(backend, hidden, weight, bias)),
                       _grads(ref_fn, hidden, weight, bias, up=True), _grads(low_fn, hidden, weight, bias))  # fmt: skip
@@ -295,6 +291,8 @@ def test_one_chunk_when_it_takes_no_more_memory():
     assert chunked.chunk_rows(10_000, 1000, 2, workspace_bytes=2**20, dw_hidden=4096) == 512  # 20 MB > 1 + 16.4 MB
     assert chunked.chunk_rows(8_000, 1000, 2, workspace_bytes=2**20, dw_hidden=4096) == 8_000  # 16 MB fits
     assert chunked.chunk_rows(8_000, 1000, 2, workspace_bytes=2**20) == 512  # no dW: the workspace decides
+    v = 151_936  # a workspace of 5,520 rows: cut to a multiple of chunked.CHUNK_ALIGN
+    assert chunked.chunk_rows(65_536, v, 2, workspace_bytes=5_520 * v * 2) == 2 * chunked.CHUNK_ALIGN
     hidden, weight, targets, _ = make_case(200, 256, 64, torch.float32, ignore_every=7)
     w = torch.full((200,), 1 / 200)
     kw = dict(temperature=1.0, ignore_index=-100, loss=1, g_logp=w, backend="torch", workspace_bytes=128 * 256 * 2)
@@ -520,14 +518,12 @@ def test_gpu_forward_full_vocab(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_gemm", ["cublas", "triton", "triton+dz-on-load"])
+@pytest.mark.parametrize("head_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
 def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
     """Full Qwen2.5 head, each engine variant (cuBLAS + two-pass rows; Triton with the statistics in its epilogue +
-    one pass; the experimental backward forming dz in the dh / dW GEMMs): loss, dh, dW within twice plain bf16
-    PyTorch's error."""
-    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm.split("+")[0])
-    monkeypatch.setattr(chunked, "BWD_GEMM", "triton" if head_gemm.endswith("dz-on-load") else "cublas")
+    one pass): loss, dh, dW within twice plain bf16 PyTorch's error."""
+    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm)
     hidden, weight, targets = _gpu_inputs(n, seed=1)
     ours = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
     ref = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets, backend="torch"), hidden, weight, None,

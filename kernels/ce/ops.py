@@ -84,12 +84,15 @@ def _logprob_setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, targets, bias)
     ctx.args = (temperature, ignore_index, backend, workspace_bytes)
     ctx.want_entropy = want_entropy
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros, no entropy-gradient term
 
 
 def _logprob_backward(ctx, grad_logp, _grad_lse, grad_entropy):  # lse is internal, never differentiated
     hidden, weight, targets, bias = ctx.saved_tensors
     temperature, ignore_index, backend, workspace_bytes = ctx.args
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+    if grad_entropy is None and grad_logp is None:
+        return (None,) * 10
     if grad_logp is None:
         grad_logp = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     dh, dw, db = linear_logprob_bwd_op(
@@ -141,9 +144,12 @@ def _nll_setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[3] is not None
     _, dh, dw, db = output
     ctx.save_for_backward(dh, dw, db)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the gradient outputs (an [N, H] and a [V, H] fill)
 
 
 def _nll_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
+    if grad_loss is None:
+        return (None,) * 11
     dh, dw, db = ctx.saved_tensors
 
     def scale(t):

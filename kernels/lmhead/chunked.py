@@ -7,8 +7,6 @@ For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspa
   2. row epilogue                lse, log-prob, entropy, the gradient coefficient g = dLoss/dlogp, and dz in place
   3. dh_c = dz W ; dW += dz^T h_c   (dW accumulated in fp32; one chunk, when that takes no more memory, writes
                                     dW in the weight's dtype directly: see `chunk_rows`)
-Experimental, off by default (`BWD_GEMM = "triton"`, not yet measured on a GPU): the head GEMM stores P = 2^(z - tile
-max) instead of z and the dh / dW GEMMs form dz from it as they load it (`triton_dz_gemm.py`), with no row pass.
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
 The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
 recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
@@ -22,21 +20,24 @@ from typing import Protocol
 
 import torch
 
-from . import settings, triton_dz_gemm, triton_fwd, triton_gemm, triton_rows
+from . import settings, triton_gemm, triton_rows
 
 # The head GEMM of backend "triton": "triton" (the statistics in the GEMM's epilogue, triton_gemm.py, where its
 # inputs allow: `triton_gemm.eligible`) or "cublas" (torch.mm, then the row kernel's statistics pass);
 # vibeperf.bench.lmhead_passes measures both (H200: "triton" 1-4% faster over the whole op at every shape measured).
 HEAD_GEMM = "triton"
-# Experimental (not measured yet): "triton" forms dz inside the dh / dW GEMMs from the head GEMM's P tiles
-# (triton_dz_gemm.py; no row pass; bias-free, no entropy gradient); "cublas" runs them on the row pass's dz.
-BWD_GEMM = "cublas"
+# A chunk of at least CHUNK_ALIGN rows is cut to a multiple of it: cuBLAS's dh / dW GEMMs of a chunk run markedly
+# faster there (H200, bf16, whole CE forward + backward against three bare GEMMs: Qwen2.5 head at 64K tokens 1.10x
+# with 2,048-row chunks, 1.17x with 1,664 and 1.11x with 2,304 or 3,456; Llama-3 head at 16K tokens 1.06x against
+# 1.13x / 1.08x; benchmarks/NOTES.md).
+CHUNK_ALIGN = 2048
 
 
 def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None,
                dw_hidden: int = 0) -> int:  # fmt: skip
-    """Tokens per chunk: the [C, V] logits workspace stays within `workspace_bytes` (C a multiple of 128, at least
-    128; None: $VIBEPERF_LMHEAD_WORKSPACE_MB, 512 MiB, read now).
+    """Tokens per chunk: the [C, V] logits workspace stays within `workspace_bytes` (None:
+    $VIBEPERF_LMHEAD_WORKSPACE_MB, 1,280 MiB, read now); C is a multiple of CHUNK_ALIGN when the workspace holds
+    that many rows, else of 128 (at least 128).
 
     `dw_hidden` = H when the caller needs dW in a dtype below fp32: several chunks then hold an fp32 [V, H]
     accumulator besides the workspace and read and write it once per chunk, while one chunk writes dW directly
@@ -44,6 +45,8 @@ def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int 
     than the workspace plus that accumulator: faster, and no more memory."""
     workspace_bytes = settings.workspace(workspace_bytes, settings.WORKSPACE_ENV)
     c = max(128, workspace_bytes // (vocab * elem_bytes) // 128 * 128)
+    if c >= CHUNK_ALIGN:
+        c = c // CHUNK_ALIGN * CHUNK_ALIGN
     if n_tokens <= 0:
         return 1
     if dw_hidden and n_tokens * vocab * elem_bytes <= min(c, n_tokens) * vocab * elem_bytes + vocab * dw_hidden * 4:
@@ -136,24 +139,6 @@ def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index,
                                        True, phase=triton_rows.PHASE_GRAD, stats=stats)  # fmt: skip
 
 
-def _p_chunk(h_c, weight, p, targets, g_logp, temperature, ignore_index, loss, want_entropy, step):
-    """The head GEMM of one chunk storing P (`triton_gemm.head_gemm_stats(store_p=True)`), its rows' statistics and
-    gradient coefficient, for `triton_dz_gemm.dz_grads`. Returns (logp, entropy or None, lse, g = dLoss/dlogp /
-    temperature (0 on ignored rows), the scales S [C, tiles], the tile width)."""
-    want_t = want_entropy or step is not None
-    tz = torch.zeros(h_c.shape[0], device=h_c.device, dtype=torch.float32)
-    part = triton_gemm.head_gemm_stats(h_c, weight, p, temperature, want_t, targets, tz, store_p=True)
-    tw = triton_gemm.tile_width()
-    logp, lse, ent = triton_gemm.row_statistics(part, tz, targets, ignore_index, want_t)
-    if step is not None:
-        g = step(logp, ent).float()
-    else:
-        g = _dlogp(g_logp, loss)
-    g = torch.where(targets != ignore_index, g, 0.0) / temperature
-    scales = -g[:, None] * torch.exp2(part[0] - (lse * triton_fwd.LOG2E)[:, None])
-    return logp, ent, lse, g, scales, tw
-
-
 _DTYPE_OUT_ADDMM: bool | None = None
 
 
@@ -239,47 +224,36 @@ def lmhead_chunked(
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
     fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(bias, hidden, weight, workspace)
-    dz_on_load = fused and BWD_GEMM == "triton" and g_ent is None and (need_dh or need_dw)
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         h_c, t_c, z = hidden[i0:i1], targets[i0:i1], workspace[: i1 - i0]
         g_c = None if g_logp is None else g_logp[i0:i1]
         step_c = None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c))
-        if dz_on_load:  # P into the workspace, then dh and dW straight from it: no row pass
-            lp, en, ls, g, scales, tw = _p_chunk(h_c, weight, z, t_c, g_c, temperature, ignore_index, loss,
-                                                 want_entropy, step_c)  # fmt: skip
-            first = dw32 is None
-            if need_dw and first:
-                dw32 = torch.empty((v, h), device=dev, dtype=torch.float32)
-            dh_c = triton_dz_gemm.dz_grads(z, scales, tw, weight, h_c, t_c, g, dw32 if need_dw else None, not first,
-                                           need_dh)  # fmt: skip
-            if need_dh:
-                dh[i0:i1] = dh_c
+        extra = {}
+        if fused:
+            want_t = want_entropy or step is not None or g_ent is not None
+            extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
         else:
-            extra = {}
-            if fused:
-                want_t = want_entropy or step is not None or g_ent is not None
-                extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
+            torch.mm(h_c, weight.T, out=z)  # [C, V]
+        lp, en, ls = row_grad(z, t_c, bias, g_c, None if g_ent is None else g_ent[i0:i1], temperature,
+                              ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
+        if need_dh:
+            torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
+        if need_dw:
+            if i0 == 0 and i1 == n and low_dw:
+                dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
+            elif i0 == 0:
+                dw32 = _mm_fp32(z.T, h_c)  # [V, H]
             else:
-                torch.mm(h_c, weight.T, out=z)  # [C, V]
-            lp, en, ls = row_grad(z, t_c, bias, g_c, None if g_ent is None else g_ent[i0:i1], temperature,
-                                  ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
-            if need_dh:
-                torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
-            if need_dw:
-                if i0 == 0 and i1 == n and low_dw:
-                    dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
-                elif i0 == 0:
-                    dw32 = _mm_fp32(z.T, h_c)  # [V, H]
-                else:
-                    _accumulate_fp32(dw32, z.T, h_c)
-                if bias is not None:
-                    db_c = z.sum(0, dtype=torch.float32)
-                    db32 = db_c if db32 is None else db32.add_(db_c)
+                _accumulate_fp32(dw32, z.T, h_c)
+            if bias is not None:
+                db_c = z.sum(0, dtype=torch.float32)
+                db32 = db_c if db32 is None else db32.add_(db_c)
         logp[i0:i1] = lp
         lse[i0:i1] = ls
         if want_entropy:
             ent[i0:i1] = en
+    workspace = z = None  # freed before dW's cast: the cast's output may reuse its memory (a lower peak)
     dw = None if dw32 is None else dw32.to(w_in.dtype)
     db = None if db32 is None else db32.to(bias.dtype)
     return logp, ent, lse, dh, dw, db

@@ -6,9 +6,9 @@ coefficient and overwrites the row with dLoss/dz, then cuBLASLt forms dh (input 
 place (beta = 1). Scoring without grad runs the first two steps only.
 
 Extra device memory besides the outputs: the [C, V'] logits workspace in weight's dtype (V' = V rounded up to 16 bytes,
-so every row is 16-byte aligned for the row kernel's vector loads; C = `chunked.chunk_rows`: <= workspace_bytes, 512 MiB
-by default (settings.py), but at least 128 rows), one 32 MiB cuBLASLt workspace per (device, stream) kept for the
-process' life, an fp32 [V, H] dW accumulator when weight is not fp32 (as the Triton path), and O(N + V) vectors.
+so every row is 16-byte aligned for the row kernel's vector loads; C = `chunked.chunk_rows`: <= workspace_bytes,
+1280 MiB by default (settings.py), but at least 128 rows), one 32 MiB cuBLASLt workspace per (device, stream) kept
+for the process' life, an fp32 [V, H] dW accumulator when weight is not fp32 (as the Triton path), and O(N + V) vectors.
 """
 
 from __future__ import annotations

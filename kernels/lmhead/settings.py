@@ -9,8 +9,9 @@ Every public op of `ce/`, `policy/` and `mgpo/` takes them as keyword arguments:
 - `workspace_bytes`: the most bytes the [C, V] logits workspace of the call may take (C tokens per chunk or tile; at
   least 128 rows of the three-pass engine whatever the budget). None: the default of the pass that runs, each with its
   own variable in MiB: the three-pass engine and the "cuda" / "torch" scoring forward $VIBEPERF_LMHEAD_WORKSPACE_MB
-  (512), the "chunked" schedule $VIBEPERF_LMHEAD_SCORE_MB (1024), the "tiled" schedule $VIBEPERF_LMHEAD_TILE_MB (32),
-  the "epilogue" schedule's partials $VIBEPERF_LMHEAD_EPILOGUE_MB (64).
+  (1280: 4,096 rows of the Qwen2.5 or Llama-3 vocabulary in bf16, see `chunked.chunk_rows`), the "chunked" schedule
+  $VIBEPERF_LMHEAD_SCORE_MB (1024), the "tiled" schedule $VIBEPERF_LMHEAD_TILE_MB (32), the "epilogue" schedule's
+  partials $VIBEPERF_LMHEAD_EPILOGUE_MB (64).
 A variable set after import takes effect at the next call; a bad value is a one-line ValueError naming it.
 """
 
@@ -20,7 +21,7 @@ import os
 
 SCHEDULES = ("epilogue", "chunked", "tiled", "fused")
 SCHEDULE_ENV = "VIBEPERF_LMHEAD_FWD"
-WORKSPACE_ENV = ("VIBEPERF_LMHEAD_WORKSPACE_MB", 512)
+WORKSPACE_ENV = ("VIBEPERF_LMHEAD_WORKSPACE_MB", 1280)
 SCORE_ENV = ("VIBEPERF_LMHEAD_SCORE_MB", 1024)
 TILE_ENV = ("VIBEPERF_LMHEAD_TILE_MB", 32)
 EPILOGUE_ENV = ("VIBEPERF_LMHEAD_EPILOGUE_MB", 64)

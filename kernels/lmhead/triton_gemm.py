@@ -9,8 +9,6 @@ partials into its lse and entropy, so it reads and writes the chunk once instead
 Without gradients z need not be stored at all: the epilogue also picks the target's logit out of the one tile that
 holds it, and `linear_logprob_epilogue_fwd` (the "epilogue" forward schedule) merges the partials of each chunk of
 rows with a small kernel. Its only memory is the partials: 12 bytes per row and vocabulary tile.
-
-The experimental backward (`triton_dz_gemm.py`) has the tile stored as P = 2^(z - m) instead (`store_p=True`).
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ except ImportError:  # pragma: no cover - older Triton: the fused GEMM is simply
     TensorDescriptor = None
 
 
-STORE_NONE, STORE_Z, STORE_P = 0, 1, 2  # what the head GEMM writes besides the partials (see head_gemm_stats)
+STORE_NONE, STORE_Z = 0, 1  # what the head GEMM writes besides the partials (see head_gemm_stats)
 
 
 def _block_shapes(nargs):
@@ -37,7 +35,7 @@ def _block_shapes(nargs):
     bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
     nargs["h_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    nargs["z_desc"].block_shape = [bm, bn if nargs.get("STORE") == STORE_P else bn // nargs["EPI_SPLIT"]]
+    nargs["z_desc"].block_shape = [bm, bn // nargs["EPI_SPLIT"]]
 
 
 def interpreter_config(epi_split: int) -> triton.Config:
@@ -69,7 +67,7 @@ def _configs():
 def head_gemm_stats_kernel(
     h_desc,  # [C, H] block [BM, BK]
     w_desc,  # [V, H] block [BN, BK]
-    z_desc,  # [C, V] written: z (STORE_Z, block [BM, BN / EPI_SPLIT]) or P (STORE_P, block [BM, BN]); else a dummy
+    z_desc,  # [C, V] z written (STORE_Z, block [BM, BN / EPI_SPLIT]); else a dummy
     part_ptr,  # [3, C, n_tiles] fp32 out: m, s, t per row and vocabulary tile
     tgt_ptr,  # [C] int64 (not STORE_Z)
     tz_ptr,  # [C] fp32 out (not STORE_Z): the target's logit, base 2, written by the tile that holds it
@@ -111,7 +109,7 @@ def head_gemm_stats_kernel(
         tgt = rows  # (read only without STORE_Z)
         if STORE != 1:
             tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        if EPI_SPLIT == 1 or STORE == 2:  # P is relative to the whole tile's max: one piece
+        if EPI_SPLIT == 1:
             m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
                                    row_ok)  # fmt: skip
         else:
@@ -135,8 +133,8 @@ def head_gemm_stats_kernel(
 @triton.jit
 def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr, STORE: tl.constexpr, tgt,
                  tz_ptrs, row_ok):  # fmt: skip
-    """Store a [BM, B] piece at (off_m, off_n): z in z's dtype (STORE_Z), or P = 2^(z - m) relative to the piece's
-    row max (STORE_P); without STORE_Z write the logit of each row whose target falls in the piece to tz_ptrs.
+    """Store a [BM, B] piece at (off_m, off_n) in z's dtype (STORE_Z), or else write the logit of each row whose
+    target falls in the piece to tz_ptrs.
     Returns its rows' softmax state (m, s, t), base 2, over the columns < V (m = -inf, s = 0 for a piece wholly past
     V), from the values rounded to z's dtype."""
     zq = acc.to(z_desc.dtype)
@@ -151,8 +149,6 @@ def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr,
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a second piece wholly past V
     zc = zs - m_safe[:, None]
     p = tl.exp2(zc)
-    if STORE == 2:
-        z_desc.store([off_m, off_n], p.to(z_desc.dtype))
     s = tl.sum(p, axis=1)
     t = s
     if WANT_T:
@@ -179,13 +175,11 @@ def eligible(bias, hidden: torch.Tensor, *more: torch.Tensor) -> bool:
 
 
 def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, temperature: float,
-                    want_t: bool, targets: torch.Tensor | None = None, tz: torch.Tensor | None = None,
-                    store_p: bool = False) -> torch.Tensor:  # fmt: skip
+                    want_t: bool, targets: torch.Tensor | None = None,
+                    tz: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
     want_t (entropy), t; base 2, logits / temperature). z None: nothing stored; the targets' logits (base 2) go to
-    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held). store_p: z gets P = 2^(z - m_tile)
-    (base 2, logits / temperature) instead of the logits, relative to each row's max over its tile of
-    `tile_width()` columns, and the targets' logits go to tz (`triton_dz_gemm.py` forms dz from them)."""
+    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held)."""
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
@@ -199,8 +193,6 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     if z is None:  # an unused descriptor, for the signature (the config's box is set on it all the same)
         z = torch.empty((1, 16), device=dev, dtype=h_c.dtype)
         store = STORE_NONE
-    elif store_p:
-        store = STORE_P
     else:
         store = STORE_Z
         targets = tz = h_c  # unused
@@ -218,11 +210,6 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
     return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)
-
-
-def tile_width() -> int:
-    """Columns per partial state (the BN of the config of the last `head_gemm_stats` call)."""
-    return head_gemm_stats_kernel.best_config.kwargs["BN"]
 
 
 @triton.jit

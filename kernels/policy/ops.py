@@ -223,9 +223,12 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[3] is not None
     _, _, _, dh, dw, db = output
     ctx.save_for_backward(dh, dw, db)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the outputs the loss does not use ([N, H], [V, H])
 
 
 def _backward(ctx, grad_loss, _g_terms, _g_entropy, _g_dh, _g_dw, _g_db):
+    if grad_loss is None:
+        return (None,) * 19
     dh, dw, db = ctx.saved_tensors
 
     def scale(t):

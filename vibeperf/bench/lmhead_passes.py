@@ -6,7 +6,7 @@ Prints, for the Qwen2.5-3B head (H = 2048, V = 151,936, bf16): the fused Triton 
 config), the L2-tiled forward at several tile shapes, and the chunked training path split into its passes
 (head GEMM, row epilogue, dh GEMM, fp32 dW accumulation). Every variant is checked against the fp32 reference.
 `--train-only` runs only `train_sweep`: the training path's passes and engine variants (the head GEMM with the
-softmax statistics in its epilogue, the experimental dz-on-load backward) against the cuBLAS path and three bare
+softmax statistics in its epilogue) against the cuBLAS path and three bare
 GEMMs, for each `--head` (qwen: H 2,048, V 151,936; llama3: H 4,096, V 128,256); each variant is checked against
 the cuBLAS path.
 """
@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton
 
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
-from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_dz_gemm, triton_fwd, triton_gemm, triton_rows
+from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_gemm, triton_rows
 
 from .common import do_bench_ms, peak_matmul_tflops, relative_error
 from .registry import LLAMA3_H, LLAMA3_V, TOL, H, V, head_inputs
@@ -59,13 +58,6 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     dw32 = torch.zeros((vocab, h_size), device="cuda", dtype=torch.float32)
     passes += [("dh GEMM", lambda: torch.mm(z, w, out=dh), 1),
                ("dW fp32 accumulate", lambda: chunked._accumulate_fp32(dw32, z.T, hc), 1)]
-    # the experimental backward: dz formed in the dh / dW GEMMs from P (timing only; its values are checked below)
-    triton_gemm.head_gemm_stats(hc, w, z, 1.0, False, tc, torch.zeros_like(g), store_p=True)
-    tw, scales = triton_gemm.tile_width(), torch.full((c, triton.cdiv(vocab, 128)), -1e-6, device="cuda")
-    passes += [("dh GEMM, dz on load (triton)", lambda: triton_dz_gemm.dz_grads(
-                    z, scales, tw, w, hc, tc, g, None, False, True), 1),
-               ("dW GEMM, dz on load (triton)", lambda: triton_dz_gemm.dz_grads(
-                    z, scales, tw, w, hc, tc, g, dw32, True, False), 1)]  # fmt: skip
     for name, fn, fl in passes:
         ms = do_bench_ms(fn, rep_ms=200)
         extra = f"{fl * 2 * c * h_size * vocab / (ms * 1e-3) / 1e12 / peak:.3f} of peak" if fl > 0 else \
@@ -75,12 +67,12 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     xg = head_inputs(n, grad=True, hidden_size=h_size, vocab=vocab)
     grads = lambda: torch.autograd.grad(linear_cross_entropy(xg["hidden"], xg["weight"], xg["targets"]),
                                         [xg["hidden"], xg["weight"]])  # fmt: skip
-    defaults = chunked.HEAD_GEMM, chunked.BWD_GEMM
-    chunked.HEAD_GEMM, chunked.BWD_GEMM = "cublas", "cublas"
+    default = chunked.HEAD_GEMM
+    chunked.HEAD_GEMM = "cublas"
     ref = grads()
-    for head_gemm, bwd_gemm in (("cublas", "cublas"), ("triton", "cublas"), ("triton", "triton")):
-        chunked.HEAD_GEMM, chunked.BWD_GEMM = head_gemm, bwd_gemm
-        name = f"head GEMM {head_gemm}, dh/dW {'dz on load' if bwd_gemm == 'triton' else 'cublas'}"
+    for head_gemm in ("cublas", "triton"):
+        chunked.HEAD_GEMM = head_gemm
+        name = f"head GEMM {head_gemm}"
         try:
             out = grads()
             err = max(relative_error(a.float(), b.float()) for a, b in zip(out, ref))
@@ -88,7 +80,7 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
             print(f"{tag} CE fwd+bwd {name:<40} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak  vs cublas {err:.1e}"
                   f"{'' if err <= 1e-2 else '  WRONG'}", flush=True)
         finally:
-            chunked.HEAD_GEMM, chunked.BWD_GEMM = defaults
+            chunked.HEAD_GEMM = default
     if n * vocab * 2 * 2 < 40 * 2**30:
         zf = torch.empty((n, vocab), device="cuda", dtype=torch.bfloat16)
 
