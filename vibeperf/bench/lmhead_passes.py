@@ -1,6 +1,6 @@
 """Where the LM-head time goes: per-pass timings and forward-variant sweep (GPU only).
 
-    python -m vibeperf.bench.lmhead_passes [--n 65536] [--train-only] [--head qwen llama3]
+    python -m vibeperf.bench.lmhead_passes [--n 65536] [--train-only | --chunks C ...] [--head qwen llama3]
 
 Prints, for the Qwen2.5-3B head (H = 2048, V = 151,936, bf16): the fused Triton forward (and its autotuned
 config), the L2-tiled forward at several tile shapes, and the chunked training path split into its passes
@@ -8,7 +8,9 @@ config), the L2-tiled forward at several tile shapes, and the chunked training p
 `--train-only` runs only `train_sweep`: the training path's passes and engine variants (the head GEMM with the
 softmax statistics in its epilogue) against the cuBLAS path and three bare
 GEMMs, for each `--head` (qwen: H 2,048, V 151,936; llama3: H 4,096, V 128,256); each variant is checked against
-the cuBLAS path.
+the cuBLAS path. `--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk
+forced to each size (time against three bare GEMMs and Liger's loss of the same run, peak extra memory, outputs
+against the default call), the measurement behind `chunked.CHUNK_ALIGN` and the default workspace.
 """
 
 from __future__ import annotations
@@ -94,12 +96,69 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
         zf = None
 
 
+def chunk_sweep(n: int, h_size: int, vocab: int, chunks: list[int]) -> None:
+    """The CE forward + backward (mean over non-ignored tokens, dh and dW) with the chunk forced to each size."""
+    x = head_inputs(n, grad=True, hidden_size=h_size, vocab=vocab)
+    h, w, t = x["hidden"], x["weight"], x["targets"]
+    hd, wd = h.detach(), w.detach()
+    tag = f"N={n:6d} H={h_size} V={vocab}"
+    valid = (t != -100).float()
+    g = valid / valid.sum()
+
+    def ours(chunk=None):
+        if chunk is None:
+            return torch.autograd.grad(linear_cross_entropy(h, w, t), [h, w])
+        out = chunked.lmhead_chunked(hd, wd, t, None, temperature=1.0, ignore_index=-100, loss=triton_rows.LOSS_NLL,
+                                     g_logp=g, chunk=chunk)  # fmt: skip
+        return out[3], out[4]
+
+    def extra_gib(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+    zf = torch.empty((n, vocab), device="cuda", dtype=torch.bfloat16)
+
+    def floor():
+        torch.mm(hd, wd.T, out=zf)
+        torch.mm(zf, wd)
+        torch.mm(zf.T, hd)
+
+    fl = do_bench_ms(floor, rep_ms=600)
+    zf = None
+    print(f"{tag} three bare GEMMs (floor) {fl:.2f} ms", flush=True)
+    ref = ours()
+    rows = [(f"default (chunk {chunked.chunk_rows(n, vocab, 2, dw_hidden=h_size)})", ours)]
+    rows += [(f"chunk {c:5d} ({n / c:5.1f} chunks)", lambda c=c: ours(c)) for c in chunks if c <= n]
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
+
+        rows.append(("Liger-Kernel", lambda: torch.autograd.grad(liger(h, w, t), [h, w])))
+    except ImportError as exc:
+        print(f"{tag} Liger-Kernel not run: {exc}")
+    for name, fn in rows:
+        err = max(relative_error(a.float(), b.float()) for a, b in zip(fn(), ref))
+        ms = do_bench_ms(fn, rep_ms=600)
+        print(f"{tag} {name:<26} {ms:8.2f} ms  {ms / fl:.3f}x floor  extra {extra_gib(fn):.2f} GiB  vs default "
+              f"{err:.1e}{'' if err <= 1e-2 else '  WRONG'}", flush=True)  # fmt: skip
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[8192, 65536])
     ap.add_argument("--train-only", action="store_true", help="only the training path's sweep (train_sweep)")
     ap.add_argument("--head", nargs="+", choices=sorted(HEADS), default=["qwen"])
+    ap.add_argument("--chunks", type=int, nargs="+", help="only the chunk-size sweep (chunk_sweep) at these sizes")
     args = ap.parse_args(argv)
+    if args.chunks:
+        for head in args.head:
+            for n in args.n:
+                chunk_sweep(n, *HEADS[head], args.chunks)
+                torch.cuda.empty_cache()
+        return
     peak = peak_matmul_tflops()
     print(f"peak {peak:.1f} TFLOP/s")
     if args.train_only:
