@@ -42,7 +42,9 @@ def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int 
     `dw_hidden` = H when the caller needs dW in a dtype below fp32: several chunks then hold an fp32 [V, H]
     accumulator besides the workspace and read and write it once per chunk, while one chunk writes dW directly
     (fp32 accumulation inside its GEMM). So all `n_tokens` go in one chunk whenever their logits take no more memory
-    than the workspace plus that accumulator: faster, and no more memory."""
+    than the workspace plus that accumulator: faster (H200, Qwen2.5 head at 8K tokens: 1.08x three bare GEMMs against
+    1.10x in two chunks), with a peak higher by dW's own size (several chunks cast their accumulator into the memory
+    the freed workspace leaves)."""
     workspace_bytes = settings.workspace(workspace_bytes, settings.WORKSPACE_ENV)
     c = max(128, workspace_bytes // (vocab * elem_bytes) // 128 * 128)
     if c >= CHUNK_ALIGN:
