@@ -9,6 +9,10 @@ partials into its lse and entropy, so it reads and writes the chunk once instead
 Without gradients z need not be stored at all: the epilogue also picks the target's logit out of the one tile that
 holds it, and `linear_logprob_epilogue_fwd` (the "epilogue" forward schedule) merges the partials of each chunk of
 rows with a small kernel. Its only memory is the partials: 12 bytes per row and vocabulary tile.
+
+For the row-scaled backward (`chunked.py`, `BWD_GEMM = "rowscale"`) the tile is stored as P = 2^(z - R_r) instead,
+relative to a reference R_r given per row before the GEMM (exact while the row's max is within P_CLAMP bits of
+R_r; finite always).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ except ImportError:  # pragma: no cover - older Triton: the fused GEMM is simply
     TensorDescriptor = None
 
 
-STORE_NONE, STORE_Z = 0, 1  # what the head GEMM writes besides the partials (see head_gemm_stats)
+STORE_NONE, STORE_Z, STORE_P = 0, 1, 2  # what the head GEMM writes besides the partials (see head_gemm_stats)
+P_CLAMP = tl.constexpr(100.0)  # the largest exponent of P's scale: 2^100 times any weight sum stays finite in fp32
 
 
 def _block_shapes(nargs):
@@ -67,10 +72,11 @@ def _configs():
 def head_gemm_stats_kernel(
     h_desc,  # [C, H] block [BM, BK]
     w_desc,  # [V, H] block [BN, BK]
-    z_desc,  # [C, V] z written (STORE_Z, block [BM, BN / EPI_SPLIT]); else a dummy
+    z_desc,  # [C, V] z (STORE_Z) or P (STORE_P) written, block [BM, BN / EPI_SPLIT]; else a dummy
     part_ptr,  # [3, C, n_tiles] fp32 out: m, s, t per row and vocabulary tile
     tgt_ptr,  # [C] int64 (not STORE_Z)
     tz_ptr,  # [C] fp32 out (not STORE_Z): the target's logit, base 2, written by the tile that holds it
+    ref_ptr,  # [C] fp32 (STORE_P): each row's reference R, base 2
     C,
     V,
     H,
@@ -109,15 +115,18 @@ def head_gemm_stats_kernel(
         tgt = rows  # (read only without STORE_Z)
         if STORE != 1:
             tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+        ref = tl.zeros((BM,), dtype=tl.float32)
+        if STORE == 2:
+            ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0)
         if EPI_SPLIT == 1:
             m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
-                                   row_ok)  # fmt: skip
+                                   row_ok, ref)  # fmt: skip
         else:
             a0, a1 = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)).split()
             m0, s0, t0 = _store_piece(z_desc, a0, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
-                                      row_ok)  # fmt: skip
+                                      row_ok, ref)  # fmt: skip
             m1, s1, t1 = _store_piece(z_desc, a1, off_m, off_n + BN // 2, V, scale_log2, WANT_T, STORE, tgt,
-                                      tz_ptr + rows, row_ok)  # fmt: skip
+                                      tz_ptr + rows, row_ok, ref)  # fmt: skip
             m = tl.maximum(m0, m1)
             w0 = tl.exp2(m0 - m)
             w1 = tl.exp2(m1 - m)
@@ -132,9 +141,10 @@ def head_gemm_stats_kernel(
 
 @triton.jit
 def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr, STORE: tl.constexpr, tgt,
-                 tz_ptrs, row_ok):  # fmt: skip
+                 tz_ptrs, row_ok, ref):  # fmt: skip
     """Store a [BM, B] piece at (off_m, off_n) in z's dtype (STORE_Z), or else write the logit of each row whose
-    target falls in the piece to tz_ptrs.
+    target falls in the piece to tz_ptrs (and with STORE_P store P = 2^(z - ref), base 2, as p 2^(m - ref) with that
+    factor clamped at 2^P_CLAMP: exact while the piece's max m is within P_CLAMP of ref, finite always).
     Returns its rows' softmax state (m, s, t), base 2, over the columns < V (m = -inf, s = 0 for a piece wholly past
     V), from the values rounded to z's dtype."""
     zq = acc.to(z_desc.dtype)
@@ -149,6 +159,8 @@ def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr,
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a second piece wholly past V
     zc = zs - m_safe[:, None]
     p = tl.exp2(zc)
+    if STORE == 2:  # P = 2^(z - ref) = p 2^(m - ref): one multiply; the factor's clamp keeps P finite
+        z_desc.store([off_m, off_n], (p * tl.exp2(tl.minimum(m_safe - ref, P_CLAMP))[:, None]).to(z_desc.dtype))
     s = tl.sum(p, axis=1)
     t = s
     if WANT_T:
@@ -175,11 +187,13 @@ def eligible(bias, hidden: torch.Tensor, *more: torch.Tensor) -> bool:
 
 
 def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, temperature: float,
-                    want_t: bool, targets: torch.Tensor | None = None,
-                    tz: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                    want_t: bool, targets: torch.Tensor | None = None, tz: torch.Tensor | None = None,
+                    ref: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
     want_t (entropy), t; base 2, logits / temperature). z None: nothing stored; the targets' logits (base 2) go to
-    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held)."""
+    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held). ref [C] fp32 (base 2): z gets
+    P = 2^(z - ref) instead of the logits (exact where the tile's max is within P_CLAMP of ref, finite always), and
+    the targets' logits go to tz as without z."""
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
@@ -193,6 +207,8 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     if z is None:  # an unused descriptor, for the signature (the config's box is set on it all the same)
         z = torch.empty((1, 16), device=dev, dtype=h_c.dtype)
         store = STORE_NONE
+    elif ref is not None:
+        store = STORE_P
     else:
         store = STORE_Z
         targets = tz = h_c  # unused
@@ -205,7 +221,8 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     min_bn = min(cfg.kwargs["BN"] for cfg in head_gemm_stats_kernel.configs)
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
-        h_desc, w_desc, z_desc, part_store, targets, tz, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
+        h_desc, w_desc, z_desc, part_store, targets, tz, tz if ref is None else ref, c, v, h, LOG2E / temperature,
+        NUM_PROGS=progs,
         WANT_T=want_t, STORE=store,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote

@@ -173,3 +173,58 @@ def lmhead_row_grad(
         BLOCK_V=128 if INTERPRET else 4096, num_warps=1 if INTERPRET else 16,
     )  # fmt: skip
     return logp, (ent if want_entropy else None), lse
+
+
+@triton.jit
+def repair_rows_kernel(h_ptr, w_ptr, y_ptr, bad_ptr, gt_ptr, lse2_ptr, dh_ptr, dw_ptr, V, H, scale_log2,
+                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+    """The exact gradient of the rows the row-scaled backward could not represent (`chunked.py`, BWD_GEMM
+    "rowscale"): one program per row of the chunk; a row whose flag in bad_ptr is 0 returns at once. A flagged row r
+    recomputes its logits z = h_r W^T on CUDA cores (rounded to the GEMM's output dtype, as its statistics were),
+    forms dz = gt (onehot(y) - 2^(z scale - lse2)) and adds dz W to dh[r] (fp32) and dz^T h_r to dW (fp32, atomic:
+    other flagged rows add to the same rows of dW). Slow (two reads of W per row), for rows that should never occur."""
+    r = tl.program_id(0).to(tl.int64)
+    if tl.load(bad_ptr + r) == 0:
+        return
+    gt = tl.load(gt_ptr + r)
+    lse2 = tl.load(lse2_ptr + r)
+    y = tl.load(y_ptr + r)
+    h_row = h_ptr + r * H
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        v_ok = vs < V
+        z = tl.zeros((BV,), dtype=tl.float32)
+        for h0 in range(0, H, BH):
+            hs = h0 + tl.arange(0, BH)
+            h_ok = hs < H
+            w = tl.load(w_ptr + vs.to(tl.int64)[:, None] * H + hs[None, :], mask=v_ok[:, None] & h_ok[None, :],
+                        other=0.0).to(tl.float32)  # fmt: skip
+            x = tl.load(h_row + hs, mask=h_ok, other=0.0).to(tl.float32)
+            z += tl.sum(w * x[None, :], axis=1)
+        z = z.to(h_ptr.dtype.element_ty).to(tl.float32)
+        d = gt * (tl.where(vs == y, 1.0, 0.0) - tl.where(v_ok, tl.exp2(z * scale_log2 - lse2), 0.0))
+        for h0 in range(0, H, BH):
+            hs = h0 + tl.arange(0, BH)
+            h_ok = hs < H
+            mask = v_ok[:, None] & h_ok[None, :]
+            if NEED_DH:
+                w = tl.load(w_ptr + vs.to(tl.int64)[:, None] * H + hs[None, :], mask=mask, other=0.0).to(tl.float32)
+                dh = tl.load(dh_ptr + r * H + hs, mask=h_ok, other=0.0)
+                tl.store(dh_ptr + r * H + hs, dh + tl.sum(d[:, None] * w, axis=0), mask=h_ok)
+            if NEED_DW:
+                x = tl.load(h_row + hs, mask=h_ok, other=0.0).to(tl.float32)
+                tl.atomic_add(dw_ptr + vs.to(tl.int64)[:, None] * H + hs[None, :], d[:, None] * x[None, :], mask=mask,
+                              sem="relaxed")  # fmt: skip
+
+
+def repair_rows(h_c, weight, targets, bad, gt, lse2, dh32, dw32, temperature) -> None:
+    """Launch `repair_rows_kernel` over a chunk's rows (bad: [C] bool; gt = dLoss/dlogp / temperature, lse2 base 2;
+    dh32 [C, H] / dw32 [V, H] fp32, either None when not wanted)."""
+    c, h = h_c.shape
+    dummy = gt  # an unused pointer argument
+    repair_rows_kernel[(c,)](
+        h_c, weight, targets, bad.to(torch.int8), gt, lse2, dummy if dh32 is None else dh32,
+        dummy if dw32 is None else dw32, weight.shape[0], h, LOG2E / temperature, NEED_DH=dh32 is not None,
+        NEED_DW=dw32 is not None, BV=32 if INTERPRET else 64, BH=32 if INTERPRET else 128,
+        num_warps=1 if INTERPRET else 4,
+    )  # fmt: skip

@@ -9,8 +9,9 @@ config), the L2-tiled forward at several tile shapes, and the chunked training p
 softmax statistics in its epilogue) against the cuBLAS path and three bare
 GEMMs, for each `--head` (qwen: H 2,048, V 151,936; llama3: H 4,096, V 128,256); each variant is checked against
 the cuBLAS path. `--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk
-forced to each size (time against three bare GEMMs and Liger's loss of the same run, peak extra memory, outputs
-against the default call), the measurement behind `chunked.CHUNK_ALIGN` and the default workspace.
+forced to each size and with the experimental row-scaled backward (time against three bare GEMMs and Liger's loss of
+the same run, peak extra memory, outputs against the default call), the measurement behind `chunked.CHUNK_ALIGN`
+and the default workspace.
 """
 
 from __future__ import annotations
@@ -128,8 +129,17 @@ def chunk_sweep(n: int, h_size: int, vocab: int, chunks: list[int]) -> None:
     fl = floor_ms(h, w)
     print(f"{tag} three bare GEMMs (floor) {fl:.2f} ms", flush=True)
     ref = ours()
+    def rowscale():
+        chunked.BWD_GEMM = "rowscale"
+        try:
+            return ours()
+        finally:
+            chunked.BWD_GEMM = default_bwd
+
+    default_bwd = chunked.BWD_GEMM
     rows = [(f"default (chunk {chunked.chunk_rows(n, vocab, 2, dw_hidden=h_size)})", ours)]
     rows += [(f"chunk {c:5d} ({n / c:5.1f} chunks)", lambda c=c: ours(c)) for c in chunks if c <= n]
+    rows.append((f"rowscale bwd (chunk {chunked.chunk_rows(n, vocab, 2)})", rowscale))
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
 
