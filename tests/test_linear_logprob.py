@@ -362,6 +362,17 @@ def test_rowscale_backward_matches(monkeypatch, mode):
     _assert_engine_outputs_match(out, ref, 1e-5)
 
 
+@pytest.mark.parametrize("need", ["dh", "dW"])
+def test_rowscale_backward_one_gradient(monkeypatch, need):
+    """Only dh (or only dW) asked for, as the recompute backward does when one input needs no gradient."""
+    hidden, weight, targets, kw = _engine_case("given+entropy-out", torch.float32, seed=5)
+    kw.update(need_dh=need == "dh", need_dw=need == "dW")
+    ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    out, chunks = _run_rowscale(monkeypatch, hidden, weight, targets, kw)
+    assert chunks == 3
+    _assert_engine_outputs_match(out, ref, 1e-5)
+
+
 def test_rowscale_backward_repairs_rows_it_cannot_represent(monkeypatch):
     """At temperature 0.05 most rows' targets lie more than 196 bits (base 2 of z / T) below their max: P of those
     rows could be clamped, so they get s = 0 and `triton_rows.repair_rows` redoes their gradient exactly. Rows of both
