@@ -374,7 +374,7 @@ def test_rowscale_backward_one_gradient(monkeypatch, need):
 
 
 def test_rowscale_backward_repairs_rows_it_cannot_represent(monkeypatch):
-    """At temperature 0.05 most rows' targets lie more than 196 bits (base 2 of z / T) below their max: P of those
+    """At temperature 0.05 many rows' targets lie more than 164 bits (base 2 of z / T) below their max: P of those
     rows could be clamped, so they get s = 0 and `triton_rows.repair_rows` redoes their gradient exactly. Rows of both
     kinds, ignored rows, two chunks: the default engine's outputs, to fp32 precision amplified by 1 / T = 20."""
     hidden, weight, targets, _ = make_case(150, 1000, 64, torch.float32, ignore_every=6, seed=4)
@@ -596,9 +596,9 @@ def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_rowscale_backward_with_rows_it_cannot_represent(monkeypatch):
-    """bf16 on the GPU at temperature 0.05, where about a third of the rows lie more than 196 bits below their max
-    (repaired exactly) and the rest go through P: CE loss, dh, dW within twice plain bf16 PyTorch's error against
-    fp32, as the default engine's are."""
+    """bf16 on the GPU at temperature 0.05, where many rows' targets lie more than 164 bits below their max (repaired
+    exactly) and the rest go through P: CE loss, dh, dW within twice plain bf16 PyTorch's error against fp32, as the
+    default engine's are."""
     g = torch.Generator(device="cuda").manual_seed(5)
     n, v, h, temp = 1500, 5000, 256, 0.05
     hidden = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16)
@@ -616,7 +616,7 @@ def test_gpu_rowscale_backward_with_rows_it_cannot_represent(monkeypatch):
     low = _grads(plain, hidden, weight, None)
     nll_bits = -linear_logprob(hidden.float(), weight.float(), targets, temperature=temp, backend="torch") / math.log(2)
     n_bad = int(((targets != -100) & (nll_bits > chunked.ROW_REF_HEADROOM + 100)).sum())
-    assert 100 <= n_bad <= n // 2
+    assert 100 <= n_bad <= n - 300  # both kinds of rows (a ninth of the rows are ignored)
     monkeypatch.setattr(chunked, "BWD_GEMM", "rowscale")
     ran = []
     monkeypatch.setattr(chunked, "_rowscale_chunk", lambda *a, _f=chunked._rowscale_chunk: ran.append(1) or _f(*a))

@@ -33,7 +33,7 @@ HEAD_GEMM = "triton"
 # no entropy gradient, the head GEMM "triton"): on P from the head GEMM, no row pass (`_rowscale_chunk`).
 BWD_GEMM = "cublas"
 # Bits (base 2 of z / temperature) above a row's target logit where its reference R sits (`_rowscale_chunk`).
-ROW_REF_HEADROOM = 96.0
+ROW_REF_HEADROOM = 64.0
 # A chunk of at least CHUNK_ALIGN rows is cut to a multiple of it: cuBLAS's dh / dW GEMMs of a chunk run markedly
 # faster there (H200, bf16, whole CE forward + backward against three bare GEMMs: Qwen2.5 head at 64K tokens 1.10x
 # with 2,048-row chunks, 1.17x with 1,664 and 1.11x with 2,304 or 3,456; Llama-3 head at 16K tokens 1.06x against
@@ -167,12 +167,12 @@ def _rowscale_chunk(h_c, weight, z, targets, g_of, temperature, ignore_index, wa
         P' = P except at the target: P'[r, y_r] = P[r, y_r] - 2^(lse2_r - R_r)
 
     so dh = s (P' W) (an fp32-output GEMM, then a [C, H] scaling) and dW += P'^T (s h) (the fp32 accumulation of the
-    default path). Why that R: the entries carrying a row's softmax mass lie within about 30 bits of its max, which
-    is at least the target's logit, so they stay normal numbers (>= 2^-126) for any R up to the target + 96; the
-    largest P is clamped at 2^P_CLAMP (finite in every GEMM sum). A row whose lse exceeds R by more than P_CLAMP
-    (its target at least 196 bits, 136 nats at temperature 1, below its max) may have been clamped: it gets s = 0
-    and `triton_rows.repair_rows` redoes its gradient exactly (slow; nothing to do when no row is flagged, and no
-    host sync either way). Ignored rows have s = 0 and finite P, so they add exact zeros."""
+    default path). Why that R: P[r, v] = p_v 2^(lse2 - R) >= p_v 2^-64 (lse2 is at least the target's logit), so
+    every entry with p_v >= 2^-62 is a normal number; and P's scale is clamped at 2^P_CLAMP (finite in every GEMM
+    sum), which a row reaches only when its max exceeds R by more than P_CLAMP. A row whose lse does (its target more
+    than 164 bits, 114 nats at temperature 1, below its max) gets s = 0 and `triton_rows.repair_rows` redoes its
+    gradient exactly (slow; nothing to do when no row is flagged, and no host sync either way). Ignored rows have
+    s = 0 and finite P, so they add exact zeros."""
     c, v = z.shape
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).clamp_(0, v - 1)

@@ -222,8 +222,7 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
         h_desc, w_desc, z_desc, part_store, targets, tz, tz if ref is None else ref, c, v, h, LOG2E / temperature,
-        NUM_PROGS=progs,
-        WANT_T=want_t, STORE=store,
+        NUM_PROGS=progs, WANT_T=want_t, STORE=store,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
     return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)
