@@ -338,15 +338,19 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     _assert_engine_outputs_match(out, ref, 1e-5 if dtype == torch.float32 else 2e-3)
 
 
-def _run_rowscale(monkeypatch, hidden, weight, targets, kw):
-    """The engine's outputs with the row-scaled backward (chunked.BWD_GEMM = "rowscale") and the number of chunks it
-    ran on."""
+def _with_rowscale(monkeypatch, fn):
+    """fn()'s result with the row-scaled backward (chunked.BWD_GEMM = "rowscale") and the number of chunks it ran on."""
     monkeypatch.setattr(chunked, "BWD_GEMM", "rowscale")
     ran = []
     monkeypatch.setattr(chunked, "_rowscale_chunk", lambda *a, _f=chunked._rowscale_chunk: ran.append(1) or _f(*a))
-    out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    out = fn()
     monkeypatch.setattr(chunked, "BWD_GEMM", "cublas")
     return out, len(ran)
+
+
+def _run_rowscale(monkeypatch, hidden, weight, targets, kw):
+    """The engine's outputs with the row-scaled backward and the number of chunks it ran on."""
+    return _with_rowscale(monkeypatch, lambda: chunked.lmhead_chunked(hidden, weight, targets, None, **kw))
 
 
 @pytest.mark.parametrize("mode", ["nll", "given+entropy-out", "step", "given+entropy"])
@@ -617,10 +621,7 @@ def test_gpu_rowscale_backward_with_rows_it_cannot_represent(monkeypatch):
     nll_bits = -linear_logprob(hidden.float(), weight.float(), targets, temperature=temp, backend="torch") / math.log(2)
     n_bad = int(((targets != -100) & (nll_bits > chunked.ROW_REF_HEADROOM + 100)).sum())
     assert 100 <= n_bad <= n - 300  # both kinds of rows (a ninth of the rows are ignored)
-    monkeypatch.setattr(chunked, "BWD_GEMM", "rowscale")
-    ran = []
-    monkeypatch.setattr(chunked, "_rowscale_chunk", lambda *a, _f=chunked._rowscale_chunk: ran.append(1) or _f(*a))
-    ours = _grads(ce, hidden, weight, None)
-    assert len(ran) == 3  # chunks of 512, 512, 476
+    ours, chunks = _with_rowscale(monkeypatch, lambda: _grads(ce, hidden, weight, None))
+    assert chunks == 3  # chunks of 512, 512, 476
     for i, name in enumerate(("loss", "dh", "dW")):
         assert rel_err(ours[i], ref[i]) <= 2 * rel_err(low[i], ref[i]) + 1e-6, name

@@ -276,8 +276,9 @@ def lmhead_chunked(
     w_in = weight  # dW comes back in its dtype; the GEMMs run in hidden's (an fp32 master weight is cast once)
     weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
     low_dw = need_dw and w_in.dtype != torch.float32
-    rowscale = (backend == "triton" and HEAD_GEMM == "triton" and BWD_GEMM == "rowscale" and g_ent is None
-                and (need_dh or need_dw) and rowscale_dtype_ok(hidden))  # fmt: skip
+    own_gemm = backend == "triton" and HEAD_GEMM == "triton"  # our head GEMM, where its inputs allow (`fused`)
+    rowscale = (own_gemm and BWD_GEMM == "rowscale" and g_ent is None and (need_dh or need_dw)
+                and rowscale_dtype_ok(hidden))  # fmt: skip
     # (the row-scaled backward always accumulates dW in fp32: no one-chunk shortcut for it)
     c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes, dw_hidden=h if low_dw and not rowscale else 0)
     dev = hidden.device
@@ -289,7 +290,7 @@ def lmhead_chunked(
     dw32 = db32 = None  # fp32 dW / db: written by the first chunk, accumulated by the others
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
-    fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(bias, hidden, weight, workspace)
+    fused = own_gemm and triton_gemm.eligible(bias, hidden, weight, workspace)
     rowscale = rowscale and fused
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)

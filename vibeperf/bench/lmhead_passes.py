@@ -6,17 +6,18 @@ Prints, for the Qwen2.5-3B head (H = 2048, V = 151,936, bf16): the fused Triton 
 config), the L2-tiled forward at several tile shapes, and the chunked training path split into its passes
 (head GEMM, row epilogue, dh GEMM, fp32 dW accumulation). Every variant is checked against the fp32 reference.
 `--train-only` runs only `train_sweep`: the training path's passes and engine variants (the head GEMM with the
-softmax statistics in its epilogue) against the cuBLAS path and three bare
-GEMMs, for each `--head` (qwen: H 2,048, V 151,936; llama3: H 4,096, V 128,256); each variant is checked against
-the cuBLAS path. `--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk
-forced to each size and with the experimental row-scaled backward (time against three bare GEMMs and Liger's loss of
-the same run, peak extra memory, outputs against the default call), the measurement behind `chunked.CHUNK_ALIGN`
-and the default workspace.
+softmax statistics in its epilogue) against the cuBLAS path and three bare GEMMs, for each `--head` (qwen: H 2,048,
+V 151,936; llama3: H 4,096, V 128,256); each variant is checked against the cuBLAS path.
+`--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk forced to each
+size and with the experimental row-scaled backward (time against three bare GEMMs and Liger's loss of the same run,
+peak extra memory, outputs against the default call), the measurement behind `chunked.CHUNK_ALIGN` and the default
+workspace.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -27,6 +28,19 @@ from .common import do_bench_ms, peak_matmul_tflops, relative_error
 from .registry import LLAMA3_H, LLAMA3_V, TOL, H, V, head_inputs
 
 HEADS = {"qwen": (H, V), "llama3": (LLAMA3_H, LLAMA3_V)}
+
+
+@contextlib.contextmanager
+def engine_settings(**values):
+    """The chunked engine's module settings (HEAD_GEMM, BWD_GEMM) set for the block, restored after it."""
+    old = {name: getattr(chunked, name) for name in values}
+    for name, value in values.items():
+        setattr(chunked, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(chunked, name, value)
 
 
 def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
@@ -70,20 +84,14 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     xg = head_inputs(n, grad=True, hidden_size=h_size, vocab=vocab)
     grads = lambda: torch.autograd.grad(linear_cross_entropy(xg["hidden"], xg["weight"], xg["targets"]),
                                         [xg["hidden"], xg["weight"]])  # fmt: skip
-    default = chunked.HEAD_GEMM
-    chunked.HEAD_GEMM = "cublas"
-    ref = grads()
+    with engine_settings(HEAD_GEMM="cublas"):
+        ref = grads()
     for head_gemm in ("cublas", "triton"):
-        chunked.HEAD_GEMM = head_gemm
-        name = f"head GEMM {head_gemm}"
-        try:
-            out = grads()
-            err = max(relative_error(a.float(), b.float()) for a, b in zip(out, ref))
+        with engine_settings(HEAD_GEMM=head_gemm):
+            err = max(relative_error(a.float(), b.float()) for a, b in zip(grads(), ref))
             ms = do_bench_ms(grads, rep_ms=600)
-            print(f"{tag} CE fwd+bwd {name:<40} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak  vs cublas {err:.1e}"
-                  f"{'' if err <= 1e-2 else '  WRONG'}", flush=True)
-        finally:
-            chunked.HEAD_GEMM = default
+        print(f"{tag} CE fwd+bwd {f'head GEMM {head_gemm}':<40} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak  vs cublas "
+              f"{err:.1e}{'' if err <= 1e-2 else '  WRONG'}", flush=True)  # fmt: skip
     if n * vocab * 2 * 2 < 40 * 2**30:
         ms = floor_ms(h, w)
         print(f"{tag} three bare GEMMs (floor)                   {ms:8.2f} ms  {frac(ms, 3):.3f} of peak", flush=True)
@@ -129,14 +137,11 @@ def chunk_sweep(n: int, h_size: int, vocab: int, chunks: list[int]) -> None:
     fl = floor_ms(h, w)
     print(f"{tag} three bare GEMMs (floor) {fl:.2f} ms", flush=True)
     ref = ours()
-    def rowscale():
-        chunked.BWD_GEMM = "rowscale"
-        try:
-            return ours()
-        finally:
-            chunked.BWD_GEMM = default_bwd
 
-    default_bwd = chunked.BWD_GEMM
+    def rowscale():
+        with engine_settings(BWD_GEMM="rowscale"):
+            return ours()
+
     rows = [(f"default (chunk {chunked.chunk_rows(n, vocab, 2, dw_hidden=h_size)})", ours)]
     rows += [(f"chunk {c:5d} ({n / c:5.1f} chunks)", lambda c=c: ours(c)) for c in chunks if c <= n]
     rows.append((f"rowscale bwd (chunk {chunked.chunk_rows(n, vocab, 2)})", rowscale))
