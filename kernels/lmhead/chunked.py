@@ -163,12 +163,14 @@ def _rowscale_chunk(h_c, weight, z, targets, g_of, temperature, ignore_index, wa
     stores P = 2^(z - R) (`triton_gemm.head_gemm_stats(ref=)`) and its partial states; with lse2 (base 2) from them
     and gt = dLoss/dlogp / temperature (`g_of(logp, entropy)`; 0 on ignored rows):
 
-        dz = g (onehot - softmax) / T = s_r P'[r, v],   s_r = -gt_r 2^(R_r - lse2_r),
-        P' = P except at the target: P'[r, y_r] = P[r, y_r] - 2^(lse2_r - R_r)
+        dz = g (onehot - softmax) / T = s_r P'[r, v] + dz_t[r] onehot(y_r),   s_r = -gt_r 2^(R_r - lse2_r),
+        P' = P with the target's element zeroed,   dz_t = gt (1 - p_y)  (fp32, from logp)
 
-    so dh = s (P' W) (an fp32-output GEMM, then a [C, H] scaling) and dW += P'^T (s h) (the fp32 accumulation of the
-    default path). Why that R: P[r, v] = p_v 2^(lse2 - R) >= p_v 2^-64 (lse2 is at least the target's logit), so
-    every entry with p_v >= 2^-62 is a normal number; and P's scale is clamped at 2^P_CLAMP (finite in every GEMM
+    so dh = s (P' W) + dz_t W[y] (an fp32-output GEMM, a [C, H] scaling and a gathered row add) and
+    dW += P'^T (s h) (the fp32 accumulation of the default path), then dz_t h added to dW's target rows (index_add_:
+    atomic on CUDA, so dW's last bits may vary between runs when a chunk repeats a target).
+    Why that R: P[r, v] = p_v 2^(lse2 - R) >= p_v 2^-64 (lse2 is at least the target's logit), so every entry with
+    p_v >= 2^-62 is a normal number; and P's scale is clamped at 2^P_CLAMP (finite in every GEMM
     sum), which a row reaches only when its max exceeds R by more than P_CLAMP. A row whose lse does (its target more
     than 164 bits, 114 nats at temperature 1, below its max) gets s = 0 and `triton_rows.repair_rows` redoes its
     gradient exactly (slow; nothing to do when no row is flagged, and no host sync either way). Ignored rows have
@@ -177,7 +179,8 @@ def _rowscale_chunk(h_c, weight, z, targets, g_of, temperature, ignore_index, wa
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).clamp_(0, v - 1)
     scale2 = triton_fwd.LOG2E / temperature
-    ref = torch.where(valid, (h_c * weight[safe]).sum(1, dtype=torch.float32) * scale2 + ROW_REF_HEADROOM, 0.0)
+    w_t = weight[safe]  # [C, H]: the targets' weight rows
+    ref = torch.where(valid, (h_c * w_t).sum(1, dtype=torch.float32) * scale2 + ROW_REF_HEADROOM, 0.0)
     tz = torch.zeros(c, device=z.device, dtype=torch.float32)
     part = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t, targets, tz, ref=ref)  # z = P
     logp, lse, ent = triton_gemm.row_statistics(part, tz, targets, ignore_index, want_t)
@@ -186,16 +189,18 @@ def _rowscale_chunk(h_c, weight, z, targets, g_of, temperature, ignore_index, wa
     bad = valid & (lse2 - ref > triton_gemm.P_CLAMP.value)
     ok = valid & ~bad
     s = torch.where(ok, -gt * torch.exp2(torch.where(ok, ref - lse2, 0.0)), 0.0)
-    rows = torch.arange(c, device=z.device)
-    p_t = z[rows, safe].float()
-    z[rows, safe] = torch.where(ok, p_t - torch.exp2(torch.where(ok, lse2 - ref, 0.0)), p_t).to(z.dtype)
-    dh32 = None if dh_c is None else _mm_fp32(z, weight).mul_(s[:, None])
+    # The target's element, dz[r, y] = gt (1 - p_y), is usually the row's largest: it goes in fp32 beside the GEMMs
+    # (a rounded P' there would carry two bf16 roundings, P's and s h's, where the default path's -1 + p_y is exact).
+    z[torch.arange(c, device=z.device), safe] = 0
+    dz_t = torch.where(ok, -gt * torch.expm1(logp), 0.0)
+    dh32 = None if dh_c is None else _mm_fp32(z, weight).mul_(s[:, None]).add_(w_t.float() * dz_t[:, None])
     if need_dw:
         hs = (h_c.float() * s[:, None]).to(h_c.dtype)
         if dw32 is None:
             dw32 = _mm_fp32(z.T, hs)
         else:
             _accumulate_fp32(dw32, z.T, hs)
+        dw32.index_add_(0, safe, h_c.float() * dz_t[:, None])
     triton_rows.repair_rows(h_c, weight, safe, bad, gt, lse2, dh32, dw32, temperature)
     if dh_c is not None:
         dh_c.copy_(dh32)
