@@ -180,9 +180,9 @@ def _rowscale_chunk(h_c, weight, z, targets, g_of, temperature, ignore_index, wa
     safe = torch.where(valid, targets, 0).clamp_(0, v - 1)
     scale2 = triton_fwd.LOG2E / temperature
     w_t = weight[safe]  # [C, H]: the targets' weight rows
-    ref = torch.where(valid, (h_c * w_t).sum(1, dtype=torch.float32) * scale2 + ROW_REF_HEADROOM, 0.0)
-    tz = torch.zeros(c, device=z.device, dtype=torch.float32)
-    part = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t, targets, tz, ref=ref)  # z = P
+    tz = torch.where(valid, (h_c * w_t).sum(1, dtype=torch.float32) * scale2, 0.0)  # target logits, base 2, fp32
+    ref = torch.where(valid, tz + ROW_REF_HEADROOM, 0.0)
+    part = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t, ref=ref)  # z = P
     logp, lse, ent = triton_gemm.row_statistics(part, tz, targets, ignore_index, want_t)
     gt = torch.where(valid, g_of(logp, ent).float(), 0.0) / temperature
     lse2 = lse * triton_fwd.LOG2E

@@ -74,8 +74,8 @@ def head_gemm_stats_kernel(
     w_desc,  # [V, H] block [BN, BK]
     z_desc,  # [C, V] z (STORE_Z) or P (STORE_P) written, block [BM, BN / EPI_SPLIT]; else a dummy
     part_ptr,  # [3, C, n_tiles] fp32 out: m, s, t per row and vocabulary tile
-    tgt_ptr,  # [C] int64 (not STORE_Z)
-    tz_ptr,  # [C] fp32 out (not STORE_Z): the target's logit, base 2, written by the tile that holds it
+    tgt_ptr,  # [C] int64 (STORE_NONE)
+    tz_ptr,  # [C] fp32 out (STORE_NONE): the target's logit, base 2, written by the tile that holds it
     ref_ptr,  # [C] fp32 (STORE_P): each row's reference R, base 2
     C,
     V,
@@ -112,8 +112,8 @@ def head_gemm_stats_kernel(
         # (fewer live registers), merged into one state per row and tile.
         rows = off_m + tl.arange(0, BM)
         row_ok = rows < C
-        tgt = rows  # (read only without STORE_Z)
-        if STORE != 1:
+        tgt = rows  # (read only with STORE_NONE)
+        if STORE == 0:
             tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
         ref = tl.zeros((BM,), dtype=tl.float32)
         if STORE == 2:
@@ -142,17 +142,21 @@ def head_gemm_stats_kernel(
 @triton.jit
 def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr, STORE: tl.constexpr, tgt,
                  tz_ptrs, row_ok, ref):  # fmt: skip
-    """Store a [BM, B] piece at (off_m, off_n) in z's dtype (STORE_Z), or else write the logit of each row whose
-    target falls in the piece to tz_ptrs (and with STORE_P store P = 2^(z - ref), base 2, as p 2^(m - ref) with that
-    factor clamped at 2^P_CLAMP: exact while the piece's max m is within P_CLAMP of ref, finite always).
+    """Store a [BM, B] piece at (off_m, off_n) in z's dtype (STORE_Z); or store P = 2^(z - ref), base 2, as
+    p 2^(m - ref) with that factor clamped at 2^P_CLAMP (STORE_P: exact while the piece's max m is within P_CLAMP of
+    ref, finite always); or write the logit of each row whose target falls in the piece to tz_ptrs (STORE_NONE).
     Returns its rows' softmax state (m, s, t), base 2, over the columns < V (m = -inf, s = 0 for a piece wholly past
-    V), from the values rounded to z's dtype."""
-    zq = acc.to(z_desc.dtype)
+    V), from the values rounded to z's dtype (STORE_Z, STORE_NONE: as the logits are stored or as the forward
+    rounds them) or from the fp32 accumulator (STORE_P, whose caller has the targets' logits in fp32 too)."""
     cols = off_n + tl.arange(0, acc.shape[1])
-    zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
+    if STORE == 2:
+        zs = tl.where(cols[None, :] < V, acc * scale_log2, float("-inf"))
+    else:
+        zq = acc.to(z_desc.dtype)
+        zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
     if STORE == 1:
         z_desc.store([off_m, off_n], zq)
-    else:
+    if STORE == 0:
         hit = row_ok & (tgt >= off_n) & (tgt < off_n + acc.shape[1])
         tl.store(tz_ptrs, tl.sum(tl.where(cols[None, :] == tgt[:, None], zs, 0.0), axis=1), mask=hit)
     m = tl.max(zs, axis=1)
@@ -192,8 +196,8 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
     want_t (entropy), t; base 2, logits / temperature). z None: nothing stored; the targets' logits (base 2) go to
     tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held). ref [C] fp32 (base 2): z gets
-    P = 2^(z - ref) instead of the logits (exact where the tile's max is within P_CLAMP of ref, finite always), and
-    the targets' logits go to tz as without z."""
+    P = 2^(z - ref) instead of the logits (exact where the tile's max is within P_CLAMP of ref, finite always), its
+    statistics from the fp32 products; the caller then has the targets' logits already (tz is not written)."""
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
@@ -207,10 +211,8 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     if z is None:  # an unused descriptor, for the signature (the config's box is set on it all the same)
         z = torch.empty((1, 16), device=dev, dtype=h_c.dtype)
         store = STORE_NONE
-    elif ref is not None:
-        store = STORE_P
     else:
-        store = STORE_Z
+        store = STORE_Z if ref is None else STORE_P
         targets = tz = h_c  # unused
     z_desc = TensorDescriptor(z, z.shape, z.stride(), dummy)
 
