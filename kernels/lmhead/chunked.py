@@ -191,7 +191,7 @@ def _rowscale_chunk(h_c, weight, z, targets, g_of, temperature, ignore_index, wa
     s = torch.where(ok, -gt * torch.exp2(torch.where(ok, ref - lse2, 0.0)), 0.0)
     # The target's element, dz[r, y] = gt (1 - p_y), is usually the row's largest: it goes in fp32 beside the GEMMs
     # (a rounded P' there would carry two bf16 roundings, P's and s h's, where the default path's -1 + p_y is exact).
-    z[torch.arange(c, device=z.device), safe] = 0
+    z.scatter_(1, safe[:, None], 0.0)  # (scatter_: an index_put_ here syncs with the host)
     dz_t = torch.where(ok, -gt * torch.expm1(logp), 0.0)
     dh32 = None if dh_c is None else _mm_fp32(z, weight).mul_(s[:, None]).add_(w_t.float() * dz_t[:, None])
     if need_dw:

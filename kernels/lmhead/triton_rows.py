@@ -180,7 +180,7 @@ def repair_rows_kernel(h_ptr, w_ptr, y_ptr, bad_ptr, gt_ptr, lse2_ptr, dh_ptr, d
                        NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):  # fmt: skip
     """The exact gradient of the rows the row-scaled backward could not represent (`chunked.py`, BWD_GEMM
     "rowscale"): one program per row of the chunk; a row whose flag in bad_ptr is 0 returns at once. A flagged row r
-    recomputes its logits z = h_r W^T on CUDA cores (rounded to the GEMM's output dtype, as its statistics were),
+    recomputes its logits z = h_r W^T on CUDA cores (in fp32, as the head GEMM's STORE_P statistics are),
     forms dz = gt (onehot(y) - 2^(z scale - lse2)) and adds dz W to dh[r] (fp32) and dz^T h_r to dW (fp32, atomic:
     other flagged rows add to the same rows of dW). Slow (two reads of W per row), for rows that should never occur."""
     r = tl.program_id(0).to(tl.int64)
@@ -201,7 +201,6 @@ def repair_rows_kernel(h_ptr, w_ptr, y_ptr, bad_ptr, gt_ptr, lse2_ptr, dh_ptr, d
                         other=0.0).to(tl.float32)  # fmt: skip
             x = tl.load(h_row + hs, mask=h_ok, other=0.0).to(tl.float32)
             z += tl.sum(w * x[None, :], axis=1)
-        z = z.to(h_ptr.dtype.element_ty).to(tl.float32)
         d = gt * (tl.where(vs == y, 1.0, 0.0) - tl.where(v_ok, tl.exp2(z * scale_log2 - lse2), 0.0))
         for h0 in range(0, H, BH):
             hs = h0 + tl.arange(0, BH)
