@@ -9,8 +9,6 @@ CPU runs use the Triton interpreter at small, odd shapes; `-m gpu` runs the full
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,61 +336,6 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     _assert_engine_outputs_match(out, ref, 1e-5 if dtype == torch.float32 else 2e-3)
 
 
-def _with_rowscale(monkeypatch, fn):
-    """fn()'s result with the row-scaled backward (chunked.BWD_GEMM = "rowscale") and the number of chunks it ran on."""
-    monkeypatch.setattr(chunked, "BWD_GEMM", "rowscale")
-    ran = []
-    monkeypatch.setattr(chunked, "_rowscale_chunk", lambda *a, _f=chunked._rowscale_chunk: ran.append(1) or _f(*a))
-    out = fn()
-    monkeypatch.setattr(chunked, "BWD_GEMM", "cublas")
-    return out, len(ran)
-
-
-def _run_rowscale(monkeypatch, hidden, weight, targets, kw):
-    """The engine's outputs with the row-scaled backward and the number of chunks it ran on."""
-    return _with_rowscale(monkeypatch, lambda: chunked.lmhead_chunked(hidden, weight, targets, None, **kw))
-
-
-@pytest.mark.parametrize("mode", ["nll", "given+entropy-out", "step", "given+entropy"])
-def test_rowscale_backward_matches(monkeypatch, mode):
-    """The experimental row-scaled backward (no row pass: P = 2^(z - R) from the head GEMM, dz = s_r P with the
-    target's element changed, dh / dW as plain GEMMs scaled per row) gives the default engine's outputs: several
-    chunks with a ragged last one, ignored rows, a temperature, the per-token step; an entropy gradient takes the
-    default path. fp32, the dtype the interpreter runs it in (on the GPU: bf16)."""
-    hidden, weight, targets, kw = _engine_case(mode, torch.float32, seed=3)
-    ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
-    out, chunks = _run_rowscale(monkeypatch, hidden, weight, targets, kw)
-    assert chunks == (0 if mode == "given+entropy" else 3)  # chunks of 80, 80, 43
-    _assert_engine_outputs_match(out, ref, 1e-5)
-
-
-@pytest.mark.parametrize("need", ["dh", "dW"])
-def test_rowscale_backward_one_gradient(monkeypatch, need):
-    """Only dh (or only dW) asked for, as the recompute backward does when one input needs no gradient."""
-    hidden, weight, targets, kw = _engine_case("given+entropy-out", torch.float32, seed=5)
-    kw.update(need_dh=need == "dh", need_dw=need == "dW")
-    ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
-    out, chunks = _run_rowscale(monkeypatch, hidden, weight, targets, kw)
-    assert chunks == 3
-    _assert_engine_outputs_match(out, ref, 1e-5)
-
-
-def test_rowscale_backward_repairs_rows_it_cannot_represent(monkeypatch):
-    """At temperature 0.05 many rows' targets lie more than 164 bits (base 2 of z / T) below their max: P of those
-    rows could be clamped, so they get s = 0 and `triton_rows.repair_rows` redoes their gradient exactly. Rows of both
-    kinds, ignored rows, two chunks: the default engine's outputs, to fp32 precision amplified by 1 / T = 20."""
-    hidden, weight, targets, _ = make_case(150, 1000, 64, torch.float32, ignore_every=6, seed=4)
-    kw = dict(temperature=0.05, ignore_index=-100, backend="triton", chunk=80, loss=1, g_logp=torch.full((150,), 0.01))
-    ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
-    nll_bits = -ref[0] / math.log(2)
-    valid = targets != -100
-    n_bad = int((valid & (nll_bits > chunked.ROW_REF_HEADROOM + 100)).sum())
-    assert 10 <= n_bad <= int(valid.sum()) - 10  # both kinds of rows present
-    out, chunks = _run_rowscale(monkeypatch, hidden, weight, targets, kw)
-    assert chunks == 2
-    _assert_engine_outputs_match(out, ref, 2e-5)
-
-
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
 def test_fp32_master_weight_returns_fp32_dw(backend, dtype):
     """An fp32 weight with low-precision hidden states (fp32 weights under autocast): the op computes in hidden's
@@ -575,14 +518,12 @@ def test_gpu_forward_full_vocab(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_gemm", ["cublas", "triton", "triton+rowscale"])
+@pytest.mark.parametrize("head_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
 def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
     """Full Qwen2.5 head, each engine variant (cuBLAS + two-pass rows; Triton with the statistics in its epilogue +
-    one pass; the experimental row-scaled backward with no row pass): loss, dh, dW within twice plain bf16
-    PyTorch's error."""
-    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm.split("+")[0])
-    monkeypatch.setattr(chunked, "BWD_GEMM", "rowscale" if head_gemm.endswith("rowscale") else "cublas")
+    one pass): loss, dh, dW within twice plain bf16 PyTorch's error."""
+    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm)
     hidden, weight, targets = _gpu_inputs(n, seed=1)
     ours = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
     ref = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets, backend="torch"), hidden, weight, None,
@@ -596,32 +537,3 @@ def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
     for i, name in enumerate(("loss", "dh", "dW")):
         lo_err = rel_err(low[i][:m] if name == "dh" else low[i], ref_m[i][:m] if name == "dh" else ref_m[i])
         assert rel_err(ours[i], ref[i]) <= 2 * lo_err + 1e-6, name
-
-
-@pytest.mark.gpu
-def test_gpu_rowscale_backward_with_rows_it_cannot_represent(monkeypatch):
-    """bf16 on the GPU at temperature 0.05, where many rows' targets lie more than 164 bits below their max (repaired
-    exactly) and the rest go through P: CE loss, dh, dW within twice plain bf16 PyTorch's error against fp32, as the
-    default engine's are."""
-    g = torch.Generator(device="cuda").manual_seed(5)
-    n, v, h, temp = 1500, 5000, 256, 0.05
-    hidden = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16)
-    weight = (torch.randn(v, h, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
-    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
-    targets[::9] = -100
-
-    def ce(hh, ww, bb, backend="triton"):
-        return linear_cross_entropy(hh, ww, targets, temperature=temp, backend=backend, workspace_bytes=512 * v * 2)
-
-    def plain(hh, ww, bb):
-        return F.cross_entropy((hh @ ww.T).float() / temp, targets, ignore_index=-100)
-
-    ref = _grads(lambda hh, ww, bb: ce(hh, ww, bb, "torch"), hidden, weight, None, up=torch.float32)
-    low = _grads(plain, hidden, weight, None)
-    nll_bits = -linear_logprob(hidden.float(), weight.float(), targets, temperature=temp, backend="torch") / math.log(2)
-    n_bad = int(((targets != -100) & (nll_bits > chunked.ROW_REF_HEADROOM + 100)).sum())
-    assert 100 <= n_bad <= n - 300  # both kinds of rows (a ninth of the rows are ignored)
-    ours, chunks = _with_rowscale(monkeypatch, lambda: _grads(ce, hidden, weight, None))
-    assert chunks == 3  # chunks of 512, 512, 476
-    for i, name in enumerate(("loss", "dh", "dW")):
-        assert rel_err(ours[i], ref[i]) <= 2 * rel_err(low[i], ref[i]) + 1e-6, name

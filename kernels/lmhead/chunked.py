@@ -8,9 +8,6 @@ For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspa
   3. dh_c = dz W ; dW += dz^T h_c   (dW accumulated in fp32; one chunk, when that takes no more memory, writes
                                     dW in the weight's dtype directly: see `chunk_rows`)
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
-Experimental, off by default (`BWD_GEMM = "rowscale"`, see `_rowscale_chunk`): no row pass at all; the head GEMM
-stores P = 2^(z - R) relative to a per-row reference known before it, and dz = s_r P (one element per row changed)
-turns the dh / dW GEMMs into plain GEMMs on P with their [C, H] side scaled per row.
 The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
 recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
 log-prob (`TokenStep`: the policy losses), formed per chunk between the row statistics and the dz write.
@@ -23,17 +20,12 @@ from typing import Protocol
 
 import torch
 
-from . import settings, triton_fwd, triton_gemm, triton_rows
+from . import settings, triton_gemm, triton_rows
 
 # The head GEMM of backend "triton": "triton" (the statistics in the GEMM's epilogue, triton_gemm.py, where its
 # inputs allow: `triton_gemm.eligible`) or "cublas" (torch.mm, then the row kernel's statistics pass);
 # vibeperf.bench.lmhead_passes measures both (H200: "triton" 1-4% faster over the whole op at every shape measured).
 HEAD_GEMM = "triton"
-# The dh / dW GEMMs of backend "triton": "cublas" on the row pass's dz, or "rowscale" (experimental; bf16, no bias,
-# no entropy gradient, the head GEMM "triton"): on P from the head GEMM, no row pass (`_rowscale_chunk`).
-BWD_GEMM = "cublas"
-# Bits (base 2 of z / temperature) above a row's target logit where its reference R sits (`_rowscale_chunk`).
-ROW_REF_HEADROOM = 64.0
 # A chunk of at least CHUNK_ALIGN rows is cut to a multiple of it: cuBLAS's dh / dW GEMMs of a chunk run markedly
 # faster there (H200, bf16, whole CE forward + backward against three bare GEMMs: Qwen2.5 head at 64K tokens 1.10x
 # with 2,048-row chunks, 1.17x with 1,664 and 1.11x with 2,304 or 3,456; Llama-3 head at 16K tokens 1.06x against
@@ -62,11 +54,6 @@ def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int 
     if dw_hidden and n_tokens * vocab * elem_bytes <= min(c, n_tokens) * vocab * elem_bytes + vocab * dw_hidden * 4:
         return n_tokens
     return min(c, n_tokens)
-
-
-def rowscale_dtype_ok(hidden: torch.Tensor) -> bool:
-    """P = 2^(z - R) needs fp32's exponent range: bf16 (fp32 in the Triton interpreter, which has no bf16 dot)."""
-    return hidden.dtype == (torch.float32 if triton_fwd.INTERPRET else torch.bfloat16)
 
 
 def scores_torch(hidden, weight, targets, bias, temperature, ignore_index, want_entropy,
@@ -154,59 +141,6 @@ def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index,
                                        True, phase=triton_rows.PHASE_GRAD, stats=stats)  # fmt: skip
 
 
-def _rowscale_chunk(h_c, weight, z, targets, g_of, temperature, ignore_index, want_t, dh_c, need_dw, dw32):
-    """One chunk of the row-scaled backward (`BWD_GEMM = "rowscale"`): statistics, dh into dh_c (None: not wanted),
-    dW added to the fp32 dw32 (None: a new one; need_dw False: none), with no pass over the chunk's logits.
-    Returns (logp, entropy or None, lse, dw32).
-
-    With R_r = the row's target logit + ROW_REF_HEADROOM (base 2 of z / temperature; 0 on ignored rows) the head GEMM
-    stores P = 2^(z - R) (`triton_gemm.head_gemm_stats(ref=)`) and its partial states; with lse2 (base 2) from them
-    and gt = dLoss/dlogp / temperature (`g_of(logp, entropy)`; 0 on ignored rows):
-
-        dz = g (onehot - softmax) / T = s_r P'[r, v] + dz_t[r] onehot(y_r),   s_r = -gt_r 2^(R_r - lse2_r),
-        P' = P with the target's element zeroed,   dz_t = gt (1 - p_y)  (fp32, from logp)
-
-    so dh = s (P' W) + dz_t W[y] (an fp32-output GEMM, a [C, H] scaling and a gathered row add) and
-    dW += P'^T (s h) (the fp32 accumulation of the default path), then dz_t h added to dW's target rows (index_add_:
-    atomic on CUDA, so dW's last bits may vary between runs when a chunk repeats a target).
-    Why that R: P[r, v] = p_v 2^(lse2 - R) >= p_v 2^-64 (lse2 is at least the target's logit), so every entry with
-    p_v >= 2^-62 is a normal number; and P's scale is clamped at 2^P_CLAMP (finite in every GEMM
-    sum), which a row reaches only when its max exceeds R by more than P_CLAMP. A row whose lse does (its target more
-    than 164 bits, 114 nats at temperature 1, below its max) gets s = 0 and `triton_rows.repair_rows` redoes its
-    gradient exactly (slow; nothing to do when no row is flagged, and no host sync either way). Ignored rows have
-    s = 0 and finite P, so they add exact zeros."""
-    c, v = z.shape
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, 0).clamp_(0, v - 1)
-    scale2 = triton_fwd.LOG2E / temperature
-    w_t = weight[safe]  # [C, H]: the targets' weight rows
-    tz = torch.where(valid, (h_c * w_t).sum(1, dtype=torch.float32) * scale2, 0.0)  # target logits, base 2, fp32
-    ref = torch.where(valid, tz + ROW_REF_HEADROOM, 0.0)
-    part = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t, ref=ref)  # z = P
-    logp, lse, ent = triton_gemm.row_statistics(part, tz, targets, ignore_index, want_t)
-    gt = torch.where(valid, g_of(logp, ent).float(), 0.0) / temperature
-    lse2 = lse * triton_fwd.LOG2E
-    bad = valid & (lse2 - ref > triton_gemm.P_CLAMP.value)
-    ok = valid & ~bad
-    s = torch.where(ok, -gt * torch.exp2(torch.where(ok, ref - lse2, 0.0)), 0.0)
-    # The target's element, dz[r, y] = gt (1 - p_y), is usually the row's largest: it goes in fp32 beside the GEMMs
-    # (a rounded P' there would carry two bf16 roundings, P's and s h's, where the default path's -1 + p_y is exact).
-    z.scatter_(1, safe[:, None], 0.0)  # (scatter_: an index_put_ here syncs with the host)
-    dz_t = torch.where(ok, -gt * torch.expm1(logp), 0.0)
-    dh32 = None if dh_c is None else _mm_fp32(z, weight).mul_(s[:, None]).add_(w_t.float() * dz_t[:, None])
-    if need_dw:
-        hs = (h_c.float() * s[:, None]).to(h_c.dtype)
-        if dw32 is None:
-            dw32 = _mm_fp32(z.T, hs)
-        else:
-            _accumulate_fp32(dw32, z.T, hs)
-        dw32.index_add_(0, safe, h_c.float() * dz_t[:, None])
-    triton_rows.repair_rows(h_c, weight, safe, bad, gt, lse2, dh32, dw32, temperature)
-    if dh_c is not None:
-        dh_c.copy_(dh32)
-    return logp, ent, lse, dw32
-
-
 _DTYPE_OUT_ADDMM: bool | None = None
 
 
@@ -281,11 +215,7 @@ def lmhead_chunked(
     w_in = weight  # dW comes back in its dtype; the GEMMs run in hidden's (an fp32 master weight is cast once)
     weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
     low_dw = need_dw and w_in.dtype != torch.float32
-    own_gemm = backend == "triton" and HEAD_GEMM == "triton"  # our head GEMM, where its inputs allow (`fused`)
-    rowscale = (own_gemm and BWD_GEMM == "rowscale" and g_ent is None and (need_dh or need_dw)
-                and rowscale_dtype_ok(hidden))  # fmt: skip
-    # (the row-scaled backward always accumulates dW in fp32: no one-chunk shortcut for it)
-    c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes, dw_hidden=h if low_dw and not rowscale else 0)
+    c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes, dw_hidden=h if low_dw else 0)
     dev = hidden.device
     logp = torch.empty(n, device=dev, dtype=torch.float32)
     lse = torch.empty_like(logp)
@@ -295,38 +225,32 @@ def lmhead_chunked(
     dw32 = db32 = None  # fp32 dW / db: written by the first chunk, accumulated by the others
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
-    fused = own_gemm and triton_gemm.eligible(bias, hidden, weight, workspace)
-    rowscale = rowscale and fused
+    fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(bias, hidden, weight, workspace)
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         h_c, t_c, z = hidden[i0:i1], targets[i0:i1], workspace[: i1 - i0]
         g_c = None if g_logp is None else g_logp[i0:i1]
         step_c = None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c))
-        if rowscale:
-            g_of = step_c or (lambda lp_c, en_c, g_c=g_c: _dlogp(g_c, loss))
-            lp, en, ls, dw32 = _rowscale_chunk(h_c, weight, z, t_c, g_of, temperature, ignore_index, want_entropy,
-                                               dh[i0:i1] if need_dh else None, need_dw, dw32)  # fmt: skip
+        extra = {}
+        if fused:
+            want_t = want_entropy or step is not None or g_ent is not None
+            extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
         else:
-            extra = {}
-            if fused:
-                want_t = want_entropy or step is not None or g_ent is not None
-                extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
+            torch.mm(h_c, weight.T, out=z)  # [C, V]
+        lp, en, ls = row_grad(z, t_c, bias, g_c, None if g_ent is None else g_ent[i0:i1], temperature,
+                              ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
+        if need_dh:
+            torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
+        if need_dw:
+            if i0 == 0 and i1 == n and low_dw:
+                dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
+            elif i0 == 0:
+                dw32 = _mm_fp32(z.T, h_c)  # [V, H]
             else:
-                torch.mm(h_c, weight.T, out=z)  # [C, V]
-            lp, en, ls = row_grad(z, t_c, bias, g_c, None if g_ent is None else g_ent[i0:i1], temperature,
-                                  ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
-            if need_dh:
-                torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
-            if need_dw:
-                if i0 == 0 and i1 == n and low_dw:
-                    dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
-                elif i0 == 0:
-                    dw32 = _mm_fp32(z.T, h_c)  # [V, H]
-                else:
-                    _accumulate_fp32(dw32, z.T, h_c)
-                if bias is not None:
-                    db_c = z.sum(0, dtype=torch.float32)
-                    db32 = db_c if db32 is None else db32.add_(db_c)
+                _accumulate_fp32(dw32, z.T, h_c)
+            if bias is not None:
+                db_c = z.sum(0, dtype=torch.float32)
+                db32 = db_c if db32 is None else db32.add_(db_c)
         logp[i0:i1] = lp
         lse[i0:i1] = ls
         if want_entropy:

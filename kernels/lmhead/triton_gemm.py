@@ -9,10 +9,6 @@ partials into its lse and entropy, so it reads and writes the chunk once instead
 Without gradients z need not be stored at all: the epilogue also picks the target's logit out of the one tile that
 holds it, and `linear_logprob_epilogue_fwd` (the "epilogue" forward schedule) merges the partials of each chunk of
 rows with a small kernel. Its only memory is the partials: 12 bytes per row and vocabulary tile.
-
-For the row-scaled backward (`chunked.py`, `BWD_GEMM = "rowscale"`) the tile is stored as P = 2^(z - R_r) instead,
-relative to a reference R_r given per row before the GEMM (exact while the row's max is within P_CLAMP bits of
-R_r; finite always).
 """
 
 from __future__ import annotations
@@ -31,8 +27,7 @@ except ImportError:  # pragma: no cover - older Triton: the fused GEMM is simply
     TensorDescriptor = None
 
 
-STORE_NONE, STORE_Z, STORE_P = 0, 1, 2  # what the head GEMM writes besides the partials (see head_gemm_stats)
-P_CLAMP = tl.constexpr(100.0)  # the largest exponent of P's scale: 2^100 times any weight sum stays finite in fp32
+STORE_NONE, STORE_Z = 0, 1  # what the head GEMM writes besides the partials (see head_gemm_stats)
 
 
 def _block_shapes(nargs):
@@ -72,11 +67,10 @@ def _configs():
 def head_gemm_stats_kernel(
     h_desc,  # [C, H] block [BM, BK]
     w_desc,  # [V, H] block [BN, BK]
-    z_desc,  # [C, V] z (STORE_Z) or P (STORE_P) written, block [BM, BN / EPI_SPLIT]; else a dummy
+    z_desc,  # [C, V] z written (STORE_Z, block [BM, BN / EPI_SPLIT]); else a dummy
     part_ptr,  # [3, C, n_tiles] fp32 out: m, s, t per row and vocabulary tile
-    tgt_ptr,  # [C] int64 (STORE_NONE)
-    tz_ptr,  # [C] fp32 out (STORE_NONE): the target's logit, base 2, written by the tile that holds it
-    ref_ptr,  # [C] fp32 (STORE_P): each row's reference R, base 2
+    tgt_ptr,  # [C] int64 (not STORE_Z)
+    tz_ptr,  # [C] fp32 out (not STORE_Z): the target's logit, base 2, written by the tile that holds it
     C,
     V,
     H,
@@ -112,21 +106,18 @@ def head_gemm_stats_kernel(
         # (fewer live registers), merged into one state per row and tile.
         rows = off_m + tl.arange(0, BM)
         row_ok = rows < C
-        tgt = rows  # (read only with STORE_NONE)
-        if STORE == 0:
+        tgt = rows  # (read only without STORE_Z)
+        if STORE != 1:
             tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        ref = tl.zeros((BM,), dtype=tl.float32)
-        if STORE == 2:
-            ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0)
         if EPI_SPLIT == 1:
             m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
-                                   row_ok, ref)  # fmt: skip
+                                   row_ok)  # fmt: skip
         else:
             a0, a1 = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)).split()
             m0, s0, t0 = _store_piece(z_desc, a0, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
-                                      row_ok, ref)  # fmt: skip
+                                      row_ok)  # fmt: skip
             m1, s1, t1 = _store_piece(z_desc, a1, off_m, off_n + BN // 2, V, scale_log2, WANT_T, STORE, tgt,
-                                      tz_ptr + rows, row_ok, ref)  # fmt: skip
+                                      tz_ptr + rows, row_ok)  # fmt: skip
             m = tl.maximum(m0, m1)
             w0 = tl.exp2(m0 - m)
             w1 = tl.exp2(m1 - m)
@@ -141,30 +132,23 @@ def head_gemm_stats_kernel(
 
 @triton.jit
 def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr, STORE: tl.constexpr, tgt,
-                 tz_ptrs, row_ok, ref):  # fmt: skip
-    """Store a [BM, B] piece at (off_m, off_n) in z's dtype (STORE_Z); or store P = 2^(z - ref), base 2, as
-    p 2^(m - ref) with that factor clamped at 2^P_CLAMP (STORE_P: exact while the piece's max m is within P_CLAMP of
-    ref, finite always); or write the logit of each row whose target falls in the piece to tz_ptrs (STORE_NONE).
+                 tz_ptrs, row_ok):  # fmt: skip
+    """Store a [BM, B] piece at (off_m, off_n) in z's dtype (STORE_Z), or else write the logit of each row whose
+    target falls in the piece to tz_ptrs.
     Returns its rows' softmax state (m, s, t), base 2, over the columns < V (m = -inf, s = 0 for a piece wholly past
-    V), from the values rounded to z's dtype (STORE_Z, STORE_NONE: as the logits are stored or as the forward
-    rounds them) or from the fp32 accumulator (STORE_P, whose caller has the targets' logits in fp32 too)."""
+    V), from the values rounded to z's dtype."""
+    zq = acc.to(z_desc.dtype)
     cols = off_n + tl.arange(0, acc.shape[1])
-    if STORE == 2:
-        zs = tl.where(cols[None, :] < V, acc * scale_log2, float("-inf"))
-    else:
-        zq = acc.to(z_desc.dtype)
-        zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
+    zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
     if STORE == 1:
         z_desc.store([off_m, off_n], zq)
-    if STORE == 0:
+    else:
         hit = row_ok & (tgt >= off_n) & (tgt < off_n + acc.shape[1])
         tl.store(tz_ptrs, tl.sum(tl.where(cols[None, :] == tgt[:, None], zs, 0.0), axis=1), mask=hit)
     m = tl.max(zs, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a second piece wholly past V
     zc = zs - m_safe[:, None]
     p = tl.exp2(zc)
-    if STORE == 2:  # P = 2^(z - ref) = p 2^(m - ref): one multiply; the factor's clamp keeps P finite
-        z_desc.store([off_m, off_n], (p * tl.exp2(tl.minimum(m_safe - ref, P_CLAMP))[:, None]).to(z_desc.dtype))
     s = tl.sum(p, axis=1)
     t = s
     if WANT_T:
@@ -191,13 +175,11 @@ def eligible(bias, hidden: torch.Tensor, *more: torch.Tensor) -> bool:
 
 
 def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, temperature: float,
-                    want_t: bool, targets: torch.Tensor | None = None, tz: torch.Tensor | None = None,
-                    ref: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                    want_t: bool, targets: torch.Tensor | None = None,
+                    tz: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
     want_t (entropy), t; base 2, logits / temperature). z None: nothing stored; the targets' logits (base 2) go to
-    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held). ref [C] fp32 (base 2): z gets
-    P = 2^(z - ref) instead of the logits (exact where the tile's max is within P_CLAMP of ref, finite always), its
-    statistics from the fp32 products; the caller then has the targets' logits already (tz is not written)."""
+    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held)."""
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
@@ -212,7 +194,7 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
         z = torch.empty((1, 16), device=dev, dtype=h_c.dtype)
         store = STORE_NONE
     else:
-        store = STORE_Z if ref is None else STORE_P
+        store = STORE_Z
         targets = tz = h_c  # unused
     z_desc = TensorDescriptor(z, z.shape, z.stride(), dummy)
 
@@ -223,8 +205,8 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     min_bn = min(cfg.kwargs["BN"] for cfg in head_gemm_stats_kernel.configs)
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
-        h_desc, w_desc, z_desc, part_store, targets, tz, tz if ref is None else ref, c, v, h, LOG2E / temperature,
-        NUM_PROGS=progs, WANT_T=want_t, STORE=store,
+        h_desc, w_desc, z_desc, part_store, targets, tz, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
+        WANT_T=want_t, STORE=store,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
     return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)

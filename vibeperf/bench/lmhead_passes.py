@@ -9,9 +9,8 @@ config), the L2-tiled forward at several tile shapes, and the chunked training p
 softmax statistics in its epilogue) against the cuBLAS path and three bare GEMMs, for each `--head` (qwen: H 2,048,
 V 151,936; llama3: H 4,096, V 128,256); each variant is checked against the cuBLAS path.
 `--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk forced to each
-size and with the experimental row-scaled backward (time against three bare GEMMs and Liger's loss of the same run,
-peak extra memory, outputs against the default call), the measurement behind `chunked.CHUNK_ALIGN` and the default
-workspace.
+size (time against three bare GEMMs and Liger's loss of the same run, peak extra memory, outputs against the
+default call), the measurement behind `chunked.CHUNK_ALIGN` and the default workspace.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ HEADS = {"qwen": (H, V), "llama3": (LLAMA3_H, LLAMA3_V)}
 
 @contextlib.contextmanager
 def engine_settings(**values):
-    """The chunked engine's module settings (HEAD_GEMM, BWD_GEMM) set for the block, restored after it."""
+    """The chunked engine's module settings (HEAD_GEMM) set for the block, restored after it."""
     old = {name: getattr(chunked, name) for name in values}
     for name, value in values.items():
         setattr(chunked, name, value)
@@ -138,13 +137,8 @@ def chunk_sweep(n: int, h_size: int, vocab: int, chunks: list[int]) -> None:
     print(f"{tag} three bare GEMMs (floor) {fl:.2f} ms", flush=True)
     ref = ours()
 
-    def rowscale():
-        with engine_settings(BWD_GEMM="rowscale"):
-            return ours()
-
     rows = [(f"default (chunk {chunked.chunk_rows(n, vocab, 2, dw_hidden=h_size)})", ours)]
     rows += [(f"chunk {c:5d} ({n / c:5.1f} chunks)", lambda c=c: ours(c)) for c in chunks if c <= n]
-    rows.append((f"rowscale bwd (chunk {chunked.chunk_rows(n, vocab, 2)})", rowscale))
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
 
