@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import CUDA_BACKEND, on_backend, to_cpu
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, lmhead
 from vibeperf.kernels.ce import linear_cross_entropy_reference, linear_logprob_reference, ops
-from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd
+from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_gemm
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -145,8 +145,6 @@ def test_epilogue_forward_schedule(monkeypatch, dtype, epi_split):
     """The default forward ("epilogue": the head GEMM folds its tiles into softmax statistics and the targets'
     logits, no logit stored) against the reference: two chunks of rows (the smallest partials budget: 128 rows),
     tiles cut by V, ignored rows, a temperature; a bias (not supported by it) falls back to "chunked"."""
-    from vibeperf.kernels.lmhead import triton_gemm
-
     monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(epi_split)])
     hidden, weight, targets, _ = make_case(203, 1000, 48, dtype, ignore_every=5)
     budget = 12 * 8 * 128  # partials of 128 rows x 8 tiles of 128 columns
@@ -320,8 +318,6 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     several chunks with a ragged last one, tiles cut by V (1000 = 31 tiles of 32 + 8: with the epilogue in two
     pieces, the last tile's second piece lies wholly past V), ignored rows, a temperature; the per-token loss step
     (policy losses) included. fp16 (the interpreter's stand-in for bf16) and fp32."""
-    from vibeperf.kernels.lmhead import triton_gemm
-
     monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(epi_split)])
     hidden, weight, targets, kw = _engine_case(mode, dtype, seed=1)
     workspace = torch.empty(80, 1000, dtype=dtype)
@@ -518,12 +514,13 @@ def test_gpu_forward_full_vocab(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("head_gemm", ["cublas", "triton", "triton+ws"])
 @pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
 def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
     """Full Qwen2.5 head, each engine variant (cuBLAS + two-pass rows; Triton with the statistics in its epilogue +
-    one pass): loss, dh, dW within twice plain bf16 PyTorch's error."""
-    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm)
+    one pass; the same warp-specialised, experimental): loss, dh, dW within twice plain bf16 PyTorch's error."""
+    monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm.split("+")[0])
+    monkeypatch.setattr(triton_gemm, "WARP_SPECIALIZE", head_gemm.endswith("+ws"))
     hidden, weight, targets = _gpu_inputs(n, seed=1)
     ours = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
     ref = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets, backend="torch"), hidden, weight, None,
