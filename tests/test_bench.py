@@ -140,3 +140,23 @@ def test_tolerance(text, value):
 def test_bad_tolerance_is_an_error(text):
     with pytest.raises(ValueError, match="--tolerance"):
         compare.parse_tolerance(text)
+
+
+def test_interleaved_timing_calls_each_function_in_turn_and_orders_their_costs():
+    """`interleaved_ms` (the A/B timing of lmhead_passes): one warm-up round, then rounds that call every function once
+    each with a rotating start, so a drift falls on all alike; the medians keep the functions' real order."""
+    import time
+
+    from vibeperf.bench.common import interleaved_ms
+
+    calls = []
+
+    def sleeper(name, s):
+        return lambda: (calls.append(name), time.sleep(s))
+
+    ms = interleaved_ms({"a": sleeper("a", 0.006), "b": sleeper("b", 0.001), "c": sleeper("c", 0.003)}, "cpu",
+                        rounds=4)  # fmt: skip
+    assert calls == list("abc" + "abc" + "bca" + "cab" + "abc")
+    assert ms["b"] < ms["c"] < ms["a"] and ms["b"] >= 1.0
+    with pytest.raises(ValueError, match="at least one function and one round"):
+        interleaved_ms({}, "cpu")

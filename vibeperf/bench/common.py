@@ -9,6 +9,7 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,6 +80,41 @@ def cpu_bench_ms(fn, *, rep_ms: float = 400.0, warmup_ms: float = 100.0) -> floa
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: str = "cuda", *, rounds: int = 10) -> dict[str, float]:
+    """Median ms per call of each of `fns`, timed in `rounds` rounds that call every one once in turn (A B C, B C A,
+    C A B, ...: the starting point rotates), after one warm-up round. A drift of the clocks or the temperature during
+    the run then falls on all of them alike, which timing them one after another does not give (on the H200 two
+    timings of the same op, one after the other, have differed by 4%). CUDA: a pair of events around each call, the
+    L2 cache cleared before it (as triton's do_bench); CPU: perf_counter."""
+    names = list(fns)
+    if not names or rounds < 1:
+        raise ValueError(f"interleaved_ms needs at least one function and one round, got {len(names)} and {rounds}")
+    for name in names:
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if device == "cuda" else None
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        if flush is None:
+            for name in order:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            continue
+        events = []
+        for name in order:
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            events.append((name, start, end))
+        torch.cuda.synchronize()
+        for name, start, end in events:
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def time_ms(fn, device: str, *, rep_ms: float = 400.0, warmup_ms: float = 100.0) -> float:

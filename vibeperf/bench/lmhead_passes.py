@@ -12,6 +12,8 @@ checked against the cuBLAS path; a variant that fails to compile is reported as 
 `--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk forced to each
 size (time against three bare GEMMs and Liger's loss of the same run, peak extra memory, outputs against the
 default call), the measurement behind `chunked.CHUNK_ALIGN` and the default workspace.
+The whole-op comparisons of both sweeps (and their floor) are timed together in ROUNDS interleaved rounds
+(`common.interleaved_ms`), so a drift of the GPU's clocks during the run does not decide a comparison.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import torch
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
 from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_gemm, triton_rows
 
-from .common import do_bench_ms, peak_matmul_tflops, relative_error
+from .common import do_bench_ms, interleaved_ms, peak_matmul_tflops, relative_error
 from .registry import LLAMA3_H, LLAMA3_V, TOL, H, V, head_inputs
 
 HEADS = {"qwen": (H, V), "llama3": (LLAMA3_H, LLAMA3_V)}
+ROUNDS = 10  # interleaved rounds (`common.interleaved_ms`) of the whole-op comparisons
 
 
 @contextlib.contextmanager
@@ -104,24 +107,30 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
                                         [xg["hidden"], xg["weight"]])  # fmt: skip
     with engine_settings(HEAD_GEMM="cublas"):
         ref = grads()
+    variants, errs = {}, {}
     for head_gemm, ws in (("cublas", False), ("triton", False), ("triton", True)):
-        name = f"head GEMM {head_gemm}{' warp-specialised' if ws else ''}"
-        try:
+        name = f"CE fwd+bwd head GEMM {head_gemm}{' warp-specialised' if ws else ''}"
+
+        def run(head_gemm=head_gemm, ws=ws):
             with engine_settings(HEAD_GEMM=head_gemm, WARP_SPECIALIZE=ws):
-                err = max(relative_error(a.float(), b.float()) for a, b in zip(grads(), ref))
-                ms = do_bench_ms(grads, rep_ms=600)
+                return grads()
+
+        try:
+            errs[name] = max(relative_error(a.float(), b.float()) for a, b in zip(run(), ref))
         except Exception as exc:  # (as above)
-            print(f"{tag} CE fwd+bwd {name:<40} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            print(f"{tag} {name:<51} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue
-        print(f"{tag} CE fwd+bwd {name:<40} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak  vs cublas "
-              f"{err:.1e}{'' if err <= 1e-2 else '  WRONG'}", flush=True)  # fmt: skip
-    if n * vocab * 2 * 2 < 40 * 2**30:
-        ms = floor_ms(h, w)
-        print(f"{tag} three bare GEMMs (floor)                   {ms:8.2f} ms  {frac(ms, 3):.3f} of peak", flush=True)
+        variants[name] = run
+    if n * vocab * 2 * 2 < 40 * 2**30:  # the floor's full logits fit beside everything else
+        variants["three bare GEMMs (floor)"] = floor_call(h, w)
+    for name, ms in interleaved_ms(variants, rounds=ROUNDS).items():
+        check = f"  vs cublas {errs[name]:.1e}{'' if errs[name] <= 1e-2 else '  WRONG'}" if name in errs else ""
+        print(f"{tag} {name:<51} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak{check}", flush=True)
 
 
-def floor_ms(h: torch.Tensor, w: torch.Tensor) -> float:
-    """The yardstick: three bare GEMMs of the head's shapes (z = h W^T, z W, z^T h), with full [N, V] logits."""
+def floor_call(h: torch.Tensor, w: torch.Tensor):
+    """The yardstick: three bare GEMMs of the head's shapes (z = h W^T, z W, z^T h), with full [N, V] logits (held
+    by the returned callable)."""
     h, w = h.detach(), w.detach()
     zf = torch.empty((h.shape[0], w.shape[0]), device=h.device, dtype=h.dtype)
 
@@ -130,7 +139,7 @@ def floor_ms(h: torch.Tensor, w: torch.Tensor) -> float:
         torch.mm(zf, w)
         torch.mm(zf.T, h)
 
-    return do_bench_ms(floor, rep_ms=600)
+    return floor
 
 
 def chunk_sweep(n: int, h_size: int, vocab: int, chunks: list[int]) -> None:
@@ -157,22 +166,24 @@ def chunk_sweep(n: int, h_size: int, vocab: int, chunks: list[int]) -> None:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**30
 
-    fl = floor_ms(h, w)
-    print(f"{tag} three bare GEMMs (floor) {fl:.2f} ms", flush=True)
     ref = ours()
-
-    rows = [(f"default (chunk {chunked.chunk_rows(n, vocab, 2, dw_hidden=h_size)})", ours)]
-    rows += [(f"chunk {c:5d} ({n / c:5.1f} chunks)", lambda c=c: ours(c)) for c in chunks if c <= n]
+    rows = {f"default (chunk {chunked.chunk_rows(n, vocab, 2, dw_hidden=h_size)})": ours}
+    rows.update({f"chunk {c:5d} ({n / c:5.1f} chunks)": (lambda c=c: ours(c)) for c in chunks if c <= n})
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
 
-        rows.append(("Liger-Kernel", lambda: torch.autograd.grad(liger(h, w, t), [h, w])))
+        rows["Liger-Kernel"] = lambda: torch.autograd.grad(liger(h, w, t), [h, w])
     except ImportError as exc:
         print(f"{tag} Liger-Kernel not run: {exc}")
-    for name, fn in rows:
+    checked = {}
+    for name, fn in rows.items():
         err = max(relative_error(a.float(), b.float()) for a, b in zip(fn(), ref))
-        ms = do_bench_ms(fn, rep_ms=600)
-        print(f"{tag} {name:<26} {ms:8.2f} ms  {ms / fl:.3f}x floor  extra {extra_gib(fn):.2f} GiB  vs default "
+        checked[name] = (err, extra_gib(fn))
+    ms = interleaved_ms({"floor": floor_call(h, w), **rows}, rounds=ROUNDS)  # the floor's logits are held from here
+    fl = ms.pop("floor")
+    print(f"{tag} three bare GEMMs (floor) {fl:.2f} ms  (medians of {ROUNDS} interleaved rounds)", flush=True)
+    for name, (err, extra) in checked.items():
+        print(f"{tag} {name:<26} {ms[name]:8.2f} ms  {ms[name] / fl:.3f}x floor  extra {extra:.2f} GiB  vs default "
               f"{err:.1e}{'' if err <= 1e-2 else '  WRONG'}", flush=True)  # fmt: skip
 
 
