@@ -21,11 +21,10 @@ FIXED_MS = 10.0
 def fixed_timer(monkeypatch):
     """Every case still runs (and is checked) for real; its time is FIXED_MS, so ratios are exact."""
 
-    def fake(fn, device, **kw):
-        fn()
-        return FIXED_MS
+    def fake(fns, device, **kw):
+        return {name: (fn(), FIXED_MS)[1] for name, fn in fns.items()}
 
-    monkeypatch.setattr(run, "time_ms", fake)
+    monkeypatch.setattr(run, "interleaved_ms", fake)
 
 
 def _bench(*args) -> int:
@@ -158,5 +157,8 @@ def test_interleaved_timing_calls_each_function_in_turn_and_orders_their_costs()
                         rounds=4)  # fmt: skip
     assert calls == list("abc" + "abc" + "bca" + "cab" + "abc")
     assert ms["b"] < ms["c"] < ms["a"] and ms["b"] >= 1.0
+    calls.clear()  # with rep_ms: about rep_ms of timed calls each (a 10 ms round: 60 ms x 2 functions -> 12 rounds)
+    interleaved_ms({"a": sleeper("a", 0.002), "b": sleeper("b", 0.008)}, "cpu", rounds=3, rep_ms=60)
+    assert calls.count("a") == calls.count("b") and 8 <= calls.count("a") - 1 <= 16
     with pytest.raises(ValueError, match="at least one function and one round"):
         interleaved_ms({}, "cpu")

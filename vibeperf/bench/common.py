@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -82,35 +83,42 @@ def cpu_bench_ms(fn, *, rep_ms: float = 400.0, warmup_ms: float = 100.0) -> floa
     return statistics.median(times)
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], device: str = "cuda", *, rounds: int = 10) -> dict[str, float]:
-    """Median ms per call of each of `fns`, timed in `rounds` rounds that call every one once in turn (A B C, B C A,
-    C A B, ...: the starting point rotates), after one warm-up round. A drift of the clocks or the temperature during
-    the run then falls on all of them alike, which timing them one after another does not give (on the H200 two
-    timings of the same op, one after the other, have differed by 4%). CUDA: a pair of events around each call, the
-    L2 cache cleared before it (as triton's do_bench); CPU: perf_counter."""
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: str = "cuda", *, rounds: int = 10,
+                   rep_ms: float | None = None) -> dict[str, float]:  # fmt: skip
+    """Median ms per call of each of `fns`, timed in rounds that call every one once in turn (A B C, B C A, C A B, ...:
+    the starting point rotates), after one warm-up round. A drift of the clocks or the temperature during the run then
+    falls on all of them alike, which timing them one after another does not give (on the H200 two timings of the same
+    op, one after the other, have differed by 4%). `rounds` is the least number of rounds; with `rep_ms`, as many more
+    as give each function about rep_ms of timed calls (the warm-up round's time the estimate; at most 1,000). CUDA: a
+    pair of events around each call, the L2 cache cleared before it (as triton's do_bench); CPU: perf_counter."""
     names = list(fns)
     if not names or rounds < 1:
         raise ValueError(f"interleaved_ms needs at least one function and one round, got {len(names)} and {rounds}")
+    t0 = time.perf_counter()
     for name in names:
         fns[name]()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if rep_ms is not None:
+        round_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        rounds = min(1_000, max(rounds, math.ceil(rep_ms * len(names) / round_ms)))
     times: dict[str, list[float]] = {name: [] for name in names}
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if device == "cuda" else None
+    events = []  # CUDA: read after the last round, so the host queues ahead as in training (no sync between calls)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        if flush is None:
-            for name in order:
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if flush is None:
                 t0 = time.perf_counter()
                 fns[name]()
                 times[name].append((time.perf_counter() - t0) * 1e3)
-            continue
-        events = []
-        for name in order:
+                continue
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fns[name]()
             end.record()
             events.append((name, start, end))
+    if events:
         torch.cuda.synchronize()
         for name, start, end in events:
             times[name].append(start.elapsed_time(end))

@@ -6,7 +6,8 @@
 For every benchmark id and token count: inputs are built outside the timed region (random weights of the
 Qwen2.5-3B LM head: H = 2048, V = 151,936, bf16; B2-llama3 the Llama-3 head, H = 4,096, V = 128,256), every
 implementation is run once and checked against an fp32 reference (a wrong result is reported and never timed),
-warmed up (autotuning included), then timed with triton.testing.do_bench medians. The peak is a plain 8192^3 bf16
+warmed up (autotuning included), then all of a case's implementations are timed together in interleaved rounds
+(`common.interleaved_ms`: medians, the L2 cleared before each call). The peak is a plain 8192^3 bf16
 matmul measured in the same run. A short table is printed last and the full JSON goes to --save PATH, else
 <results dir>/<gpu>_<date>.json (`common.results_dir()`: benchmarks/results/ in a source checkout, else
 ./vibeperf-results/; a --compare run only with --save). `--save` with no path saves this GPU's baseline for later
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import compare
-from .common import Row, extra_memory_gib, format_table, peak_matmul_tflops, time_ms, write_results
+from .common import Row, extra_memory_gib, format_table, interleaved_ms, peak_matmul_tflops, write_results
 
 
 def benchmarks(device: str) -> dict:
@@ -44,12 +45,15 @@ def benchmarks(device: str) -> dict:
 
 
 def run_case(bench, n: int, peak: float, quick: bool) -> list[Row]:
-    """Every implementation of `bench` at `n` tokens: checked against the reference, then timed (never when wrong)."""
-    rows = []
+    """Every implementation of `bench` at `n` tokens: checked against the reference (its extra memory taken then);
+    those that pass are then timed together in interleaved rounds (`common.interleaved_ms`), never one that is
+    wrong, so that the ratios between them (ours against the floor and the baselines) come from the same moments."""
+    rows: list[Row | None] = []
     dev = bench.device
     shape = {"hidden": bench.hidden, "vocab": bench.vocab}
     inputs = bench.make_inputs(n)
     ref = bench.reference(inputs)
+    passed = {}  # impl name -> (index in rows, extra memory, check note)
     for impl_name, impl in bench.impls.items():
         skip = impl.skip(n) if impl.skip else None
         if skip:
@@ -61,21 +65,37 @@ def run_case(bench, n: int, peak: float, quick: bool) -> list[Row]:
             del out
         except torch.OutOfMemoryError:
             rows.append(Row(bench.id, impl_name, n, None, None, None, False, "out of memory", **shape))
-            gc.collect()
-            torch.cuda.empty_cache()
+            _free(dev)
             continue
         if not ok:
             rows.append(Row(bench.id, impl_name, n, None, None, mem, False, f"WRONG: {err_note}", **shape))
             continue
-        ms = time_ms(lambda: impl.fn(inputs), dev, rep_ms=min(200, bench.rep_ms) if quick else bench.rep_ms,
-                     warmup_ms=50)  # fmt: skip
-        frac = bench.flops(n) / (ms * 1e-3) / 1e12 / peak
-        rows.append(Row(bench.id, impl_name, n, ms, frac, mem, True, err_note, **shape))
-        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-        gc.collect()
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+        passed[impl_name] = (len(rows), mem, err_note)
+        rows.append(None)
+        _free(dev)
+    fns = {name: (lambda impl=bench.impls[name]: impl.fn(inputs)) for name in passed}
+    timing = {"rounds": 3, "rep_ms": min(200, bench.rep_ms)} if quick else {"rounds": 5, "rep_ms": bench.rep_ms}
+    try:
+        times = interleaved_ms(fns, dev, **timing) if fns else {}
+    except torch.OutOfMemoryError:  # together they fragment the memory more than one at a time: time them alone
+        _free(dev)
+        times = {}
+        for name, fn in fns.items():
+            times[name] = interleaved_ms({name: fn}, dev, **timing)[name]
+            _free(dev)
+    for name, (i, mem, err_note) in passed.items():
+        ms = times[name]
+        rows[i] = Row(bench.id, name, n, ms, bench.flops(n) / (ms * 1e-3) / 1e12 / peak, mem, True, err_note, **shape)
+    for row in rows:
+        print(format_table([row]).splitlines()[-1], flush=True)
+    _free(dev)
     return rows
+
+
+def _free(dev: str) -> None:
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_selected(device: str, plan: dict[str, dict[int, set[str] | None]], quick: bool) -> tuple[dict, float]:
