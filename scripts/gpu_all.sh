@@ -12,6 +12,8 @@
 #             scoring) + B7 (RL update, 3B shape, reduced; a 64K-token case planned for 80 GB): about 15 minutes
 #   dist      multi-GPU checks (vibeperf.bench.dist_check: FSDP2 SFT/RL 2 GPUs vs 1, resume 2 -> 1, scaling)
 #   profile   per-kernel device time of the Triton and CUDA backends (vibeperf.bench.profile_backends)
+#   lmhead    the LM-head engine's variants: their full-vocabulary GPU gradient tests, then the training path's passes
+#             and whole-op variants against three bare GEMMs at both heads (vibeperf.bench.lmhead_passes --train-only)
 # Each step runs under its own time limit (=SECONDS, default 600) so one hang does not take the call's other steps
 # with it. Baseline wheels (Liger-Kernel 0.8.5, Cut Cross-Entropy 25.1.1) are taken from .whl/ when present.
 # Logs and results JSON go to $OUT (the device tool's output folder) when it is set. Exit status: non-zero when any
@@ -86,7 +88,12 @@ for spec in "${steps[@]}"; do
                --max-len 1024 --long 65536 --memory-budget 74 --steps 1 --tag B7-long ;;
     dist) run_step "$secs" dist.log python3 -m vibeperf.bench.dist_check ;;
     profile) run_step "$secs" profile.log python3 -m vibeperf.bench.profile_backends ;;
-    *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, compare, model, dist, profile, all)"; rc=1 ;;
+    lmhead) run_step "$secs" lmhead.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_linear_logprob.py \
+              -rf -k full_vocab
+            run_step "$secs" lmhead.log python3 -m vibeperf.bench.lmhead_passes --train-only --n 8192 65536 \
+              --head qwen llama3 ;;
+    *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, compare, model, dist, profile, lmhead, all)"
+       rc=1 ;;
   esac
 done
 # The device tool returns at most 8 files: everything goes back as one archive (new results + logs).
