@@ -48,11 +48,11 @@ def engine_settings(**values):
             setattr(owners[name], name, value)
 
 
-def _warp_specialised(fn):
-    """fn run with the head GEMM's experimental warp specialisation (`triton_gemm.WARP_SPECIALIZE`)."""
+def with_settings(fn, **values):
+    """fn as a callable that runs under `engine_settings(**values)` each time it is called."""
 
     def run():
-        with engine_settings(WARP_SPECIALIZE=True):
+        with engine_settings(**values):
             return fn()
 
     return run
@@ -81,8 +81,8 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
         ("head GEMM (cuBLAS)", lambda: torch.mm(hc, w.T, out=z), 1),
         ("head GEMM + stats epilogue (triton)", lambda: triton_gemm.head_gemm_stats(hc, w, z, 1.0, False), 1),
         ("head GEMM + stats epilogue + entropy", lambda: triton_gemm.head_gemm_stats(hc, w, z, 1.0, True), 1),
-        ("  the same, warp-specialised", _warp_specialised(lambda: triton_gemm.head_gemm_stats(hc, w, z, 1.0, True)),
-         1),
+        ("  the same, warp-specialised", with_settings(lambda: triton_gemm.head_gemm_stats(hc, w, z, 1.0, True),
+                                                      WARP_SPECIALIZE=True), 1),
         ("row kernel (2 reads + 1 write)", lambda: triton_rows.lmhead_row_grad(
             z, tc, None, g, None, 1.0, -100, 1, False), -3),
         ("row kernel from partials (1 + 1)", lambda: triton_rows.lmhead_row_grad(
@@ -110,11 +110,7 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     variants, errs = {}, {}
     for head_gemm, ws in (("cublas", False), ("triton", False), ("triton", True)):
         name = f"CE fwd+bwd head GEMM {head_gemm}{' warp-specialised' if ws else ''}"
-
-        def run(head_gemm=head_gemm, ws=ws):
-            with engine_settings(HEAD_GEMM=head_gemm, WARP_SPECIALIZE=ws):
-                return grads()
-
+        run = with_settings(grads, HEAD_GEMM=head_gemm, WARP_SPECIALIZE=ws)
         try:
             errs[name] = max(relative_error(a.float(), b.float()) for a, b in zip(run(), ref))
         except Exception as exc:  # (as above)
