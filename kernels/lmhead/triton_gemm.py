@@ -28,9 +28,6 @@ except ImportError:  # pragma: no cover - older Triton: the fused GEMM is simply
 
 
 STORE_NONE, STORE_Z = 0, 1  # what the head GEMM writes besides the partials (see head_gemm_stats)
-# Experimental: Triton's automatic warp specialisation of the persistent tile loop (a TMA producer beside the MMA /
-# epilogue warps), so a tile's epilogue could overlap the next tile's loads. Off: not yet measured on the H200.
-WARP_SPECIALIZE = False
 
 
 def _block_shapes(nargs):
@@ -65,7 +62,7 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["V", "H", "WANT_T", "STORE", "WS"])
+@triton.autotune(configs=_configs(), key=["V", "H", "WANT_T", "STORE"])
 @triton.jit(do_not_specialize=["C"])
 def head_gemm_stats_kernel(
     h_desc,  # [C, H] block [BM, BK]
@@ -81,7 +78,6 @@ def head_gemm_stats_kernel(
     NUM_PROGS: tl.constexpr,
     WANT_T: tl.constexpr,
     STORE: tl.constexpr,
-    WS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -93,7 +89,7 @@ def head_gemm_stats_kernel(
     num_tiles = num_m * num_n
     k_tiles = tl.cdiv(H, BK)
     per_group = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True, warp_specialize=WS):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
         group = tile // per_group
         first_m = group * GROUP_M
         size_m = min(num_m - first_m, GROUP_M)
@@ -210,7 +206,7 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
         h_desc, w_desc, z_desc, part_store, targets, tz, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
-        WANT_T=want_t, STORE=store, WS=WARP_SPECIALIZE and not INTERPRET,
+        WANT_T=want_t, STORE=store,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
     return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)
