@@ -6,6 +6,7 @@ committed floors go through the same compare code (tests/test_perf_regression.py
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -162,3 +163,23 @@ def test_interleaved_timing_calls_each_function_in_turn_and_orders_their_costs()
     assert calls.count("a") == calls.count("b") and 8 <= calls.count("a") - 1 <= 16
     with pytest.raises(ValueError, match="at least one function and one round"):
         interleaved_ms({}, "cpu")
+
+
+def test_liger_chunk_rows_follow_liger_kernels_rule():
+    """Liger-Kernel 0.8.5's logits chunk: next_power_of_2(ceil(N / ceil(V / H))) rows, so a chunk's logits take about
+    the hidden states' memory (Qwen2.5 head: ceil(151,936 / 2,048) = 75)."""
+    from vibeperf.bench.registry import liger_chunk_rows
+
+    assert [liger_chunk_rows(n, 2048, 151_936) for n in (1, 75, 76, 8192, 65_536)] == [1, 1, 2, 128, 1024]
+    assert [liger_chunk_rows(n, 4096, 128_256) for n in (4096, 8192, 16_384)] == [128, 256, 512]
+
+
+def test_bf16_accumulation_rows_run_under_their_setting_and_restore_it(monkeypatch):
+    """The B2 rows of the opt-in dW mode set $VIBEPERF_LMHEAD_DW_ACC for their call only."""
+    from vibeperf.bench import registry
+
+    monkeypatch.setenv("VIBEPERF_LMHEAD_DW_ACC", "fp32")
+    seen = []
+    run = registry.dw_acc_weight(lambda x: seen.append(os.environ["VIBEPERF_LMHEAD_DW_ACC"]) or x)
+    assert run(7) == 7 and seen == ["weight"]
+    assert os.environ["VIBEPERF_LMHEAD_DW_ACC"] == "fp32"

@@ -188,6 +188,24 @@ def test_auto_resolution_on_cuda_and_cpu_devices(monkeypatch):
         autoselect.choose("backward", "G", torch.bfloat16, 1, 1, 1, entries=ENTRIES)
 
 
+def test_dw_accumulation_in_the_weight_dtype_keeps_gradients_off_the_cuda_engine(monkeypatch):
+    """$VIBEPERF_LMHEAD_DW_ACC=weight: the CUDA engine sums dW in fp32 only, so "auto" takes "triton" for gradients
+    (whatever the table says; the forward keeps the table's pick) and an explicit "cuda" with a bf16 dW refuses."""
+    from vibeperf.kernels import lmhead
+
+    hidden, weight, targets, _ = make_case(4, 10, 8, torch.bfloat16)
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", True)
+    monkeypatch.setattr(autoselect, "choose", lambda *a, **k: "cuda")
+    monkeypatch.setattr(autoselect, "_gpu_name", lambda index: "G")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert autoselect.auto_backend("train", hidden, weight) == "cuda"
+    monkeypatch.setenv("VIBEPERF_LMHEAD_DW_ACC", "weight")
+    assert [autoselect.auto_backend(w, hidden, weight) for w in autoselect.WORKS] == ["cuda", "triton", "triton"]
+    engine = lmhead.chunked_engine("cuda")
+    with pytest.raises(ValueError, match="^VIBEPERF_LMHEAD_DW_ACC=weight: backend='cuda' accumulates dW in fp32"):
+        engine(hidden, weight, targets, None, temperature=1.0, ignore_index=-100, loss=1, g_logp=None)
+
+
 def test_backend_table_margin_and_committed_table_is_current():
     from benchmarks import backend_table
 

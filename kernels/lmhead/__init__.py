@@ -7,7 +7,8 @@
   A loss plugs in either a gradient coefficient known before the pass (LOSS_GIVEN, LOSS_NLL) or a per-token step
   (`chunked.TokenStep`) that turns the row's log-prob into dLoss/dlogp between the row statistics and the dz write.
 - `resolve_backend` and `autoselect`: "auto" | "triton" | "cuda" | "torch", and the measured rule behind "auto".
-- `settings`: the callers' `schedule=` / `workspace_bytes=` and their environment defaults, read at call time.
+- `settings`: the callers' `schedule=` / `workspace_bytes=` and their environment defaults, read at call time, and
+  the environment's dW accumulation mode.
 The losses built on it live beside this folder: `ce/` (log-prob, cross-entropy), `policy/` (the RL policy losses),
 `mgpo/` (the MGPO preset of policy_loss).
 """
@@ -136,6 +137,9 @@ def _engine(run, hidden, weight, *args, **kwargs):
 
 
 def _cuda_in_compute_dtype(hidden, weight, *args, **kwargs):
+    if weight.dtype == hidden.dtype and kwargs.get("need_dw", True) and settings.dw_accumulate() != "fp32":
+        raise ValueError(f"{settings.DW_ACC_ENV}={settings.dw_accumulate()}: backend='cuda' accumulates dW in fp32 "
+                         "only; use backend='triton' or 'auto'")  # fmt: skip
     if weight.dtype == hidden.dtype:
         return cuda_backend.lmhead_chunked(hidden, weight, *args, **kwargs)
     logp, ent, lse, dh, dw, db = cuda_backend.lmhead_chunked(hidden, weight.to(hidden.dtype), *args, **kwargs)

@@ -9,7 +9,9 @@ per (GPU, work, dtype, H, V, N) that both backends ran correctly in one run. The
 2. of those, the entry whose N is nearest on a log scale (ties: the smaller N);
 3. its winner: "cuda" only where the CUDA path was at least `CUDA_MARGIN` faster than Triton in that run (closer
    calls stay on Triton, the better-tested default), and only when vibeperf._C has its CUDA part;
-4. no matching entry (another GPU, shape or dtype): "triton".
+4. no matching entry (another GPU, shape or dtype): "triton";
+5. work with gradients ("train", "mgpo") under $VIBEPERF_LMHEAD_DW_ACC=weight: "triton" (the CUDA engine sums dW in
+   fp32 only; `settings.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from . import settings
 
 TABLE = Path(__file__).with_name("backend_table.json")
 WORKS = ("forward", "train", "mgpo")
@@ -57,7 +61,7 @@ def auto_backend(work: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
     """The backend ("cuda" or "triton") for CUDA tensors by the table; the caller handles CPU tensors."""
     from vibeperf import _ext
 
-    if not _ext.HAS_CUDA_EXT:
+    if not _ext.HAS_CUDA_EXT or (work != "forward" and settings.dw_accumulate() != "fp32"):
         return "triton"
     index = hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()
     return choose(work, _gpu_name(index), hidden.dtype, hidden.shape[0], hidden.shape[1], weight.shape[0])

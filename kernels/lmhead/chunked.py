@@ -6,7 +6,8 @@ For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspa
                                  states, so that step 2 reads the chunk once instead of twice
   2. row epilogue                lse, log-prob, entropy, the gradient coefficient g = dLoss/dlogp, and dz in place
   3. dh_c = dz W ; dW += dz^T h_c   (dW accumulated in fp32; one chunk, when that takes no more memory, writes
-                                    dW in the weight's dtype directly: see `chunk_rows`)
+                                    dW in the weight's dtype directly: see `chunk_rows`; or, by
+                                    $VIBEPERF_LMHEAD_DW_ACC=weight, accumulated in the weight's dtype: settings.py)
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
 The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
 recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
@@ -208,21 +209,22 @@ def lmhead_chunked(
     int64, g_logp / g_ent: [N] fp32 (see LOSS_* in triton_rows); step: a `TokenStep` forming dLoss/dlogp per chunk
     instead of g_logp (which is then None); the entropy is then always computed.
     Returns (logp [N], entropy [N] or None, lse [N], dh [N, H] or None, dW [V, H] or None, db [V] or None); dh in
-    hidden's dtype, dW / db in weight's dtype (accumulated in fp32).
+    hidden's dtype, dW / db in weight's dtype (accumulated in fp32; dW in its own dtype by $VIBEPERF_LMHEAD_DW_ACC).
     """
     n, h = hidden.shape
     v = weight.shape[0]
     w_in = weight  # dW comes back in its dtype; the GEMMs run in hidden's (an fp32 master weight is cast once)
     weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
     low_dw = need_dw and w_in.dtype != torch.float32
-    c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes, dw_hidden=h if low_dw else 0)
+    acc_low = need_dw and settings.dw_accumulate() == "weight" and low_dw  # dW summed in its dtype: no fp32 buffer
+    c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes, dw_hidden=h if low_dw and not acc_low else 0)
     dev = hidden.device
     logp = torch.empty(n, device=dev, dtype=torch.float32)
     lse = torch.empty_like(logp)
     want_entropy = want_entropy or step is not None
     ent = torch.empty_like(logp) if want_entropy else None
     dh = torch.empty_like(hidden) if need_dh else None
-    dw32 = db32 = None  # fp32 dW / db: written by the first chunk, accumulated by the others
+    dw_acc = db32 = None  # dW (fp32, or the weight's dtype: acc_low) / db (fp32): the first chunk's, then the sums
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
     fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(bias, hidden, weight, workspace)
@@ -242,12 +244,14 @@ def lmhead_chunked(
         if need_dh:
             torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
         if need_dw:
-            if i0 == 0 and i1 == n and low_dw:
-                dw32 = z.T @ h_c  # one chunk: dW in the weight's dtype straight from the GEMM (fp32 inside)
+            if i0 == 0 and (i1 == n and low_dw or acc_low):
+                dw_acc = z.T @ h_c  # dW in the weight's dtype straight from the GEMM (fp32 inside)
+            elif acc_low:
+                dw_acc.addmm_(z.T, h_c)  # the GEMM adds in fp32, the sum is rounded to the weight's dtype per chunk
             elif i0 == 0:
-                dw32 = _mm_fp32(z.T, h_c)  # [V, H]
+                dw_acc = _mm_fp32(z.T, h_c)  # [V, H]
             else:
-                _accumulate_fp32(dw32, z.T, h_c)
+                _accumulate_fp32(dw_acc, z.T, h_c)
             if bias is not None:
                 db_c = z.sum(0, dtype=torch.float32)
                 db32 = db_c if db32 is None else db32.add_(db_c)
@@ -256,6 +260,6 @@ def lmhead_chunked(
         if want_entropy:
             ent[i0:i1] = en
     workspace = z = None  # freed before dW's cast: the cast's output may reuse its memory (a lower peak)
-    dw = None if dw32 is None else dw32.to(w_in.dtype)
+    dw = None if dw_acc is None else dw_acc.to(w_in.dtype)
     db = None if db32 is None else db32.to(bias.dtype)
     return logp, ent, lse, dh, dw, db

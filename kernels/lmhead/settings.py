@@ -12,6 +12,13 @@ Every public op of `ce/`, `policy/` and `mgpo/` takes them as keyword arguments:
   (1280: 4,096 rows of the Qwen2.5 or Llama-3 vocabulary in bf16, see `chunked.chunk_rows`), the "chunked" schedule
   $VIBEPERF_LMHEAD_SCORE_MB (1024), the "tiled" schedule $VIBEPERF_LMHEAD_TILE_MB (32), the "epilogue" schedule's
   partials $VIBEPERF_LMHEAD_EPILOGUE_MB (64).
+One setting is the environment's alone, like torch's own switches of reduced-precision reductions: it is a
+precision mode of the whole run, not of a call.
+- $VIBEPERF_LMHEAD_DW_ACC: how the three-pass engine sums dW over its chunks when dW is wanted in a dtype below fp32.
+  "fp32" (default): in an fp32 [V, H] accumulator, cast once at the end. "weight": in the weight's dtype, into dW
+  itself, as Liger-Kernel does: no accumulator (the Qwen2.5 head's 1.16 GiB, the Llama-3 head's 1.96 GiB) and no
+  fp32 read and write per chunk, for one rounding per chunk (benchmarks/NOTES.md gives the error measured). Backend
+  "cuda" has the fp32 accumulator only: "auto" then takes "triton" for gradients, and an explicit "cuda" refuses.
 A variable set after import takes effect at the next call; a bad value is a one-line ValueError naming it.
 """
 
@@ -25,6 +32,8 @@ WORKSPACE_ENV = ("VIBEPERF_LMHEAD_WORKSPACE_MB", 1280)
 SCORE_ENV = ("VIBEPERF_LMHEAD_SCORE_MB", 1024)
 TILE_ENV = ("VIBEPERF_LMHEAD_TILE_MB", 32)
 EPILOGUE_ENV = ("VIBEPERF_LMHEAD_EPILOGUE_MB", 64)
+DW_ACC_ENV = "VIBEPERF_LMHEAD_DW_ACC"
+DW_ACCUMULATE = ("fp32", "weight")
 
 
 def forward_schedule(schedule: str | None) -> str:
@@ -37,6 +46,14 @@ def forward_schedule(schedule: str | None) -> str:
     if raw and raw not in SCHEDULES:
         raise ValueError(f"{SCHEDULE_ENV} must be one of {SCHEDULES}, got {raw!r}")
     return raw or "epilogue"
+
+
+def dw_accumulate() -> str:
+    """$VIBEPERF_LMHEAD_DW_ACC read now: "fp32" (unset) or "weight"; ValueError naming the variable otherwise."""
+    raw = os.environ.get(DW_ACC_ENV, "").strip()
+    if raw and raw not in DW_ACCUMULATE:
+        raise ValueError(f"{DW_ACC_ENV} must be one of {DW_ACCUMULATE}, got {raw!r}")
+    return raw or "fp32"
 
 
 def check_workspace(workspace_bytes: int | None) -> int | None:

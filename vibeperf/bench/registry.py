@@ -8,6 +8,7 @@ reference is a few u. We accept 4u = 1.6e-2 in relative L2 error (per output) an
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from vibeperf import _ext
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
-from vibeperf.kernels.lmhead import scoring_fwd, triton_fwd
+from vibeperf.kernels.lmhead import scoring_fwd, settings, triton_fwd
 from vibeperf.kernels.mgpo import mgpo_loss_reference
 from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_weight_reference
 from vibeperf.kernels.policy import group_statistics
@@ -150,6 +151,31 @@ def _grads(loss, x):
     return (loss.detach(), *torch.autograd.grad(loss, [x["hidden"], x["weight"]]))
 
 
+def liger_chunk_rows(n: int, hidden: int, vocab: int) -> int:
+    """The token rows of Liger-Kernel 0.8.5's logits chunk in its fused linear cross-entropy: the next power of two
+    of n / ceil(V / H), so that a chunk's logits take about as much memory as the hidden states."""
+    per = -(-vocab // hidden)
+    return 1 << max(0, (-(-n // per) - 1).bit_length())
+
+
+def dw_acc_weight(fn: Callable) -> Callable:
+    """fn run under $VIBEPERF_LMHEAD_DW_ACC=weight (dW summed over the chunks in the weight's dtype, as Liger does:
+    lmhead/settings.py)."""
+
+    def run(x):
+        old = os.environ.get(settings.DW_ACC_ENV)
+        os.environ[settings.DW_ACC_ENV] = "weight"
+        try:
+            return fn(x)
+        finally:
+            if old is None:
+                del os.environ[settings.DW_ACC_ENV]
+            else:
+                os.environ[settings.DW_ACC_ENV] = old
+
+    return run
+
+
 def _b2_impls() -> dict[str, Impl]:
     liger, liger_err = _optional("liger_kernel.transformers.functional")
     cce, cce_err = _optional("cut_cross_entropy")
@@ -159,13 +185,23 @@ def _b2_impls() -> dict[str, Impl]:
         z = h @ w.T
         return None, z @ w, z.T @ h
 
+    def triton_ce(x, workspace_bytes=None):
+        return _grads(linear_cross_entropy(x["hidden"], x["weight"], x["targets"], backend="triton",
+                                           workspace_bytes=workspace_bytes), x)  # fmt: skip
+
+    def triton_ce_in_liger_chunks(x):
+        (n, h), w = x["hidden"].shape, x["weight"]
+        return triton_ce(x, workspace_bytes=liger_chunk_rows(n, h, w.shape[0]) * w.shape[0] * w.element_size())
+
     compiled_ce = torch.compile(lambda h, w, t: F.cross_entropy((h @ w.T).float(), t), dynamic=False)
     return {
-        "vibeperf-triton": Impl(lambda x: _grads(linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
-                                                                      backend="triton"), x)),  # fmt: skip
+        "vibeperf-triton": Impl(triton_ce),
         "vibeperf-cuda": Impl(lambda x: _grads(linear_cross_entropy(x["hidden"], x["weight"], x["targets"],
                                                                     backend="cuda"), x),
                               skip=_cuda_ext_skip),  # fmt: skip
+        # Opt-in: dW summed in bf16 (no fp32 accumulator); then also with Liger's logits chunk (Liger's memory).
+        "vibeperf-bf16acc": Impl(dw_acc_weight(triton_ce)),
+        "vibeperf-bf16acc-ligerchunk": Impl(dw_acc_weight(triton_ce_in_liger_chunks)),
         "eager": Impl(lambda x: _grads(F.cross_entropy((x["hidden"] @ x["weight"].T).float(), x["targets"]), x),
                       skip=lambda n: "fp32 logits + grads would not fit comfortably" if n > 8192 else None),
         "compiled": Impl(lambda x: _grads(compiled_ce(x["hidden"], x["weight"], x["targets"]), x),
