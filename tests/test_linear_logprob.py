@@ -550,10 +550,13 @@ def test_gpu_forward_full_vocab(n):
 @pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
 def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
     """Full Qwen2.5 head, each engine variant (cuBLAS + two-pass rows; Triton with the statistics in its epilogue +
-    one pass; the latter with dW summed over the chunks in bf16, $VIBEPERF_LMHEAD_DW_ACC=weight: 16 chunks at N65536):
-    loss, dh, dW within twice plain bf16 PyTorch's error."""
+    one pass; the latter with dW summed over the chunks in bf16, $VIBEPERF_LMHEAD_DW_ACC=weight): loss, dh, dW within
+    twice plain bf16 PyTorch's error. The bf16 sum's dW rounds its running sum once per chunk (k chunks, 16 at
+    N65536): its bar is plain's error plus k roundings of unit roundoff u = 2^-8 adding up as a random walk over
+    partial sums that grow like sqrt(j / k), u * sqrt((k + 1) / 2) (H200: 4.1x plain's error at N65536, 1.8x in B2)."""
     monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm.split("+")[0])
-    if head_gemm.endswith("+dwacc"):
+    bf16_sum = head_gemm.endswith("+dwacc")
+    if bf16_sum:
         monkeypatch.setenv("VIBEPERF_LMHEAD_DW_ACC", "weight")
     hidden, weight, targets = _gpu_inputs(n, seed=1)
     ours = _grads(lambda hh, ww, bb: linear_cross_entropy(hh, ww, targets), hidden, weight, None)
@@ -569,4 +572,8 @@ def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
         lo_err = rel_err(low[i][:m] if name == "dh" else low[i], ref_m[i][:m] if name == "dh" else ref_m[i])
         err = rel_err(ours[i], ref[i])
         print(f"{head_gemm} N={n} {name}: rel err {err:.2e}, plain bf16 {lo_err:.2e} ({err / max(lo_err, 1e-30):.2f}x)")
-        assert err <= 2 * lo_err + 1e-6, name
+        if bf16_sum and name == "dW":
+            k = -(-n // chunked.chunk_rows(n, GPU_V, 2))
+            assert err <= lo_err + 2**-8 * ((k + 1) / 2) ** 0.5, name
+        else:
+            assert err <= 2 * lo_err + 1e-6, name
