@@ -183,3 +183,27 @@ def test_bf16_accumulation_rows_run_under_their_setting_and_restore_it(monkeypat
     run = registry.dw_acc_weight(lambda x: seen.append(os.environ["VIBEPERF_LMHEAD_DW_ACC"]) or x)
     assert run(7) == 7 and seen == ["weight"]
     assert os.environ["VIBEPERF_LMHEAD_DW_ACC"] == "fp32"
+
+
+def test_timing_modes_reads_the_clock_log_and_refuses_bad_cases(capsys):
+    """vibeperf.bench.timing_modes: nvidia-smi's samples parsed (headers and [N/A] skipped), averaged per block; a
+    bad --cases / --impls is a one-line error before any GPU work."""
+    import datetime
+
+    from vibeperf.bench import timing_modes
+
+    log = ("timestamp, clocks.current.sm [MHz], power.draw [W]\n"
+           "2026/12/01 19:47:30.100, 1400 MHz, 690.00 W\n"
+           "2026/12/01 19:47:30.200, 1600 MHz, 700.00 W\n"
+           "2026/12/01 19:47:30.300, [N/A], 700.00 W\n"
+           "2026/12/01 19:47:31.000, 345 MHz, 77.00 W\n")  # fmt: skip
+    samples = timing_modes.parse_smi_log(log)
+    assert [(s[1], s[2]) for s in samples] == [(1400, 690), (1600, 700), (345, 77)]
+    t = lambda s: datetime.datetime.strptime(f"2026/12/01 19:47:{s}", timing_modes.STAMP)  # noqa: E731
+    assert timing_modes.block_means(samples, t("30.000"), t("30.500")) == (1500, 695)
+    assert timing_modes.block_means(samples, t("32.000"), t("33.000")) is None
+    for argv, message in ((["--cases", "B9:8"], "'B9:8' is not <benchmark>:<tokens>"),
+                          (["--cases", "B2:x"], "'B2:x' is not"),
+                          (["--cases", "B2:8", "--impls", "nope"], "B2 has no nope")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            timing_modes.main(argv)

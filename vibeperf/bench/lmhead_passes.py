@@ -6,9 +6,8 @@ Prints, for the Qwen2.5-3B head (H = 2048, V = 151,936, bf16): the fused Triton 
 config), the L2-tiled forward at several tile shapes, and the chunked training path split into its passes
 (head GEMM, row epilogue, dh GEMM, fp32 dW accumulation). Every variant is checked against the fp32 reference.
 `--train-only` runs only `train_sweep`: the training path's passes and engine variants (the head GEMM with the
-softmax statistics in its epilogue, and the same with Triton's warp specialisation, experimental) against the cuBLAS
-path and three bare GEMMs, for each `--head` (qwen: H 2,048, V 151,936; llama3: H 4,096, V 128,256); each variant is
-checked against the cuBLAS path; a variant that fails to compile is reported as such.
+softmax statistics in its epilogue, or cuBLAS's) against three bare GEMMs, for each `--head` (qwen: H 2,048,
+V 151,936; llama3: H 4,096, V 128,256); each variant is checked against the cuBLAS path.
 `--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk forced to each
 size (time against three bare GEMMs and Liger's loss of the same run, peak extra memory, outputs against the
 default call), the measurement behind `chunked.CHUNK_ALIGN` and the default workspace.
