@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import time
@@ -85,12 +86,16 @@ def cpu_bench_ms(fn, *, rep_ms: float = 400.0, warmup_ms: float = 100.0) -> floa
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], device: str = "cuda", *, rounds: int = 10,
                    rep_ms: float | None = None) -> dict[str, float]:  # fmt: skip
-    """Median ms per call of each of `fns`, timed in rounds that call every one once in turn (A B C, B C A, C A B, ...:
-    the starting point rotates), after one warm-up round. A drift of the clocks or the temperature during the run then
-    falls on all of them alike, which timing them one after another does not give (on the H200 two timings of the same
-    op, one after the other, have differed by 4%). `rounds` is the least number of rounds; with `rep_ms`, as many more
-    as give each function about rep_ms of timed calls (the warm-up round's time the estimate; at most 1,000). CUDA: a
-    pair of events around each call, the L2 cache cleared before it (as triton's do_bench); CPU: perf_counter."""
+    """Median ms per call of each of `fns`, timed in rounds that call every one once, in an order shuffled anew each
+    round (seeded), after one warm-up round. A drift of the clocks or the temperature during the run then falls on all
+    of them alike, which timing them one after another does not give (on the H200 two timings of the same op, one
+    after the other, have differed by 4%). The order is shuffled because a call starts at the clock its predecessor
+    left: on a GPU at its power cap, after a low-power call (Liger's loss at 8K tokens, ~1,850 MHz on the H200) faster
+    than after three bare GEMMs (~1,420 MHz); the rotation used before (A B C, B C A, ...) gave every function the same
+    predecessor in every round (B2's floor always followed Liger's loss: benchmarks/NOTES.md). `rounds` is the least
+    number of rounds; with `rep_ms`, as many more as give each function about rep_ms of timed calls (the warm-up
+    round's time the estimate; at most 1,000). CUDA: a pair of events around each call, the L2 cache cleared before
+    it (as triton's do_bench); CPU: perf_counter."""
     names = list(fns)
     if not names or rounds < 1:
         raise ValueError(f"interleaved_ms needs at least one function and one round, got {len(names)} and {rounds}")
@@ -105,8 +110,9 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: str = "cuda", *
     times: dict[str, list[float]] = {name: [] for name in names}
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if device == "cuda" else None
     events = []  # CUDA: read after the last round, so the host queues ahead as in training (no sync between calls)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+    order = random.Random(0)
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
             if flush is None:
                 t0 = time.perf_counter()
                 fns[name]()
