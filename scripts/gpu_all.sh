@@ -14,6 +14,8 @@
 #   profile   per-kernel device time of the Triton and CUDA backends (vibeperf.bench.profile_backends)
 #   lmhead    the LM-head engine's variants: their full-vocabulary GPU gradient tests, then the training path's passes
 #             and whole-op variants against three bare GEMMs at both heads (vibeperf.bench.lmhead_passes --train-only)
+#   timing    B2's rows (ours, the floor, Liger, the bf16 dW sum) timed one after another and interleaved, with the SM
+#             clock and power of each block (vibeperf.bench.timing_modes)
 # Each step runs under its own time limit (=SECONDS, default 600) so one hang does not take the call's other steps
 # with it. Baseline wheels (Liger-Kernel 0.8.5, Cut Cross-Entropy 25.1.1) are taken from .whl/ when present.
 # Logs and results JSON go to $OUT (the device tool's output folder) when it is set. Exit status: non-zero when any
@@ -92,7 +94,10 @@ for spec in "${steps[@]}"; do
               -rf -k full_vocab
             run_step "$secs" lmhead.log python3 -m vibeperf.bench.lmhead_passes --train-only --n 8192 65536 \
               --head qwen llama3 ;;
-    *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, compare, model, dist, profile, lmhead, all)"
+    timing) run_step "$secs" timing.log python3 -m vibeperf.bench.timing_modes \
+              --impls vibeperf-triton floor liger vibeperf-bf16acc ;;
+    *) echo "[gpu_all] unknown step '$name' (build, cuda, test, bench, compare, model, dist, profile, lmhead, timing,"\
+            "all)"
        rc=1 ;;
   esac
 done
