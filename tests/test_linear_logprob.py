@@ -460,6 +460,33 @@ def test_backward_twice_is_refused():
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_upstream_scaling_is_in_place_and_skipped_at_one(dtype, monkeypatch):
+    """lmhead.upstream.scale_by_upstream (the backward of the ops that form their gradients in the forward): in place,
+    the version bumped either way (a second backward is refused); an incoming gradient of 1 leaves the tensor as it
+    was (on the device, no host sync), another scales it in fp32 with one rounding to its dtype (bf16: the
+    interpreter truncates where the GPU rounds to nearest, so one bf16 spacing, 2^-7 relative); 5,003 elements: two
+    kernel blocks, the last ragged, walked by one program. The CPU path without the interpreter multiplies."""
+    from vibeperf.kernels.lmhead import upstream
+
+    monkeypatch.setattr(upstream, "INTERPRET", True)
+    t = torch.randn(5003).to(dtype)
+    ref = t.clone()
+    version = t._version
+    out = upstream.scale_by_upstream(t, torch.tensor(1.0))
+    assert torch.equal(out, ref) and out.data_ptr() == t.data_ptr() and t._version > version
+    monkeypatch.setattr(upstream, "MAX_PROGRAMS", 1)  # one program striding over both blocks
+    out = upstream.scale_by_upstream(t, torch.tensor(0.37))
+    want = ref.float() * 0.37
+    ulp = 2**-7 if dtype == torch.bfloat16 else 0.0
+    assert out.data_ptr() == t.data_ptr() and out.dtype == dtype
+    assert ((out.float() - want.to(dtype).float()).abs() <= ulp * want.abs()).all()
+    assert upstream.scale_by_upstream(t[:0], torch.tensor(2.0)) is None
+    monkeypatch.setattr(upstream, "INTERPRET", False)
+    assert torch.equal(upstream.scale_by_upstream(ref.clone(), torch.tensor(1.0)), ref)
+    assert rel_err(upstream.scale_by_upstream(ref.clone(), torch.tensor(2.0)).float(), 2 * ref.float()) == 0
+
+
 def test_engine_settings_are_read_at_call_time(monkeypatch):
     """VIBEPERF_LMHEAD_* set after import take effect at the next call; keyword arguments win over them."""
     hidden, weight, targets, _ = make_case(9, 37, 16, torch.float32, ignore_every=4)

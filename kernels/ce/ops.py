@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import lmhead
-from ..lmhead import triton_rows
+from ..lmhead import triton_rows, upstream
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -150,18 +150,8 @@ def _nll_setup_context(ctx, inputs, output):
 def _nll_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
     if grad_loss is None:
         return (None,) * 11
-    dh, dw, db = ctx.saved_tensors
-
-    def scale(t):
-        if not t.numel():
-            return None
-        if torch.compiler.is_compiling() or type(t) is not torch.Tensor:  # traced (or subclass): stay functional
-            return (t * grad_loss.to(t.dtype)).detach()
-        # Eager: the saved gradients belong to this node alone, so scale them in place instead of holding a second
-        # copy (a second backward through the same graph is refused by autograd's version check).
-        return t.mul_(grad_loss.to(t.dtype)).detach()
-
-    return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None) + (None,) * 7
+    dh, dw, db = (upstream.scale_by_upstream(t, grad_loss) for t in ctx.saved_tensors)
+    return (dh, dw, None, db if ctx.has_bias else None) + (None,) * 7
 
 
 linear_nll_fused_op.register_autograd(_nll_backward, setup_context=_nll_setup_context)

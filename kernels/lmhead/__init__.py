@@ -6,6 +6,8 @@
   head GEMM per chunk, the row kernel (`triton_rows.py`) with its per-token loss epilogue, then the dh / dW GEMMs.
   A loss plugs in either a gradient coefficient known before the pass (LOSS_GIVEN, LOSS_NLL) or a per-token step
   (`chunked.TokenStep`) that turns the row's log-prob into dLoss/dlogp between the row statistics and the dz write.
+- `upstream.scale_by_upstream`: the backward of the ops whose gradients the forward formed (times the loss's incoming
+  gradient, in place; untouched on the device when that is 1, with no host sync).
 - `resolve_backend` and `autoselect`: "auto" | "triton" | "cuda" | "torch", and the measured rule behind "auto".
 - `settings`: the callers' `schedule=` / `workspace_bytes=` and their environment defaults, read at call time, and
   the environment's dW accumulation mode.
@@ -20,10 +22,10 @@ import os
 
 import torch
 
-from . import autoselect, chunked, cuda_backend, scoring_fwd, settings, triton_fwd, triton_gemm
+from . import autoselect, chunked, cuda_backend, scoring_fwd, settings, triton_fwd, triton_gemm, upstream
 
-__all__ = ["autoselect", "settings", "BACKENDS", "resolve_backend", "check_head_inputs", "prepare_head_inputs",
-           "scores", "chunked_engine"]  # fmt: skip
+__all__ = ["autoselect", "settings", "upstream", "BACKENDS", "resolve_backend", "check_head_inputs",
+           "prepare_head_inputs", "scores", "chunked_engine"]  # fmt: skip
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 

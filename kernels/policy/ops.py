@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import lmhead
-from ..lmhead import cuda_backend, triton_rows
+from ..lmhead import cuda_backend, triton_rows, upstream
 from .options import (
     ADVANTAGES,
     AGGREGATIONS,
@@ -229,19 +229,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _g_terms, _g_entropy, _g_dh, _g_dw, _g_db):
     if grad_loss is None:
         return (None,) * 19
-    dh, dw, db = ctx.saved_tensors
-
-    def scale(t):
-        if not t.numel():
-            return None
-        if torch.compiler.is_compiling() or type(t) is not torch.Tensor:  # traced (or subclass): stay functional
-            return t * grad_loss.to(t.dtype)
-        # Eager: the saved gradients belong to this node alone, so scale them in place instead of holding a second
-        # copy (a second backward through the same graph is refused by autograd's version check). Detached: they
-        # are also this node's outputs, and a gradient must not carry its grad_fn (torch.autograd.grad keeps it).
-        return t.detach().mul_(grad_loss.to(t.dtype))
-
-    return (scale(dh), scale(dw), None, scale(db) if ctx.has_bias else None) + (None,) * 15
+    # Detached (scale_by_upstream): they are also this node's outputs, and a gradient must not carry its grad_fn
+    # (torch.autograd.grad keeps it).
+    dh, dw, db = (upstream.scale_by_upstream(t, grad_loss) for t in ctx.saved_tensors)
+    return (dh, dw, None, db if ctx.has_bias else None) + (None,) * 15
 
 
 policy_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
