@@ -139,9 +139,9 @@ def _engine(run, hidden, weight, *args, **kwargs):
 
 
 def _cuda_in_compute_dtype(hidden, weight, *args, **kwargs):
-    if weight.dtype == hidden.dtype and kwargs.get("need_dw", True) and settings.dw_accumulate() != "fp32":
-        raise ValueError(f"{settings.DW_ACC_ENV}={settings.dw_accumulate()}: backend='cuda' accumulates dW in fp32 "
-                         "only; use backend='triton' or 'auto'")  # fmt: skip
+    if weight.dtype == hidden.dtype and kwargs.get("need_dw", True) and (mode := settings.dw_accumulate()) != "fp32":
+        raise ValueError(f"{settings.DW_ACC_ENV}={mode}: backend='cuda' accumulates dW in fp32 only; use "
+                         "backend='triton' or 'auto'")  # fmt: skip
     if weight.dtype == hidden.dtype:
         return cuda_backend.lmhead_chunked(hidden, weight, *args, **kwargs)
     logp, ent, lse, dh, dw, db = cuda_backend.lmhead_chunked(hidden, weight.to(hidden.dtype), *args, **kwargs)

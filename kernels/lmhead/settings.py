@@ -42,18 +42,20 @@ def forward_schedule(schedule: str | None) -> str:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         return schedule
-    raw = os.environ.get(SCHEDULE_ENV, "").strip()
-    if raw and raw not in SCHEDULES:
-        raise ValueError(f"{SCHEDULE_ENV} must be one of {SCHEDULES}, got {raw!r}")
-    return raw or "epilogue"
+    return _env_choice(SCHEDULE_ENV, SCHEDULES)
 
 
 def dw_accumulate() -> str:
     """$VIBEPERF_LMHEAD_DW_ACC read now: "fp32" (unset) or "weight"; ValueError naming the variable otherwise."""
-    raw = os.environ.get(DW_ACC_ENV, "").strip()
-    if raw and raw not in DW_ACCUMULATE:
-        raise ValueError(f"{DW_ACC_ENV} must be one of {DW_ACCUMULATE}, got {raw!r}")
-    return raw or "fp32"
+    return _env_choice(DW_ACC_ENV, DW_ACCUMULATE)
+
+
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The variable `name` read now, one of `choices` (unset or blank: the first); ValueError naming it otherwise."""
+    raw = os.environ.get(name, "").strip()
+    if raw and raw not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {raw!r}")
+    return raw or choices[0]
 
 
 def check_workspace(workspace_bytes: int | None) -> int | None:
