@@ -89,6 +89,8 @@ def compare_case(key: str, n: int, impls: list[str], rep_ms: float, samples) -> 
         print(f"{key} N={n} {name}: {'checked' if ok else 'WRONG, not timed'} ({note})", flush=True)
         if ok:
             fns[name] = lambda f=bench.impls[name].fn: f(x)
+    if not fns:
+        return
     blocks = []  # (label, start, end)
     seq = {name: [] for name in fns}
     for rep in range(2):
