@@ -33,6 +33,10 @@ TITLES = {
     "B7-long": "B7 with 64K-token completions, checkpoint policy auto at a 74 GiB budget (an 80 GB GPU)",
     "P-forward": "Per-kernel device time, log-prob forward (vibeperf.bench.profile_backends)",
     "P-train": "Per-kernel device time, cross-entropy forward+backward (vibeperf.bench.profile_backends)",
+    "P-train-llama3": "Per-kernel device time, cross-entropy forward+backward at the Llama-3 head "
+                      "(vibeperf.bench.profile_backends)",
+    "P-forward-llama3": "Per-kernel device time, log-prob forward at the Llama-3 head "
+                        "(vibeperf.bench.profile_backends)",
     "P-mgpo": "Per-kernel device time, MGPO loss forward+backward (vibeperf.bench.profile_backends)",
     "D4": "D4 Qwen2.5-3B-shaped SFT step under FSDP2, 1 vs 2 GPUs (vibeperf.bench.dist_check)",
 }

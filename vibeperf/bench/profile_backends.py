@@ -1,14 +1,17 @@
 """Where the time goes, Triton vs CUDA backend: per-kernel GPU time of one LM-head call under torch.profiler.
 
     python -m vibeperf.bench.profile_backends [--n 32768 65536] [--work forward train mgpo] [--repeats 3]
+        [--head qwen llama3] [--top 8]
 
-For the Qwen2.5-3B head (H = 2048, V = 151,936, bf16) and each backend ("triton", "cuda"), one warm-up call and then
-`--repeats` profiled calls of the work (forward: `linear_logprob` without grad, B1; train: `linear_cross_entropy`
-forward + backward, B2; mgpo: `mgpo_loss` forward + backward on B3's inputs). Every CUDA kernel's device time is
-summed per class: GEMM (cuBLAS / cuBLASLt / CUTLASS kernels), row kernel (ours: `lmhead_row_grad*` in either backend),
-other (casts, fills, reductions). Printed per call in ms, with the wall time of the same calls; the JSON goes to
-<results dir>/<gpu>_<date>_profile.json. The outputs are checked against each other (Triton vs CUDA) before
-anything is profiled.
+For a head (qwen: the Qwen2.5-3B head, H = 2048, V = 151,936; llama3: H = 4,096, V = 128,256; bf16) and each backend
+("triton", "cuda"), one warm-up call and then `--repeats` profiled calls of the work (forward: `linear_logprob`
+without grad, B1; train: `linear_cross_entropy` forward + backward, B2; mgpo: `mgpo_loss` forward + backward on B3's
+inputs, Qwen2.5 head only). Every CUDA kernel's device time is summed per class: GEMM (cuBLAS / cuBLASLt / CUTLASS
+kernels, and our head GEMM with its statistics epilogue), row kernel (ours: `lmhead_row_grad*` in either backend),
+other (casts, fills, reductions). Train also profiles B2's floor, the three bare GEMMs, so each kernel of ours can be
+set against the GEMM it adds to. Printed per call in ms, with the wall time of the same calls and the `--top` kernels
+by device time; the JSON goes to <results dir>/<gpu>_<date>_profile.json. The outputs are checked against each other
+(Triton vs CUDA) before anything is profiled.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import torch
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
 
 from .common import Row, format_table, relative_error, write_results_extra
-from .registry import B3_GROUP, B3_LAMBDA, B3_SEQS, TOL, _b3_inputs, head_inputs
+from .registry import B3_GROUP, B3_LAMBDA, B3_SEQS, LLAMA3_H, LLAMA3_V, TOL, H, V, _b3_inputs, head_inputs
 
-GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "sm90", "cublas")
+GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "sm90", "cublas", "head_gemm")
+HEADS = {"qwen": (H, V), "llama3": (LLAMA3_H, LLAMA3_V)}
 
 
 def kernel_class(name: str) -> str:
@@ -38,7 +42,16 @@ def kernel_class(name: str) -> str:
 
 
 def make_call(work: str, x: dict, backend: str):
-    """A zero-argument callable doing the work once; returns what is compared between backends."""
+    """A zero-argument callable doing the work once; returns what is compared between backends. backend "floor"
+    (train only): B2's yardstick, three bare GEMMs with bf16 outputs."""
+    if backend == "floor":
+        h, w = x["hidden"].detach(), x["weight"].detach()
+
+        def floor():
+            z = h @ w.T
+            return (z @ w, z.T @ h)
+
+        return floor
     if work == "forward":
         return lambda: linear_logprob(x["hidden"], x["weight"], x["targets"], backend=backend)
 
@@ -56,8 +69,9 @@ def make_call(work: str, x: dict, backend: str):
     return train
 
 
-def profile(fn, repeats: int) -> tuple[dict[str, float], float]:
-    """(device ms per call by kernel class, wall ms per call) over `repeats` calls after a warm-up."""
+def profile(fn, repeats: int) -> tuple[dict[str, float], float, list[tuple[str, float, float]]]:
+    """(device ms per call by kernel class, wall ms per call, [(kernel, device ms per call, launches per call)] from
+    the longest) over `repeats` calls after a warm-up."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -67,11 +81,13 @@ def profile(fn, repeats: int) -> tuple[dict[str, float], float]:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3 / repeats
     per_class: dict[str, float] = defaultdict(float)
+    kernels = []
     for evt in prof.key_averages():
         dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if dev_us and evt.device_type == torch.autograd.DeviceType.CUDA:
             per_class[kernel_class(evt.key)] += dev_us / 1e3 / repeats
-    return dict(per_class), wall
+            kernels.append((evt.key, dev_us / 1e3 / repeats, evt.count / repeats))
+    return dict(per_class), wall, sorted(kernels, key=lambda k: -k[1])
 
 
 def main(argv=None) -> int:
@@ -79,32 +95,41 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[32768, 65536])
     ap.add_argument("--work", nargs="+", default=["forward", "train", "mgpo"], choices=["forward", "train", "mgpo"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--head", nargs="+", default=["qwen"], choices=sorted(HEADS))
+    ap.add_argument("--top", type=int, default=8, help="kernels listed per profiled call (0: none)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_backends needs a CUDA GPU", file=sys.stderr)
         return 2
     rows, detail = [], []
-    for work in args.work:
-        for n in args.n:
-            if work == "mgpo" and n % B3_SEQS:
-                continue
-            x = _b3_inputs(n) if work == "mgpo" else head_inputs(n, grad=work != "forward")
-            outs = {b: make_call(work, x, b)().float().clone() for b in ("triton", "cuda")}
-            err = relative_error(outs["cuda"], outs["triton"])
-            ok = err <= TOL
-            for backend in ("triton", "cuda"):
-                if not ok:
-                    note = f"WRONG: cuda vs triton {err:.1e}"
-                    rows.append(Row(f"P-{work}", backend, n, None, None, None, False, note))
+    for head in args.head:
+        hidden, vocab = HEADS[head]
+        suffix = "" if head == "qwen" else f"-{head}"
+        for work in args.work:
+            for n in args.n:
+                if work == "mgpo" and (n % B3_SEQS or head != "qwen"):
                     continue
-                classes, wall = profile(make_call(work, x, backend), args.repeats)
-                note = " ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items())) + " (device ms per call)"
-                rows.append(Row(f"P-{work}", backend, n, wall, None, None, True, note))
-                detail.append({"work": work, "n": n, "backend": backend, "wall_ms": wall, "device_ms": classes,
-                               "cuda_vs_triton_rel_err": err})  # fmt: skip
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-            del x, outs
-            torch.cuda.empty_cache()
+                bid = f"P-{work}{suffix}"
+                x = _b3_inputs(n) if work == "mgpo" else head_inputs(n, work != "forward", hidden, vocab)
+                outs = {b: make_call(work, x, b)().float().clone() for b in ("triton", "cuda")}
+                err = relative_error(outs["cuda"], outs["triton"])
+                backends = ("triton", "cuda", "floor") if work == "train" else ("triton", "cuda")
+                for backend in backends:
+                    if err > TOL:
+                        rows.append(Row(bid, backend, n, None, None, None, False, f"WRONG: cuda vs triton {err:.1e}",
+                                        hidden, vocab))  # fmt: skip
+                        continue
+                    classes, wall, kernels = profile(make_call(work, x, backend), args.repeats)
+                    note = " ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items())) + " (device ms per call)"
+                    rows.append(Row(bid, backend, n, wall, None, None, True, note, hidden, vocab))
+                    detail.append({"work": work, "head": head, "n": n, "backend": backend, "wall_ms": wall,
+                                   "device_ms": classes, "cuda_vs_triton_rel_err": err,
+                                   "kernels": [{"name": k, "ms": ms, "launches": c} for k, ms, c in kernels[:40]]})
+                    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+                    for name, ms, count in kernels[: args.top]:
+                        print(f"    {ms:8.3f} ms  x{count:<6g} {name[:110]}", flush=True)
+                del x, outs
+                torch.cuda.empty_cache()
     path = write_results_extra(rows, None, {"profiles": detail, "kernel_classes": list(GEMM_MARKERS)}, tag="profile")
     print(f"results: {path}\n" + format_table(rows))
     return 0
