@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import CUDA_BACKEND, on_backend, to_cpu
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, lmhead
 from vibeperf.kernels.ce import linear_cross_entropy_reference, linear_logprob_reference, ops
-from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_gemm
+from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_gemm, triton_rows
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -339,15 +339,25 @@ def test_dw_accumulated_in_the_weight_dtype(monkeypatch):
     assert rel_err(low_acc.float(), ref) <= plain + 2**-8 * float(sum(sums) / ref.norm())
 
 
-@pytest.mark.parametrize("epi_split", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("mode", ["nll", "given+entropy", "step"])
-def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, epi_split):
-    """The Triton head GEMM whose epilogue writes the rows' partial softmax states (triton_gemm.py; the row kernel
-    merges them and reads and writes z once) gives the engine's outputs of the cuBLAS GEMM + two-pass row kernel:
-    several chunks with a ragged last one, tiles cut by V (1000 = 31 tiles of 32 + 8: with the epilogue in two
-    pieces, the last tile's second piece lies wholly past V), ignored rows, a temperature; the per-token loss step
-    (policy losses) included. fp16 (the interpreter's stand-in for bf16) and fp32."""
+_EPILOGUE_CASES = [  # form, dtype, mode, epi_split: "rows" as before, "scaled" on fp32 and its two fallbacks
+    *[("rows", d, m, e) for d in (torch.float32, torch.float16) for m in ("nll", "given+entropy", "step")
+      for e in (1, 2)],
+    *[("scaled", torch.float32, m, e) for m in ("nll", "given", "step") for e in (1, 2)],
+    ("scaled", torch.float32, "given+entropy", 2),
+    ("scaled", torch.float16, "nll", 2),
+]
+
+
+@pytest.mark.parametrize(("form", "dtype", "mode", "epi_split"), _EPILOGUE_CASES,
+                         ids=[f"{f}-{str(d)[6:]}-{m}-split{e}" for f, d, m, e in _EPILOGUE_CASES])  # fmt: skip
+def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, epi_split, form):
+    """The Triton head GEMM whose epilogue writes the rows' partial softmax states (triton_gemm.py) gives the
+    engine's outputs of the cuBLAS GEMM + two-pass row kernel, in either gradient form: "rows" (the row kernel merges
+    the partials and reads and writes z once) and "scaled" (the GEMM stores P = 2^(z - mref) and dz = alpha P; fp32
+    here, the interpreter's stand-in for bf16, which has fp32's exponent range; fp16 and an entropy gradient fall back
+    to "rows"). Several chunks with a ragged last one, tiles cut by V (1000 = 31 tiles of 32 + 8: with the epilogue in
+    two pieces, the last tile's second piece lies wholly past V), ignored rows, a temperature; the per-token loss
+    step (policy losses) included."""
     monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(epi_split)])
     hidden, weight, targets, kw = _engine_case(mode, dtype, seed=1)
     workspace = torch.empty(80, 1000, dtype=dtype)
@@ -357,9 +367,45 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     monkeypatch.setattr(chunked, "HEAD_GEMM", "cublas")
     ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
     monkeypatch.setattr(chunked, "HEAD_GEMM", "triton")
+    monkeypatch.setattr(chunked, "GRAD_FORM", form)
+    calls = []
+    real_scale = triton_rows.lmhead_row_scale
+    monkeypatch.setattr(triton_rows, "lmhead_row_scale", lambda *a, **k: calls.append(1) or real_scale(*a, **k))
     out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    assert bool(calls) == (form == "scaled" and dtype == torch.float32 and "entropy" not in mode)
     # fp16: dz rounded to fp16 from statistics that agree to ~1e-6
     _assert_engine_outputs_match(out, ref, 1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("step", [False, True])
+def test_scaled_gradient_refills_rows_beyond_its_range(monkeypatch, step):
+    """The scaled form holds dz = alpha P for rows whose NLL is at most SCALE_REF_LOG2 + P_MAX_LOG2 bits (66.5
+    nats); P of a row beyond that was capped by the GEMM, and the row is rewritten from its recomputed logits
+    (`lmhead_row_refill_kernel`). Rows 3 and 100 get a target logit 120 nats below the others (the GEMM's cap is hit),
+    row 50 one of 45 nats (in range); several chunks; the results match the cuBLAS + row-kernel engine."""
+    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(2)])
+    hidden, weight, targets, kw = _engine_case("step" if step else "nll", torch.float32, seed=2)
+    weight = weight.clone()
+    for row, gap in ((3, 120.0), (100, 120.0), (50, 45.0)):
+        targets[row] = 990 - row  # a vocabulary row of its own
+        weight[990 - row] = -gap * 0.8 * hidden[row] / hidden[row].norm() ** 2  # logit -gap at temperature 0.8
+    seen = []
+    real_scale = triton_rows.lmhead_row_scale
+
+    def spy(*a, **k):
+        out = real_scale(*a, **k)
+        if out[3] is not None:
+            seen.append(out[2] - (a[2] - triton_rows.SCALE_REF_LOG2) / 1.4426950408889634)  # lse - target logit
+        return out
+
+    monkeypatch.setattr(triton_rows, "lmhead_row_scale", spy)
+    monkeypatch.setattr(chunked, "HEAD_GEMM", "cublas")
+    ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    monkeypatch.setattr(chunked, "HEAD_GEMM", "triton")
+    out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
+    nll = torch.cat(seen)
+    assert nll[[3, 100]].min() > 100 and 45 < nll[50] < 66  # the rows are where the test means them to be
+    _assert_engine_outputs_match(out, ref, 1e-5)
 
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
@@ -573,15 +619,17 @@ def test_gpu_forward_full_vocab(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_gemm", ["cublas", "triton", "triton+dwacc"])
+@pytest.mark.parametrize("head_gemm", ["cublas", "triton", "triton+rows", "triton+dwacc"])
 @pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
 def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
-    """Full Qwen2.5 head, each engine variant (cuBLAS + two-pass rows; Triton with the statistics in its epilogue +
-    one pass; the latter with dW summed over the chunks in bf16, $VIBEPERF_LMHEAD_DW_ACC=weight): loss, dh, dW within
+    """Full Qwen2.5 head, each engine variant (cuBLAS + two-pass rows; Triton with the statistics in its epilogue and
+    the scaled gradient form, dz = alpha P; the same with one row pass writing dz ("rows"); the default with dW summed
+    over the chunks in bf16, $VIBEPERF_LMHEAD_DW_ACC=weight): loss, dh, dW within
     twice plain bf16 PyTorch's error. The bf16 sum's dW rounds its running sum once per chunk (k chunks, 16 at
     N65536): its bar is plain's error plus k roundings of unit roundoff u = 2^-8 adding up as a random walk over
     partial sums that grow like sqrt(j / k), u * sqrt((k + 1) / 2) (H200: 4.1x plain's error at N65536, 1.8x in B2)."""
     monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm.split("+")[0])
+    monkeypatch.setattr(chunked, "GRAD_FORM", "rows" if head_gemm.endswith("+rows") else "scaled")
     bf16_sum = head_gemm.endswith("+dwacc")
     if bf16_sum:
         monkeypatch.setenv("VIBEPERF_LMHEAD_DW_ACC", "weight")

@@ -9,6 +9,10 @@ For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspa
                                     dW in the weight's dtype directly: see `chunk_rows`; or, by
                                     $VIBEPERF_LMHEAD_DW_ACC=weight, accumulated in the weight's dtype: settings.py)
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
+On the fused head GEMM with a bf16 workspace and no entropy gradient, the "scaled" form (GRAD_FORM) skips step 2's
+pass over the chunk: the GEMM stores P = 2^(z - mref) per row, mref from the target's logit, known before it, and
+dz = alpha P row by row (P's target entry fixed, `triton_rows.lmhead_row_scale`), so step 3 runs on P as stored:
+dh_c = alpha (P W), dW += P^T (alpha h_c).
 The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
 recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
 log-prob (`TokenStep`: the policy losses), formed per chunk between the row statistics and the dz write.
@@ -32,6 +36,9 @@ HEAD_GEMM = "triton"
 # with 2,048-row chunks, 1.17x with 1,664 and 1.11x with 2,304 or 3,456; Llama-3 head at 16K tokens 1.06x against
 # 1.13x / 1.08x; benchmarks/NOTES.md).
 CHUNK_ALIGN = 2048
+# The gradient's form on the fused head GEMM: "scaled" (dz = alpha P per row, no pass over the chunk; bf16 / fp32
+# workspaces and no entropy gradient, else "rows") or "rows" (the row kernel rewrites the logits into dz).
+GRAD_FORM = "scaled"
 
 
 def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None,
@@ -142,6 +149,21 @@ def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index,
                                        True, phase=triton_rows.PHASE_GRAD, stats=stats)  # fmt: skip
 
 
+def _row_scale_triton(p, targets, mref, partials, g_logp, temperature, ignore_index, loss, want_entropy, step,
+                      refill):  # fmt: skip
+    """The scaled form's row epilogue (`triton_rows.lmhead_row_scale`): one launch, or two around `step`.
+    Returns (logp, entropy or None, lse, alpha)."""
+    if step is None:
+        return triton_rows.lmhead_row_scale(p, targets, mref, partials, g_logp, temperature, ignore_index, loss,
+                                            want_entropy, refill=refill)  # fmt: skip
+    stats = triton_rows.lmhead_row_scale(p, targets, mref, partials, None, temperature, ignore_index, loss, True,
+                                         phase=triton_rows.PHASE_STATS)[:3]  # fmt: skip
+    g = step(stats[0], stats[1]).float().contiguous()
+    return triton_rows.lmhead_row_scale(p, targets, mref, partials, g, temperature, ignore_index,
+                                        triton_rows.LOSS_GIVEN, True, phase=triton_rows.PHASE_GRAD, stats=stats,
+                                        refill=refill)  # fmt: skip
+
+
 _DTYPE_OUT_ADDMM: bool | None = None
 
 
@@ -228,30 +250,43 @@ def lmhead_chunked(
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
     fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(bias, hidden, weight, workspace)
+    scaled = fused and GRAD_FORM == "scaled" and g_ent is None and workspace.dtype in (torch.bfloat16, torch.float32)
+    want_t = want_entropy or step is not None or g_ent is not None
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         h_c, t_c, z = hidden[i0:i1], targets[i0:i1], workspace[: i1 - i0]
         g_c = None if g_logp is None else g_logp[i0:i1]
         step_c = None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c))
-        extra = {}
-        if fused:
-            want_t = want_entropy or step is not None or g_ent is not None
-            extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
+        b_c = h_c  # dW's right operand: dW += z^T b_c
+        if scaled:  # z = P, dz = alpha P
+            mref = triton_rows.target_logits(h_c, weight, t_c, temperature, ignore_index)
+            part = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t, mref=mref)
+            lp, en, ls, alpha = _row_scale_triton(z, t_c, mref, part, g_c, temperature, ignore_index, loss,
+                                                  want_entropy, step_c, (h_c, weight))  # fmt: skip
+            if need_dw:
+                b_c = (h_c.float() * alpha[:, None]).to(h_c.dtype)
         else:
-            torch.mm(h_c, weight.T, out=z)  # [C, V]
-        lp, en, ls = row_grad(z, t_c, bias, g_c, None if g_ent is None else g_ent[i0:i1], temperature,
-                              ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
+            extra = {}
+            if fused:
+                extra["partials"] = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t)  # z = h_c W^T
+            else:
+                torch.mm(h_c, weight.T, out=z)  # [C, V]
+            lp, en, ls = row_grad(z, t_c, bias, g_c, None if g_ent is None else g_ent[i0:i1], temperature,
+                                  ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
         if need_dh:
-            torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
+            if scaled:
+                dh[i0:i1] = _mm_fp32(z, weight).mul_(alpha[:, None])  # one rounding, after the scale
+            else:
+                torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
         if need_dw:
             if i0 == 0 and (i1 == n and low_dw or acc_low):
-                dw_acc = z.T @ h_c  # dW in the weight's dtype straight from the GEMM (fp32 inside)
+                dw_acc = z.T @ b_c  # dW in the weight's dtype straight from the GEMM (fp32 inside)
             elif acc_low:
-                dw_acc.addmm_(z.T, h_c)  # the GEMM adds in fp32, the sum is rounded to the weight's dtype per chunk
+                dw_acc.addmm_(z.T, b_c)  # the GEMM adds in fp32, the sum is rounded to the weight's dtype per chunk
             elif i0 == 0:
-                dw_acc = _mm_fp32(z.T, h_c)  # [V, H]
+                dw_acc = _mm_fp32(z.T, b_c)  # [V, H]
             else:
-                _accumulate_fp32(dw_acc, z.T, h_c)
+                _accumulate_fp32(dw_acc, z.T, b_c)
             if bias is not None:
                 db_c = z.sum(0, dtype=torch.float32)
                 db32 = db_c if db32 is None else db32.add_(db_c)

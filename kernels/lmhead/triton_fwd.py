@@ -19,6 +19,16 @@ LOG2E = 1.4426950408889634
 LN2_F = 0.6931471805599453
 LN2 = tl.constexpr(LN2_F)  # for kernels; host code uses LN2_F
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_NUM_SMS: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached; 4 elsewhere, e.g. under the interpreter): the size of a
+    persistent launch."""
+    key = device.index if device.type == "cuda" else -1
+    if key not in _NUM_SMS:
+        _NUM_SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return _NUM_SMS[key]
 
 
 @triton.jit

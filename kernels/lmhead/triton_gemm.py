@@ -6,6 +6,12 @@ read) into per-row partial softmax states of that vocabulary tile: max m, s = su
 (base 2, z scaled by log2(e) / temperature). The row kernel (`triton_rows.py`, `partials=`) merges a row's
 partials into its lse and entropy, so it reads and writes the chunk once instead of reading it twice.
 
+With `mref` (STORE_P: the engine's scaled gradient path, `chunked.py`), the tile is stored as P = 2^(z - mref) per
+row instead of z, computed from the fp32 accumulator (as are then the partials), with the exponent capped at
+P_MAX_LOG2: for a row whose log-sum-exp is within P_MAX_LOG2 of mref, the gradient dz is a per-row multiple of P
+(the target's entry set afterwards), so the dh / dW GEMMs can read P as it is and no row pass rewrites it
+(`triton_rows.lmhead_row_scale`).
+
 Without gradients z need not be stored at all: the epilogue also picks the target's logit out of the one tile that
 holds it, and `linear_logprob_epilogue_fwd` (the "epilogue" forward schedule) merges the partials of each chunk of
 rows with a small kernel. Its only memory is the partials: 12 bytes per row and vocabulary tile.
@@ -18,8 +24,8 @@ import triton
 import triton.language as tl
 
 from . import settings
-from .triton_fwd import INTERPRET, LOG2E, combine_partials
-from .triton_rows import merge_partial_states
+from .triton_fwd import INTERPRET, LOG2E, combine_partials, num_sms
+from .triton_rows import P_MAX_LOG2, merge_partial_states
 
 try:  # Triton >= 3.3 host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -27,7 +33,8 @@ except ImportError:  # pragma: no cover - older Triton: the fused GEMM is simply
     TensorDescriptor = None
 
 
-STORE_NONE, STORE_Z = 0, 1  # what the head GEMM writes besides the partials (see head_gemm_stats)
+STORE_NONE, STORE_Z, STORE_P = 0, 1, 2  # what the head GEMM writes besides the partials (see head_gemm_stats)
+P_MAX_LOG2_C = tl.constexpr(P_MAX_LOG2)  # STORE_P caps P at 2^P_MAX_LOG2 (triton_rows.py)
 
 
 def _block_shapes(nargs):
@@ -70,7 +77,8 @@ def head_gemm_stats_kernel(
     z_desc,  # [C, V] z written (STORE_Z, block [BM, BN / EPI_SPLIT]); else a dummy
     part_ptr,  # [3, C, n_tiles] fp32 out: m, s, t per row and vocabulary tile
     tgt_ptr,  # [C] int64 (not STORE_Z)
-    tz_ptr,  # [C] fp32 out (not STORE_Z): the target's logit, base 2, written by the tile that holds it
+    tz_ptr,  # [C] fp32 out (STORE_NONE): the target's logit, base 2, written by the tile that holds it
+    mref_ptr,  # [C] fp32 (STORE_P): the rows' reference, base 2; P = 2^(z - mref), exponent capped at P_MAX_LOG2
     C,
     V,
     H,
@@ -106,18 +114,21 @@ def head_gemm_stats_kernel(
         # (fewer live registers), merged into one state per row and tile.
         rows = off_m + tl.arange(0, BM)
         row_ok = rows < C
-        tgt = rows  # (read only without STORE_Z)
-        if STORE != 1:
+        tgt = rows  # (read only by STORE_NONE)
+        if STORE == 0:
             tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+        mref = tl.zeros((BM,), tl.float32)  # (read only by STORE_P)
+        if STORE == 2:
+            mref = tl.load(mref_ptr + rows, mask=row_ok, other=0.0)
         if EPI_SPLIT == 1:
             m, s, t = _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
-                                   row_ok)  # fmt: skip
+                                   row_ok, mref)  # fmt: skip
         else:
             a0, a1 = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)).split()
             m0, s0, t0 = _store_piece(z_desc, a0, off_m, off_n, V, scale_log2, WANT_T, STORE, tgt, tz_ptr + rows,
-                                      row_ok)  # fmt: skip
+                                      row_ok, mref)  # fmt: skip
             m1, s1, t1 = _store_piece(z_desc, a1, off_m, off_n + BN // 2, V, scale_log2, WANT_T, STORE, tgt,
-                                      tz_ptr + rows, row_ok)  # fmt: skip
+                                      tz_ptr + rows, row_ok, mref)  # fmt: skip
             m = tl.maximum(m0, m1)
             w0 = tl.exp2(m0 - m)
             w1 = tl.exp2(m1 - m)
@@ -132,19 +143,22 @@ def head_gemm_stats_kernel(
 
 @triton.jit
 def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr, STORE: tl.constexpr, tgt,
-                 tz_ptrs, row_ok):  # fmt: skip
-    """Store a [BM, B] piece at (off_m, off_n) in z's dtype (STORE_Z), or else write the logit of each row whose
-    target falls in the piece to tz_ptrs.
+                 tz_ptrs, row_ok, mref):  # fmt: skip
+    """Store a [BM, B] piece at (off_m, off_n) in z's dtype (STORE_Z), or P = 2^(z - mref) (STORE_P), or else write
+    the logit of each row whose target falls in the piece to tz_ptrs.
     Returns its rows' softmax state (m, s, t), base 2, over the columns < V (m = -inf, s = 0 for a piece wholly past
-    V), from the values rounded to z's dtype."""
-    zq = acc.to(z_desc.dtype)
+    V), from the values rounded to z's dtype (from the fp32 values for STORE_P, whose P is formed from them)."""
     cols = off_n + tl.arange(0, acc.shape[1])
-    zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
-    if STORE == 1:
-        z_desc.store([off_m, off_n], zq)
+    if STORE == 2:
+        zs = tl.where(cols[None, :] < V, acc * scale_log2, float("-inf"))
     else:
-        hit = row_ok & (tgt >= off_n) & (tgt < off_n + acc.shape[1])
-        tl.store(tz_ptrs, tl.sum(tl.where(cols[None, :] == tgt[:, None], zs, 0.0), axis=1), mask=hit)
+        zq = acc.to(z_desc.dtype)
+        zs = tl.where(cols[None, :] < V, zq.to(tl.float32) * scale_log2, float("-inf"))
+        if STORE == 1:
+            z_desc.store([off_m, off_n], zq)
+        else:
+            hit = row_ok & (tgt >= off_n) & (tgt < off_n + acc.shape[1])
+            tl.store(tz_ptrs, tl.sum(tl.where(cols[None, :] == tgt[:, None], zs, 0.0), axis=1), mask=hit)
     m = tl.max(zs, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a second piece wholly past V
     zc = zs - m_safe[:, None]
@@ -153,10 +167,10 @@ def _store_piece(z_desc, acc, off_m, off_n, V, scale_log2, WANT_T: tl.constexpr,
     t = s
     if WANT_T:
         t = tl.sum(p * tl.where(cols[None, :] < V, zc, 0.0), axis=1)
+    if STORE == 2:  # 2^(z - mref) = p 2^(m - mref), the exponent capped (only rows the gradient pass refills reach it)
+        up = tl.exp2(tl.minimum(m_safe - mref, P_MAX_LOG2_C))
+        z_desc.store([off_m, off_n], (p * up[:, None]).to(z_desc.dtype))
     return m, s, t
-
-
-_NUM_SMS: dict[int, int] = {}
 
 
 def eligible(bias, hidden: torch.Tensor, *more: torch.Tensor) -> bool:
@@ -175,18 +189,16 @@ def eligible(bias, hidden: torch.Tensor, *more: torch.Tensor) -> bool:
 
 
 def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, temperature: float,
-                    want_t: bool, targets: torch.Tensor | None = None,
-                    tz: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                    want_t: bool, targets: torch.Tensor | None = None, tz: torch.Tensor | None = None,
+                    mref: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
     want_t (entropy), t; base 2, logits / temperature). z None: nothing stored; the targets' logits (base 2) go to
-    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held)."""
+    tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held). mref [C] fp32 (base 2): z[:] =
+    2^(logits - mref) instead of the logits, capped at 2^P_MAX_LOG2 (STORE_P)."""
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
-    key = dev.index if dev.type == "cuda" else -1
-    if key not in _NUM_SMS:
-        _NUM_SMS[key] = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-    progs = _NUM_SMS[key]
+    progs = num_sms(dev)
     dummy = [16, 16]  # replaced by each config's tiles (`_block_shapes`)
     h_desc = TensorDescriptor(h_c, h_c.shape, h_c.stride(), dummy)
     w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), dummy)
@@ -194,8 +206,10 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
         z = torch.empty((1, 16), device=dev, dtype=h_c.dtype)
         store = STORE_NONE
     else:
-        store = STORE_Z
+        store = STORE_Z if mref is None else STORE_P
         targets = tz = h_c  # unused
+    if mref is None:
+        mref = h_c  # unused
     z_desc = TensorDescriptor(z, z.shape, z.stride(), dummy)
 
     def grid(meta):
@@ -205,7 +219,7 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     min_bn = min(cfg.kwargs["BN"] for cfg in head_gemm_stats_kernel.configs)
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
-        h_desc, w_desc, z_desc, part_store, targets, tz, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
+        h_desc, w_desc, z_desc, part_store, targets, tz, mref, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
         WANT_T=want_t, STORE=store,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import INTERPRET, LN2, LOG2E, row_softmax_state
+from .triton_fwd import INTERPRET, LN2, LOG2E, num_sms, row_softmax_state
 
 LOSS_GIVEN = 0  # g_logp / g_ent hold upstream gradients of logp / entropy
 LOSS_NLL = 1  # loss = sum_t w_t * nll_t: g_logp holds w_t, so dLoss/dlogp = -w_t
@@ -173,3 +173,165 @@ def lmhead_row_grad(
         BLOCK_V=128 if INTERPRET else 4096, num_warps=1 if INTERPRET else 16,
     )  # fmt: skip
     return logp, (ent if want_entropy else None), lse
+
+
+# The scaled gradient path (`chunked.py`): the head GEMM stores P = 2^(z - mref) per row (`triton_gemm`, STORE_P) with
+# mref = the target's logit + SCALE_REF_LOG2 (base 2, logits / temperature), known before the GEMM. For a row whose
+# lse2 - mref <= P_MAX_LOG2 (its NLL at most SCALE_REF_LOG2 + P_MAX_LOG2 bits: 96, i.e. 66.5 nats), no entry of P
+# was capped and dLoss/dz = alpha P exactly, with alpha = -g 2^(mref - lse2) / temperature and P's target entry
+# replaced by -(1 - p_t) 2^(lse2 - mref). Every other row (g = 0 on ignored rows aside) is listed and `refill` rewrites
+# it from a recomputed logit row: P = p - onehot, alpha = -g / temperature. P loses nothing of note to underflow: an
+# entry below 2^-126 has p < 2^(SCALE_REF_LOG2 - 126) = 2^-94.
+SCALE_REF_LOG2 = 32.0
+P_MAX_LOG2 = 64.0  # P <= 2^P_MAX_LOG2: finite in bf16 / fp32, and so are its GEMMs' sums over any vocabulary
+
+
+@triton.jit(do_not_specialize=["ignore_index", "n"])
+def target_logit_kernel(h_ptr, w_ptr, tgt_ptr, out_ptr, n, H, stride_h, stride_w, scale_log2, ref_log2,
+                        ignore_index, BLOCK_H: tl.constexpr):  # fmt: skip
+    """out[r] = (h_r . W[y_r]) * scale_log2 + ref_log2, fp32 (W[0] on an ignored row): one program per row."""
+    row = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + row)
+    tgt = tl.where(tgt != ignore_index, tgt, 0).to(tl.int64)
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        offs = k0 + tl.arange(0, BLOCK_H)
+        ok = offs < H
+        hv = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
+        acc += hv * tl.load(w_ptr + tgt * stride_w + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row, tl.sum(acc, axis=0) * scale_log2 + ref_log2)
+
+
+@triton.jit(do_not_specialize=["ignore_index", "part_plane", "n_part"])
+def lmhead_row_scale_kernel(
+    p_ptr,  # [C, V] P = 2^(z - mref) from the head GEMM; the target entry is rewritten (PHASE_FULL / PHASE_GRAD)
+    tgt_ptr,  # [C] int64
+    mref_ptr,  # [C] fp32: the target's logit + SCALE_REF_LOG2, base 2
+    g_logp_ptr,  # [C] fp32, see LOSS_*
+    logp_ptr,  # [C] fp32 out (not PHASE_GRAD)
+    ent_ptr,  # [C] fp32 out (WANT_ENTROPY)
+    lse_ptr,  # [C] fp32 out; in PHASE_GRAD the log-sum-exp in
+    alpha_ptr,  # [C] fp32 out (not PHASE_STATS): dLoss/dz = alpha P
+    list_ptr,  # [C] int32 out: the rows `refill` must rewrite, in any order ...
+    count_ptr,  # [1] int32 (zeroed by the caller): ... and their number
+    part_ptr,  # [3, C, n_part] fp32 partial states (m, s, t) of the head GEMM
+    part_plane,
+    n_part,
+    stride_p,
+    inv_temp,
+    ignore_index,
+    LOSS: tl.constexpr,
+    PHASE: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    REF_LOG2: tl.constexpr,
+    MAX_LOG2: tl.constexpr,
+):
+    """The row epilogue of the scaled path: statistics from the partials (as `lmhead_row_grad_kernel` with
+    FROM_PARTIALS), then alpha and P's target entry, or the row listed for `refill`. No pass over the row."""
+    row = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + row)
+    valid = tgt != ignore_index
+    mref = tl.load(mref_ptr + row)
+    zt2 = mref - REF_LOG2
+    if PHASE == 2:
+        lse2 = tl.load(lse_ptr + row) * LOG2E_C
+    else:
+        m, s, t = merge_partial_states(part_ptr, row, part_plane, n_part, WANT_ENTROPY)
+        lse2 = m + tl.log2(s)
+        tl.store(logp_ptr + row, tl.where(valid, (zt2 - lse2) * LN2, 0.0))
+        tl.store(lse_ptr + row, lse2 * LN2)
+        if WANT_ENTROPY:
+            tl.store(ent_ptr + row, tl.where(valid, (tl.log2(s) - t / s) * LN2, 0.0))
+    if PHASE != 1:
+        if LOSS == 0:
+            g = tl.load(g_logp_ptr + row)
+        else:
+            g = -tl.load(g_logp_ptr + row)
+        g = tl.where(valid, g, 0.0) * inv_temp
+        up = lse2 - mref  # P = p 2^up
+        fits = up <= MAX_LOG2
+        tl.store(alpha_ptr + row, tl.where(fits, -g * tl.exp2(-up), -g))
+        if valid:
+            if fits:
+                p_t = tl.exp2(zt2 - lse2)
+                tl.store(p_ptr + row * stride_p + tgt, (-(1.0 - p_t) * tl.exp2(up)).to(p_ptr.dtype.element_ty))
+            else:
+                tl.store(list_ptr + tl.atomic_add(count_ptr, 1), row.to(tl.int32))
+
+
+@triton.jit
+def lmhead_row_refill_kernel(p_ptr, h_ptr, w_ptr, tgt_ptr, lse_ptr, list_ptr, count_ptr, V, H, stride_p, stride_h,
+                             stride_w, scale_log2, NUM_PROGS: tl.constexpr, BLOCK_V: tl.constexpr,
+                             BLOCK_H: tl.constexpr):  # fmt: skip
+    """Rewrites each listed row of P as p - onehot(y) from its logits recomputed in fp32 (h_r . W_v): the rows whose
+    NLL is beyond the scaled form's range. Work items (row, vocabulary block) stride over NUM_PROGS programs; with
+    no row listed the launch returns at once."""
+    n_vb = tl.cdiv(V, BLOCK_V)
+    total = tl.load(count_ptr) * n_vb
+    for item in range(tl.program_id(0), total, NUM_PROGS):
+        row = tl.load(list_ptr + item // n_vb).to(tl.int64)
+        offs_v = (item % n_vb) * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_H):
+            offs_h = k0 + tl.arange(0, BLOCK_H)
+            h_ok = offs_h < H
+            hv = tl.load(h_ptr + row * stride_h + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + offs_v[:, None].to(tl.int64) * stride_w + offs_h[None, :],
+                         mask=v_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            acc += tl.sum(wv * hv[None, :], axis=1)
+        p = tl.exp2(acc * scale_log2 - tl.load(lse_ptr + row) * LOG2E_C)
+        p = tl.where(offs_v == tl.load(tgt_ptr + row), p - 1.0, p)
+        tl.store(p_ptr + row * stride_p + offs_v, p.to(p_ptr.dtype.element_ty), mask=v_ok)
+
+
+def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  ignore_index: int) -> torch.Tensor:  # fmt: skip
+    """mref [C] fp32 of the scaled path: each row's target logit (base 2, / temperature) + SCALE_REF_LOG2."""
+    c, h = hidden.shape
+    out = torch.empty(c, device=hidden.device, dtype=torch.float32)
+    block = min(1024, triton.next_power_of_2(h))
+    target_logit_kernel[(c,)](hidden, weight, targets, out, c, h, hidden.stride(0), weight.stride(0),
+                              LOG2E / temperature, SCALE_REF_LOG2, ignore_index, BLOCK_H=block,
+                              num_warps=1 if INTERPRET else 4)  # fmt: skip
+    return out
+
+
+def lmhead_row_scale(p: torch.Tensor, targets: torch.Tensor, mref: torch.Tensor, partials: torch.Tensor,
+                     g_logp: torch.Tensor | None, temperature: float, ignore_index: int, loss: int,
+                     want_entropy: bool, phase: int = PHASE_FULL, stats=None, refill=None):  # fmt: skip
+    """Host launcher of the scaled path's row epilogue on P [C, V] (from `triton_gemm.head_gemm_stats` with mref).
+
+    Returns (logp [C], entropy [C] or None, lse [C], alpha [C] or None), fp32. PHASE_STATS: statistics only (alpha
+    None); PHASE_GRAD: alpha and P's target entries from `stats` = (logp, entropy or None, lse) of a PHASE_STATS
+    launch. Not PHASE_STATS, `refill` = (hidden [C, H], weight [V, H]) of the chunk: the rows beyond the scaled
+    form's range are rewritten from them (no launch does anything when there are none, the usual case).
+    """
+    c, v = p.shape
+    assert partials.is_contiguous() and partials.shape[1] == c
+    if phase == PHASE_GRAD:
+        logp, ent, lse = stats
+    else:
+        logp = torch.empty(c, device=p.device, dtype=torch.float32)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if want_entropy else None
+    alpha = None if phase == PHASE_STATS else torch.empty_like(lse)
+    listed = torch.empty(c, device=p.device, dtype=torch.int32)
+    count = torch.zeros(1, device=p.device, dtype=torch.int32)
+    dummy = logp
+    lmhead_row_scale_kernel[(c,)](
+        p, targets, mref, g_logp if g_logp is not None else dummy, logp, ent if ent is not None else dummy, lse,
+        alpha if alpha is not None else dummy, listed, count, partials, partials.stride(0), partials.shape[2],
+        p.stride(0), 1.0 / temperature, ignore_index, LOSS=loss, PHASE=phase,
+        WANT_ENTROPY=want_entropy and phase != PHASE_GRAD, REF_LOG2=SCALE_REF_LOG2, MAX_LOG2=P_MAX_LOG2,
+        num_warps=1 if INTERPRET else 4,
+    )  # fmt: skip
+    if alpha is not None:
+        hidden, weight = refill
+        progs = 4 if INTERPRET else 2 * num_sms(p.device)
+        lmhead_row_refill_kernel[(progs,)](
+            p, hidden, weight, targets, lse, listed, count, v, hidden.shape[1], p.stride(0), hidden.stride(0),
+            weight.stride(0), LOG2E / temperature, NUM_PROGS=progs, BLOCK_V=16 if INTERPRET else 64,
+            BLOCK_H=32 if INTERPRET else 256, num_warps=1 if INTERPRET else 4,
+        )  # fmt: skip
+    return logp, (ent if want_entropy else None), lse, alpha

@@ -6,7 +6,8 @@ Prints, for the Qwen2.5-3B head (H = 2048, V = 151,936, bf16): the fused Triton 
 config), the L2-tiled forward at several tile shapes, and the chunked training path split into its passes
 (head GEMM, row epilogue, dh GEMM, fp32 dW accumulation). Every variant is checked against the fp32 reference.
 `--train-only` runs only `train_sweep`: the training path's passes and engine variants (the head GEMM with the
-softmax statistics in its epilogue, or cuBLAS's) against three bare GEMMs, for each `--head` (qwen: H 2,048,
+softmax statistics in its epilogue, or cuBLAS's; dz written by a row pass, or the scaled form: P stored by the head
+GEMM, dz = alpha P per row) against three bare GEMMs, for each `--head` (qwen: H 2,048,
 V 151,936; llama3: H 4,096, V 128,256); each variant is checked against the cuBLAS path.
 `--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk forced to each
 size (time against three bare GEMMs and Liger's loss of the same run, peak extra memory, outputs against the
@@ -34,7 +35,7 @@ ROUNDS = 10  # interleaved rounds (`common.interleaved_ms`) of the whole-op comp
 
 @contextlib.contextmanager
 def engine_settings(**values):
-    """chunked.py's module settings (HEAD_GEMM) set for the block, restored after it."""
+    """chunked.py's module settings (HEAD_GEMM, GRAD_FORM) set for the block, restored after it."""
     old = {name: getattr(chunked, name) for name in values}
     for name, value in values.items():
         setattr(chunked, name, value)
@@ -69,6 +70,7 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     torch.mm(hc, w.T, out=z)
     stats = triton_rows.lmhead_row_grad(z, tc, None, g, None, 1.0, -100, 1, True, phase=triton_rows.PHASE_STATS)
     part = triton_gemm.head_gemm_stats(hc, w, z, 1.0, True)
+    mref = triton_rows.target_logits(hc, w, tc, 1.0, -100)
     merged = triton_rows.lmhead_row_grad(z, tc, None, g, None, 1.0, -100, 1, True, phase=triton_rows.PHASE_STATS,
                                          partials=part)  # fmt: skip
     err = max(relative_error(a, b) for a, b in zip(merged, stats))
@@ -82,6 +84,9 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
             z, tc, None, g, None, 1.0, -100, 1, False), -3),
         ("row kernel from partials (1 + 1)", lambda: triton_rows.lmhead_row_grad(
             z, tc, None, g, None, 1.0, -100, 1, False, partials=part), -2),
+        ("head GEMM + stats, P stored (scaled dz)", lambda: triton_gemm.head_gemm_stats(hc, w, z, 1.0, False,
+                                                                                        mref=mref), 1),
+        ("dh GEMM, fp32 out (scaled dz)", lambda: chunked._mm_fp32(z, w), 1),
     ]
     dh = torch.empty_like(hc)
     dw32 = torch.zeros((vocab, h_size), device="cuda", dtype=torch.float32)
@@ -99,9 +104,9 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     with engine_settings(HEAD_GEMM="cublas"):
         ref = grads()
     variants, errs = {}, {}
-    for head_gemm in ("cublas", "triton"):
-        name = f"CE fwd+bwd head GEMM {head_gemm}"
-        variants[name] = run = with_settings(grads, HEAD_GEMM=head_gemm)
+    for head_gemm, form in (("cublas", "rows"), ("triton", "rows"), ("triton", "scaled")):
+        name = f"CE fwd+bwd head GEMM {head_gemm}, dz {form}"
+        variants[name] = run = with_settings(grads, HEAD_GEMM=head_gemm, GRAD_FORM=form)
         errs[name] = max(relative_error(a.float(), b.float()) for a, b in zip(run(), ref))
     if n * vocab * 2 * 2 < 40 * 2**30:  # the floor's full logits fit beside everything else
         variants["three bare GEMMs (floor)"] = floor_call(h, w)
