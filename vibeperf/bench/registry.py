@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vibeperf import _ext
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
-from vibeperf.kernels.lmhead import scoring_fwd, settings, triton_fwd
+from vibeperf.kernels.lmhead import chunked, scoring_fwd, settings, triton_fwd
 from vibeperf.kernels.mgpo import mgpo_loss_reference
 from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_weight_reference
 from vibeperf.kernels.policy import group_statistics
@@ -176,6 +176,19 @@ def dw_acc_weight(fn: Callable) -> Callable:
     return run
 
 
+def grad_form_scaled(fn: Callable) -> Callable:
+    """fn run with the LM-head engine's scaled gradient form (`chunked.GRAD_FORM`)."""
+
+    def run(x):
+        old, chunked.GRAD_FORM = chunked.GRAD_FORM, "scaled"
+        try:
+            return fn(x)
+        finally:
+            chunked.GRAD_FORM = old
+
+    return run
+
+
 def _b2_impls() -> dict[str, Impl]:
     liger, liger_err = _optional("liger_kernel.transformers.functional")
     cce, cce_err = _optional("cut_cross_entropy")
@@ -202,6 +215,8 @@ def _b2_impls() -> dict[str, Impl]:
         # Opt-in: dW summed in bf16 (no fp32 accumulator); then also with Liger's logits chunk (Liger's memory).
         "vibeperf-bf16acc": Impl(dw_acc_weight(triton_ce)),
         "vibeperf-bf16acc-ligerchunk": Impl(dw_acc_weight(triton_ce_in_liger_chunks)),
+        # Not the default: the scaled gradient form (no row pass; dW 2.3x plain's error: lmhead/chunked.py)
+        "vibeperf-scaled": Impl(grad_form_scaled(triton_ce)),
         "eager": Impl(lambda x: _grads(F.cross_entropy((x["hidden"] @ x["weight"].T).float(), x["targets"]), x),
                       skip=lambda n: "fp32 logits + grads would not fit comfortably" if n > 8192 else None),
         "compiled": Impl(lambda x: _grads(compiled_ce(x["hidden"], x["weight"], x["targets"]), x),
