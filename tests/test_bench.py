@@ -180,15 +180,20 @@ def test_liger_chunk_rows_follow_liger_kernels_rule():
     assert [liger_chunk_rows(n, 4096, 128_256) for n in (4096, 8192, 16_384)] == [128, 256, 512]
 
 
-def test_bf16_accumulation_rows_run_under_their_setting_and_restore_it(monkeypatch):
-    """The B2 rows of the opt-in dW mode set $VIBEPERF_LMHEAD_DW_ACC for their call only."""
+def test_opt_in_rows_run_under_their_setting_and_restore_it(monkeypatch):
+    """The B2 rows of the opt-in precision modes set $VIBEPERF_LMHEAD_DW_ACC / $VIBEPERF_LMHEAD_GRAD for their call
+    only: a value set before is restored, an unset variable is unset again."""
     from vibeperf.bench import registry
 
     monkeypatch.setenv("VIBEPERF_LMHEAD_DW_ACC", "fp32")
+    monkeypatch.delenv("VIBEPERF_LMHEAD_GRAD", raising=False)
     seen = []
     run = registry.dw_acc_weight(lambda x: seen.append(os.environ["VIBEPERF_LMHEAD_DW_ACC"]) or x)
     assert run(7) == 7 and seen == ["weight"]
     assert os.environ["VIBEPERF_LMHEAD_DW_ACC"] == "fp32"
+    run = registry.grad_form_scaled(lambda x: seen.append(os.environ["VIBEPERF_LMHEAD_GRAD"]) or x)
+    assert run(8) == 8 and seen == ["weight", "scaled"]
+    assert "VIBEPERF_LMHEAD_GRAD" not in os.environ
 
 
 def test_timing_modes_reads_the_clock_log_and_refuses_bad_cases(capsys):

@@ -353,7 +353,8 @@ _EPILOGUE_CASES = [  # form, dtype, mode, epi_split: "rows" as before, "scaled" 
 def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, epi_split, form):
     """The Triton head GEMM whose epilogue writes the rows' partial softmax states (triton_gemm.py) gives the
     engine's outputs of the cuBLAS GEMM + two-pass row kernel, in either gradient form: "rows" (the row kernel merges
-    the partials and reads and writes z once) and "scaled" (the GEMM stores P = 2^(z - mref) and dz = alpha P; fp32
+    the partials and reads and writes z once) and "scaled" ($VIBEPERF_LMHEAD_GRAD: the GEMM stores P = 2^(z - mref)
+    and dz = alpha P; fp32
     here, the interpreter's stand-in for bf16, which has fp32's exponent range; fp16 and an entropy gradient fall back
     to "rows"). Several chunks with a ragged last one, tiles cut by V (1000 = 31 tiles of 32 + 8: with the epilogue in
     two pieces, the last tile's second piece lies wholly past V), ignored rows, a temperature; the per-token loss
@@ -367,7 +368,7 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     monkeypatch.setattr(chunked, "HEAD_GEMM", "cublas")
     ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
     monkeypatch.setattr(chunked, "HEAD_GEMM", "triton")
-    monkeypatch.setattr(chunked, "GRAD_FORM", form)
+    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", form)
     calls = []
     real_scale = triton_rows.lmhead_row_scale
     monkeypatch.setattr(triton_rows, "lmhead_row_scale", lambda *a, **k: calls.append(1) or real_scale(*a, **k))
@@ -402,7 +403,7 @@ def test_scaled_gradient_refills_rows_beyond_its_range(monkeypatch, step):
     monkeypatch.setattr(chunked, "HEAD_GEMM", "cublas")
     ref = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
     monkeypatch.setattr(chunked, "HEAD_GEMM", "triton")
-    monkeypatch.setattr(chunked, "GRAD_FORM", "scaled")
+    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", "scaled")
     out = chunked.lmhead_chunked(hidden, weight, targets, None, **kw)
     nll = torch.cat(seen)
     assert nll[[3, 100]].min() > 100 and 45 < nll[50] < 66  # the rows are where the test means them to be
@@ -572,10 +573,11 @@ def test_engine_settings_are_read_at_call_time(monkeypatch):
         ("VIBEPERF_LMHEAD_SCORE_MB", "0", {"schedule": "chunked"}, "VIBEPERF_LMHEAD_SCORE_MB must be a positive"),
         ("VIBEPERF_LMHEAD_TILE_MB", "-1", {"schedule": "tiled"}, "VIBEPERF_LMHEAD_TILE_MB must be a positive"),
         ("VIBEPERF_LMHEAD_DW_ACC", "bf16", {"reduction": "sum"}, "VIBEPERF_LMHEAD_DW_ACC must be one of"),
+        ("VIBEPERF_LMHEAD_GRAD", "fast", {"reduction": "sum"}, "VIBEPERF_LMHEAD_GRAD must be one of"),
         (None, None, {"schedule": "fast"}, "schedule must be one of"),
         (None, None, {"workspace_bytes": 0}, "workspace_bytes must be a positive int"),
     ],
-    ids=["fwd", "workspace", "score", "tile", "dw-acc", "schedule-arg", "workspace-arg"],
+    ids=["fwd", "workspace", "score", "tile", "dw-acc", "grad", "schedule-arg", "workspace-arg"],
 )
 def test_engine_settings_bad_values_are_one_line_errors(monkeypatch, env, value, kwargs, message):
     hidden, weight, targets, _ = make_case(4, 10, 8, torch.float32)
@@ -632,7 +634,7 @@ def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
     two roundings per term where plain has one, adding in quadrature, so its dW bar is twice plain's times sqrt(2)
     (H200: 2.3x plain's error)."""
     monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm.split("+")[0])
-    monkeypatch.setattr(chunked, "GRAD_FORM", "scaled" if head_gemm.endswith("+scaled") else "rows")
+    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", "scaled" if head_gemm.endswith("+scaled") else "rows")
     bf16_sum = head_gemm.endswith("+dwacc")
     if bf16_sum:
         monkeypatch.setenv("VIBEPERF_LMHEAD_DW_ACC", "weight")

@@ -9,8 +9,8 @@ For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspa
                                     dW in the weight's dtype directly: see `chunk_rows`; or, by
                                     $VIBEPERF_LMHEAD_DW_ACC=weight, accumulated in the weight's dtype: settings.py)
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
-On the fused head GEMM with a bf16 workspace and no entropy gradient, the "scaled" form (GRAD_FORM, not the default)
-skips step 2's
+On the fused head GEMM with a bf16 workspace and no entropy gradient, the "scaled" form ($VIBEPERF_LMHEAD_GRAD,
+settings.py; not the default) skips step 2's
 pass over the chunk: the GEMM stores P = 2^(z - mref) per row, mref from the target's logit, known before it, and
 dz = alpha P row by row (P's target entry fixed, `triton_rows.lmhead_row_scale`), so step 3 runs on P as stored:
 dh_c = alpha (P W), dW += P^T (alpha h_c).
@@ -37,11 +37,6 @@ HEAD_GEMM = "triton"
 # with 2,048-row chunks, 1.17x with 1,664 and 1.11x with 2,304 or 3,456; Llama-3 head at 16K tokens 1.06x against
 # 1.13x / 1.08x; benchmarks/NOTES.md).
 CHUNK_ALIGN = 2048
-# The gradient's form on the fused head GEMM: "rows" (the row kernel rewrites the logits into dz) or "scaled" (dz =
-# alpha P per row, no pass over the chunk; bf16 / fp32 workspaces and no entropy gradient, else "rows"). "scaled"
-# rounds alpha h_c to bf16 for the dW GEMM, a second rounding per term: H200, Qwen2.5 head, dW 2.3x plain bf16
-# PyTorch's error against 1.75x for "rows" (tests/test_linear_logprob.py, -m gpu), over the issue's 2x bar.
-GRAD_FORM = "rows"
 
 
 def chunk_rows(n_tokens: int, vocab: int, elem_bytes: int, workspace_bytes: int | None = None,
@@ -242,6 +237,7 @@ def lmhead_chunked(
     weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
     low_dw = need_dw and w_in.dtype != torch.float32
     acc_low = need_dw and settings.dw_accumulate() == "weight" and low_dw  # dW summed in its dtype: no fp32 buffer
+    form = settings.grad_form()  # dz by a row pass, or alpha P (the fused head GEMM only)
     c = chunk or chunk_rows(n, v, weight.element_size(), workspace_bytes, dw_hidden=h if low_dw and not acc_low else 0)
     dev = hidden.device
     logp = torch.empty(n, device=dev, dtype=torch.float32)
@@ -253,7 +249,7 @@ def lmhead_chunked(
     workspace = torch.empty((min(c, n), v), device=dev, dtype=weight.dtype)
     row_grad = _row_grad_triton if backend == "triton" else row_grad_torch
     fused = backend == "triton" and HEAD_GEMM == "triton" and triton_gemm.eligible(bias, hidden, weight, workspace)
-    scaled = fused and GRAD_FORM == "scaled" and g_ent is None and workspace.dtype in (torch.bfloat16, torch.float32)
+    scaled = form == "scaled" and fused and g_ent is None and workspace.dtype in (torch.bfloat16, torch.float32)
     want_t = want_entropy or step is not None or g_ent is not None
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)

@@ -12,13 +12,19 @@ Every public op of `ce/`, `policy/` and `mgpo/` takes them as keyword arguments:
   (1280: 4,096 rows of the Qwen2.5 or Llama-3 vocabulary in bf16, see `chunked.chunk_rows`), the "chunked" schedule
   $VIBEPERF_LMHEAD_SCORE_MB (1024), the "tiled" schedule $VIBEPERF_LMHEAD_TILE_MB (32), the "epilogue" schedule's
   partials $VIBEPERF_LMHEAD_EPILOGUE_MB (64).
-One setting is the environment's alone, like torch's own switches of reduced-precision reductions: it is a
-precision mode of the whole run, not of a call.
+Two settings are the environment's alone, like torch's own switches of reduced-precision reductions: they are
+precision modes of the whole run, not of a call.
 - $VIBEPERF_LMHEAD_DW_ACC: how the three-pass engine sums dW over its chunks when dW is wanted in a dtype below fp32.
   "fp32" (default): in an fp32 [V, H] accumulator, cast once at the end. "weight": in the weight's dtype, into dW
   itself, as Liger-Kernel does: no accumulator (the Qwen2.5 head's 1.16 GiB, the Llama-3 head's 1.96 GiB) and no
   fp32 read and write per chunk, for one rounding per chunk (benchmarks/NOTES.md gives the error measured). Backend
   "cuda" has the fp32 accumulator only: "auto" then takes "triton" for gradients, and an explicit "cuda" refuses.
+- $VIBEPERF_LMHEAD_GRAD: how backend "triton" forms dz on its fused head GEMM (bias-free bf16 inputs, no entropy
+  gradient; elsewhere "rows" always). "rows" (default): a row pass reads each chunk's logits and writes dz in their
+  place. "scaled": the head GEMM stores P = 2^(z - mref) per row (mref from the target's logit) and dz = alpha P row
+  by row, so no pass touches the chunk between the GEMMs (H200: 2-5% faster over the whole CE forward + backward).
+  Its loss is more accurate, but its dW GEMM reads alpha h rounded to bf16, a second rounding per term: 2.3x plain
+  bf16 PyTorch's dW error on the GPU tests' inputs against 1.75x for "rows" (benchmarks/NOTES.md).
 A variable set after import takes effect at the next call; a bad value is a one-line ValueError naming it.
 """
 
@@ -34,6 +40,8 @@ TILE_ENV = ("VIBEPERF_LMHEAD_TILE_MB", 32)
 EPILOGUE_ENV = ("VIBEPERF_LMHEAD_EPILOGUE_MB", 64)
 DW_ACC_ENV = "VIBEPERF_LMHEAD_DW_ACC"
 DW_ACCUMULATE = ("fp32", "weight")
+GRAD_ENV = "VIBEPERF_LMHEAD_GRAD"
+GRAD_FORMS = ("rows", "scaled")
 
 
 def forward_schedule(schedule: str | None) -> str:
@@ -48,6 +56,11 @@ def forward_schedule(schedule: str | None) -> str:
 def dw_accumulate() -> str:
     """$VIBEPERF_LMHEAD_DW_ACC read now: "fp32" (unset) or "weight"; ValueError naming the variable otherwise."""
     return _env_choice(DW_ACC_ENV, DW_ACCUMULATE)
+
+
+def grad_form() -> str:
+    """$VIBEPERF_LMHEAD_GRAD read now: "rows" (unset) or "scaled"; ValueError naming the variable otherwise."""
+    return _env_choice(GRAD_ENV, GRAD_FORMS)
 
 
 def _env_choice(name: str, choices: tuple[str, ...]) -> str:

@@ -24,10 +24,10 @@ import contextlib
 import torch
 
 from vibeperf.kernels import linear_cross_entropy, linear_logprob
-from vibeperf.kernels.lmhead import chunked, scoring_fwd, triton_fwd, triton_gemm, triton_rows
+from vibeperf.kernels.lmhead import chunked, scoring_fwd, settings, triton_fwd, triton_gemm, triton_rows
 
 from .common import do_bench_ms, interleaved_ms, peak_matmul_tflops, relative_error
-from .registry import LLAMA3_H, LLAMA3_V, TOL, H, V, head_inputs
+from .registry import LLAMA3_H, LLAMA3_V, TOL, H, V, head_inputs, with_env
 
 HEADS = {"qwen": (H, V), "llama3": (LLAMA3_H, LLAMA3_V)}
 ROUNDS = 10  # interleaved rounds (`common.interleaved_ms`) of the whole-op comparisons
@@ -35,7 +35,7 @@ ROUNDS = 10  # interleaved rounds (`common.interleaved_ms`) of the whole-op comp
 
 @contextlib.contextmanager
 def engine_settings(**values):
-    """chunked.py's module settings (HEAD_GEMM, GRAD_FORM) set for the block, restored after it."""
+    """chunked.py's module settings (HEAD_GEMM) set for the block, restored after it."""
     old = {name: getattr(chunked, name) for name in values}
     for name, value in values.items():
         setattr(chunked, name, value)
@@ -54,6 +54,12 @@ def with_settings(fn, **values):
             return fn()
 
     return run
+
+
+def under_grad_form(fn, form: str):
+    """fn (no arguments) as a callable that runs under $VIBEPERF_LMHEAD_GRAD=form each time it is called."""
+    run = with_env(settings.GRAD_ENV, form)(lambda _: fn())
+    return lambda: run(None)
 
 
 def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
@@ -106,7 +112,7 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     variants, errs = {}, {}
     for head_gemm, form in (("cublas", "rows"), ("triton", "rows"), ("triton", "scaled")):
         name = f"CE fwd+bwd head GEMM {head_gemm}, dz {form}"
-        variants[name] = run = with_settings(grads, HEAD_GEMM=head_gemm, GRAD_FORM=form)
+        variants[name] = run = with_settings(under_grad_form(grads, form), HEAD_GEMM=head_gemm)
         errs[name] = max(relative_error(a.float(), b.float()) for a, b in zip(run(), ref))
     if n * vocab * 2 * 2 < 40 * 2**30:  # the floor's full logits fit beside everything else
         variants["three bare GEMMs (floor)"] = floor_call(h, w)

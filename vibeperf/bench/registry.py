@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vibeperf import _ext
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
-from vibeperf.kernels.lmhead import chunked, scoring_fwd, settings, triton_fwd
+from vibeperf.kernels.lmhead import scoring_fwd, settings, triton_fwd
 from vibeperf.kernels.mgpo import mgpo_loss_reference
 from vibeperf.kernels.mgpo.reference import group_advantages_reference, mgpo_weight_reference
 from vibeperf.kernels.policy import group_statistics
@@ -158,35 +158,29 @@ def liger_chunk_rows(n: int, hidden: int, vocab: int) -> int:
     return 1 << max(0, (-(-n // per) - 1).bit_length())
 
 
-def dw_acc_weight(fn: Callable) -> Callable:
-    """fn run under $VIBEPERF_LMHEAD_DW_ACC=weight (dW summed over the chunks in the weight's dtype, as Liger does:
-    lmhead/settings.py)."""
+def with_env(name: str, value: str) -> Callable[[Callable], Callable]:
+    """A decorator: fn run with the environment variable `name` set to `value` for the call, restored after it (the
+    engine's run-wide precision modes of lmhead/settings.py, for the B2 rows that measure them)."""
 
-    def run(x):
-        old = os.environ.get(settings.DW_ACC_ENV)
-        os.environ[settings.DW_ACC_ENV] = "weight"
-        try:
-            return fn(x)
-        finally:
-            if old is None:
-                del os.environ[settings.DW_ACC_ENV]
-            else:
-                os.environ[settings.DW_ACC_ENV] = old
+    def wrap(fn: Callable) -> Callable:
+        def run(x):
+            old = os.environ.get(name)
+            os.environ[name] = value
+            try:
+                return fn(x)
+            finally:
+                if old is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = old
 
-    return run
+        return run
+
+    return wrap
 
 
-def grad_form_scaled(fn: Callable) -> Callable:
-    """fn run with the LM-head engine's scaled gradient form (`chunked.GRAD_FORM`)."""
-
-    def run(x):
-        old, chunked.GRAD_FORM = chunked.GRAD_FORM, "scaled"
-        try:
-            return fn(x)
-        finally:
-            chunked.GRAD_FORM = old
-
-    return run
+dw_acc_weight = with_env(settings.DW_ACC_ENV, "weight")  # dW summed over the chunks in the weight's dtype, as Liger
+grad_form_scaled = with_env(settings.GRAD_ENV, "scaled")  # dz = alpha P, no row pass
 
 
 def _b2_impls() -> dict[str, Impl]:
@@ -215,7 +209,7 @@ def _b2_impls() -> dict[str, Impl]:
         # Opt-in: dW summed in bf16 (no fp32 accumulator); then also with Liger's logits chunk (Liger's memory).
         "vibeperf-bf16acc": Impl(dw_acc_weight(triton_ce)),
         "vibeperf-bf16acc-ligerchunk": Impl(dw_acc_weight(triton_ce_in_liger_chunks)),
-        # Not the default: the scaled gradient form (no row pass; dW 2.3x plain's error: lmhead/chunked.py)
+        # Opt-in: the scaled gradient form (no row pass; dW 2.3x plain bf16's error: lmhead/settings.py)
         "vibeperf-scaled": Impl(grad_form_scaled(triton_ce)),
         "eager": Impl(lambda x: _grads(F.cross_entropy((x["hidden"] @ x["weight"].T).float(), x["targets"]), x),
                       skip=lambda n: "fp32 logits + grads would not fit comfortably" if n > 8192 else None),
