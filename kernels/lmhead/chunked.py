@@ -12,8 +12,9 @@ The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in p
 On the fused head GEMM with a bf16 workspace and no entropy gradient, the "scaled" form ($VIBEPERF_LMHEAD_GRAD,
 settings.py; not the default) skips step 2's
 pass over the chunk: the GEMM stores P = 2^(z - mref) per row, mref from the target's logit, known before it, and
-dz = alpha P row by row (P's target entry fixed, `triton_rows.lmhead_row_scale`), so step 3 runs on P as stored:
-dh_c = alpha (P W), dW += P^T (alpha h_c).
+dz = alpha P + beta onehot(y) row by row (P's target entry zeroed, `triton_rows.lmhead_row_scale`), so step 3 runs
+on P as stored, the target's term added in fp32 beside it: dh_c = alpha (P W) + beta W_y, dW += P^T (alpha h_c) and
+dW_y += beta h_c.
 The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
 recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
 log-prob (`TokenStep`: the policy losses), formed per chunk between the row statistics and the dz write.
@@ -150,7 +151,7 @@ def _row_grad_triton(z, targets, bias, g_logp, g_ent, temperature, ignore_index,
 def _row_scale_triton(p, targets, mref, partials, g_logp, temperature, ignore_index, loss, want_entropy, step,
                       refill):  # fmt: skip
     """The scaled form's row epilogue (`triton_rows.lmhead_row_scale`): one launch, or two around `step`.
-    Returns (logp, entropy or None, lse, alpha)."""
+    Returns (logp, entropy or None, lse, alpha, beta)."""
     if step is None:
         return triton_rows.lmhead_row_scale(p, targets, mref, partials, g_logp, temperature, ignore_index, loss,
                                             want_entropy, refill=refill)  # fmt: skip
@@ -160,6 +161,26 @@ def _row_scale_triton(p, targets, mref, partials, g_logp, temperature, ignore_in
     return triton_rows.lmhead_row_scale(p, targets, mref, partials, g, temperature, ignore_index,
                                         triton_rows.LOSS_GIVEN, True, phase=triton_rows.PHASE_GRAD, stats=stats,
                                         refill=refill)  # fmt: skip
+
+
+def _add_rows(dw: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
+    """dw[idx[i]] += rows[i] for fp32 rows [C, H], in place and without a host sync. Below fp32 each destination row is
+    rounded to dw's dtype once, however often idx repeats it: the rows are summed per destination in fp32 first
+    (sorted, segment sums), then each sum is added to its row in fp32 and the result written back. The unused
+    segment slots repeat the first segment, so a destination written more than once gets the same value each time."""
+    if dw.dtype == torch.float32:
+        dw.index_add_(0, idx, rows)
+        return
+    sidx, order = torch.sort(idx)
+    starts = torch.ones_like(sidx, dtype=torch.bool)
+    starts[1:] = sidx[1:] != sidx[:-1]
+    seg = torch.cumsum(starts, 0) - 1  # each sorted row's segment
+    sums = torch.zeros_like(rows).index_add_(0, seg, rows[order])
+    dest = torch.zeros_like(sidx).scatter_(0, seg, sidx)
+    used = torch.arange(len(idx), device=idx.device) <= seg[-1]
+    dest = torch.where(used, dest, dest[0])
+    sums = torch.where(used[:, None], sums, sums[0])
+    dw.index_copy_(0, dest, (dw.index_select(0, dest).float() + sums).to(dw.dtype))
 
 
 _DTYPE_OUT_ADDMM: bool | None = None
@@ -257,11 +278,12 @@ def lmhead_chunked(
         g_c = None if g_logp is None else g_logp[i0:i1]
         step_c = None if step is None else (lambda lp_c, en_c, i0=i0, i1=i1: step(i0, i1, lp_c, en_c))
         b_c = h_c  # dW's right operand: dW += z^T b_c
-        if scaled:  # z = P, dz = alpha P
+        if scaled:  # z = P, dz = alpha P + beta onehot(y)
             mref = triton_rows.target_logits(h_c, weight, t_c, temperature, ignore_index)
             part = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t, mref=mref)
-            lp, en, ls, alpha = _row_scale_triton(z, t_c, mref, part, g_c, temperature, ignore_index, loss,
-                                                  want_entropy, step_c, (h_c, weight))  # fmt: skip
+            lp, en, ls, alpha, beta = _row_scale_triton(z, t_c, mref, part, g_c, temperature, ignore_index, loss,
+                                                        want_entropy, step_c, (h_c, weight))  # fmt: skip
+            y_c = torch.where(t_c != ignore_index, t_c, 0)  # beta is 0 on the ignored rows
             if need_dw:
                 b_c = (h_c.float() * alpha[:, None]).to(h_c.dtype)
         else:
@@ -273,8 +295,8 @@ def lmhead_chunked(
             lp, en, ls = row_grad(z, t_c, bias, g_c, None if g_ent is None else g_ent[i0:i1], temperature,
                                   ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
         if need_dh:
-            if scaled:
-                dh[i0:i1] = _mm_fp32(z, weight).mul_(alpha[:, None])  # one rounding, after the scale
+            if scaled:  # one rounding, after the scale and the target's term
+                dh[i0:i1] = _mm_fp32(z, weight).mul_(alpha[:, None]).add_(weight[y_c].float().mul_(beta[:, None]))
             else:
                 torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
         if need_dw:
@@ -286,6 +308,8 @@ def lmhead_chunked(
                 dw_acc = _mm_fp32(z.T, b_c)  # [V, H]
             else:
                 _accumulate_fp32(dw_acc, z.T, b_c)
+            if scaled:
+                _add_rows(dw_acc, y_c, h_c.float().mul_(beta[:, None]))
             if bias is not None:
                 db_c = z.sum(0, dtype=torch.float32)
                 db32 = db_c if db32 is None else db32.add_(db_c)

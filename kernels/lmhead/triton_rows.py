@@ -178,10 +178,12 @@ def lmhead_row_grad(
 # The scaled gradient path (`chunked.py`): the head GEMM stores P = 2^(z - mref) per row (`triton_gemm`, STORE_P) with
 # mref = the target's logit + SCALE_REF_LOG2 (base 2, logits / temperature), known before the GEMM. For a row whose
 # lse2 - mref <= P_MAX_LOG2 (its NLL at most SCALE_REF_LOG2 + P_MAX_LOG2 bits: 96, i.e. 66.5 nats), no entry of P
-# was capped and dLoss/dz = alpha P exactly, with alpha = -g 2^(mref - lse2) / temperature and P's target entry
-# replaced by -(1 - p_t) 2^(lse2 - mref). Every other row (g = 0 on ignored rows aside) is listed and `refill` rewrites
-# it from a recomputed logit row: P = p - onehot, alpha = -g / temperature. P loses nothing of note to underflow: an
-# entry below 2^-126 has p < 2^(SCALE_REF_LOG2 - 126) = 2^-94.
+# was capped and dLoss/dz = alpha P + beta onehot(y) exactly, with alpha = -g 2^(mref - lse2) / temperature, P's
+# target entry set to 0 and beta = g (1 - p_y) / temperature. The target's term, each row's largest, is kept out of
+# the bf16 GEMMs: the engine adds it in fp32 beside them (dh_r += beta_r W_y, dW_y += beta_r h_r), so it is rounded
+# once, as the row pass's -1 + p_y is. Every other row (g = 0 on ignored rows aside) is listed and `refill` rewrites it
+# from a recomputed logit row: P = p (target entry 0), alpha = -g / temperature. P loses nothing of note to
+# underflow: an entry below 2^-126 has p < 2^(SCALE_REF_LOG2 - 126) = 2^-94.
 SCALE_REF_LOG2 = 32.0
 P_MAX_LOG2 = 64.0  # P <= 2^P_MAX_LOG2: finite in bf16 / fp32, and so are its GEMMs' sums over any vocabulary
 
@@ -211,7 +213,8 @@ def lmhead_row_scale_kernel(
     logp_ptr,  # [C] fp32 out (not PHASE_GRAD)
     ent_ptr,  # [C] fp32 out (WANT_ENTROPY)
     lse_ptr,  # [C] fp32 out; in PHASE_GRAD the log-sum-exp in
-    alpha_ptr,  # [C] fp32 out (not PHASE_STATS): dLoss/dz = alpha P
+    alpha_ptr,  # [C] fp32 out (not PHASE_STATS): dLoss/dz = alpha P + beta onehot(y) ...
+    beta_ptr,  # [C] fp32 out (not PHASE_STATS): ... (0 on ignored rows)
     list_ptr,  # [C] int32 out: the rows `refill` must rewrite, in any order ...
     count_ptr,  # [1] int32 (zeroed by the caller): ... and their number
     part_ptr,  # [3, C, n_part] fp32 partial states (m, s, t) of the head GEMM
@@ -227,7 +230,7 @@ def lmhead_row_scale_kernel(
     MAX_LOG2: tl.constexpr,
 ):
     """The row epilogue of the scaled path: statistics from the partials (as `lmhead_row_grad_kernel` with
-    FROM_PARTIALS), then alpha and P's target entry, or the row listed for `refill`. No pass over the row."""
+    FROM_PARTIALS), then alpha, beta and P's target entry (0), or the row listed for `refill`. No pass over the row."""
     row = tl.program_id(0).to(tl.int64)
     tgt = tl.load(tgt_ptr + row)
     valid = tgt != ignore_index
@@ -251,10 +254,10 @@ def lmhead_row_scale_kernel(
         up = lse2 - mref  # P = p 2^up
         fits = up <= MAX_LOG2
         tl.store(alpha_ptr + row, tl.where(fits, -g * tl.exp2(-up), -g))
+        tl.store(beta_ptr + row, g * (1.0 - tl.exp2(zt2 - lse2)))
         if valid:
             if fits:
-                p_t = tl.exp2(zt2 - lse2)
-                tl.store(p_ptr + row * stride_p + tgt, (-(1.0 - p_t) * tl.exp2(up)).to(p_ptr.dtype.element_ty))
+                tl.store(p_ptr + row * stride_p + tgt, tl.zeros([], p_ptr.dtype.element_ty))
             else:
                 tl.store(list_ptr + tl.atomic_add(count_ptr, 1), row.to(tl.int32))
 
@@ -263,9 +266,9 @@ def lmhead_row_scale_kernel(
 def lmhead_row_refill_kernel(p_ptr, h_ptr, w_ptr, tgt_ptr, lse_ptr, list_ptr, count_ptr, V, H, stride_p, stride_h,
                              stride_w, scale_log2, NUM_PROGS: tl.constexpr, BLOCK_V: tl.constexpr,
                              BLOCK_H: tl.constexpr):  # fmt: skip
-    """Rewrites each listed row of P as p - onehot(y) from its logits recomputed in fp32 (h_r . W_v): the rows whose
-    NLL is beyond the scaled form's range. Work items (row, vocabulary block) stride over NUM_PROGS programs; with
-    no row listed the launch returns at once."""
+    """Rewrites each listed row of P as p (its target entry 0) from its logits recomputed in fp32 (h_r . W_v): the
+    rows whose NLL is beyond the scaled form's range. Work items (row, vocabulary block) stride over NUM_PROGS
+    programs; with no row listed the launch returns at once."""
     n_vb = tl.cdiv(V, BLOCK_V)
     total = tl.load(count_ptr) * n_vb
     for item in range(tl.program_id(0), total, NUM_PROGS):
@@ -281,7 +284,7 @@ def lmhead_row_refill_kernel(p_ptr, h_ptr, w_ptr, tgt_ptr, lse_ptr, list_ptr, co
                          mask=v_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
             acc += tl.sum(wv * hv[None, :], axis=1)
         p = tl.exp2(acc * scale_log2 - tl.load(lse_ptr + row) * LOG2E_C)
-        p = tl.where(offs_v == tl.load(tgt_ptr + row), p - 1.0, p)
+        p = tl.where(offs_v == tl.load(tgt_ptr + row), 0.0, p)
         tl.store(p_ptr + row * stride_p + offs_v, p.to(p_ptr.dtype.element_ty), mask=v_ok)
 
 
@@ -302,10 +305,11 @@ def lmhead_row_scale(p: torch.Tensor, targets: torch.Tensor, mref: torch.Tensor,
                      want_entropy: bool, phase: int = PHASE_FULL, stats=None, refill=None):  # fmt: skip
     """Host launcher of the scaled path's row epilogue on P [C, V] (from `triton_gemm.head_gemm_stats` with mref).
 
-    Returns (logp [C], entropy [C] or None, lse [C], alpha [C] or None), fp32. PHASE_STATS: statistics only (alpha
-    None); PHASE_GRAD: alpha and P's target entries from `stats` = (logp, entropy or None, lse) of a PHASE_STATS
-    launch. Not PHASE_STATS, `refill` = (hidden [C, H], weight [V, H]) of the chunk: the rows beyond the scaled
-    form's range are rewritten from them (no launch does anything when there are none, the usual case).
+    Returns (logp [C], entropy [C] or None, lse [C], alpha [C] or None, beta [C] or None), fp32. PHASE_STATS:
+    statistics only (alpha, beta None); PHASE_GRAD: alpha, beta and P's target entries from `stats` = (logp, entropy
+    or None, lse) of a PHASE_STATS launch. Not PHASE_STATS, `refill` = (hidden [C, H], weight [V, H]) of the chunk:
+    the rows beyond the scaled form's range are rewritten from them (no launch does anything when there are none, the
+    usual case).
     """
     c, v = p.shape
     assert partials.is_contiguous() and partials.shape[1] == c
@@ -315,14 +319,16 @@ def lmhead_row_scale(p: torch.Tensor, targets: torch.Tensor, mref: torch.Tensor,
         logp = torch.empty(c, device=p.device, dtype=torch.float32)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if want_entropy else None
-    alpha = None if phase == PHASE_STATS else torch.empty_like(lse)
+    alpha = beta = None
+    if phase != PHASE_STATS:
+        alpha, beta = torch.empty((2, c), device=p.device, dtype=torch.float32).unbind(0)
     listed = torch.empty(c, device=p.device, dtype=torch.int32)
     count = torch.zeros(1, device=p.device, dtype=torch.int32)
     dummy = logp
     lmhead_row_scale_kernel[(c,)](
         p, targets, mref, g_logp if g_logp is not None else dummy, logp, ent if ent is not None else dummy, lse,
-        alpha if alpha is not None else dummy, listed, count, partials, partials.stride(0), partials.shape[2],
-        p.stride(0), 1.0 / temperature, ignore_index, LOSS=loss, PHASE=phase,
+        alpha if alpha is not None else dummy, beta if beta is not None else dummy, listed, count, partials,
+        partials.stride(0), partials.shape[2], p.stride(0), 1.0 / temperature, ignore_index, LOSS=loss, PHASE=phase,
         WANT_ENTROPY=want_entropy and phase != PHASE_GRAD, REF_LOG2=SCALE_REF_LOG2, MAX_LOG2=P_MAX_LOG2,
         num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
@@ -334,4 +340,4 @@ def lmhead_row_scale(p: torch.Tensor, targets: torch.Tensor, mref: torch.Tensor,
             weight.stride(0), LOG2E / temperature, NUM_PROGS=progs, BLOCK_V=16 if INTERPRET else 64,
             BLOCK_H=32 if INTERPRET else 256, num_warps=1 if INTERPRET else 4,
         )  # fmt: skip
-    return logp, (ent if want_entropy else None), lse, alpha
+    return logp, (ent if want_entropy else None), lse, alpha, beta

@@ -209,7 +209,7 @@ def _b2_impls() -> dict[str, Impl]:
         # Opt-in: dW summed in bf16 (no fp32 accumulator); then also with Liger's logits chunk (Liger's memory).
         "vibeperf-bf16acc": Impl(dw_acc_weight(triton_ce)),
         "vibeperf-bf16acc-ligerchunk": Impl(dw_acc_weight(triton_ce_in_liger_chunks)),
-        # Opt-in: the scaled gradient form (no row pass; dW 2.3x plain bf16's error: lmhead/settings.py)
+        # Opt-in: the scaled gradient form (no row pass; its dW error: lmhead/settings.py)
         "vibeperf-scaled": Impl(grad_form_scaled(triton_ce)),
         "eager": Impl(lambda x: _grads(F.cross_entropy((x["hidden"] @ x["weight"].T).float(), x["targets"]), x),
                       skip=lambda n: "fp32 logits + grads would not fit comfortably" if n > 8192 else None),
