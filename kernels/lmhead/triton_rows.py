@@ -54,6 +54,28 @@ def merge_partial_states(part_ptr, row, plane, n_part, WANT_T: tl.constexpr):
     return m, tl.sum(s, axis=0), tl.sum(t, axis=0)
 
 
+@triton.jit
+def store_row_statistics(logp_ptr, lse_ptr, ent_ptr, row, valid, zt2, m, s, t, WANT_ENTROPY: tl.constexpr):
+    """Stores a row's log-prob, lse and (WANT_ENTROPY) entropy, natural log, from its softmax state (m, s, t) and its
+    target's logit zt2, all base 2 (0 on an ignored row but lse); returns lse, base 2."""
+    lse2 = m + tl.log2(s)
+    tl.store(logp_ptr + row, tl.where(valid, (zt2 - lse2) * LN2, 0.0))
+    tl.store(lse_ptr + row, lse2 * LN2)
+    if WANT_ENTROPY:
+        tl.store(ent_ptr + row, tl.where(valid, (tl.log2(s) - t / s) * LN2, 0.0))
+    return lse2
+
+
+@triton.jit
+def row_loss_gradient(g_logp_ptr, row, valid, LOSS: tl.constexpr):
+    """g = dLoss/dlogp of a row from the coefficient given for LOSS (LOSS_GIVEN: itself, LOSS_NLL: its negative); 0 on
+    an ignored row."""
+    g = tl.load(g_logp_ptr + row)
+    if LOSS != 0:
+        g = -g
+    return tl.where(valid, g, 0.0)
+
+
 @triton.jit(do_not_specialize=["ignore_index", "part_plane", "n_part"])
 def lmhead_row_grad_kernel(
     z_ptr,  # [C, V] raw logits h W^T, overwritten with dLoss / d(h W^T) (not PHASE_STATS)
@@ -97,23 +119,14 @@ def lmhead_row_grad_kernel(
         else:
             m, s, t = row_softmax_state(z_row, b_ptr, V, scale_log2, HAS_BIAS, WANT_ENTROPY or GRAD_ENTROPY,
                                         BLOCK_V)  # fmt: skip
-        lse2 = m + tl.log2(s)
         ez2 = m + t / s  # E_p[z], base 2
         z_t = tl.load(z_row + safe_tgt).to(tl.float32)
         if HAS_BIAS:
             z_t += tl.load(b_ptr + safe_tgt).to(tl.float32)
-        logp = tl.where(valid, (z_t * scale_log2 - lse2) * LN2, 0.0)
-        tl.store(logp_ptr + row, logp)
-        tl.store(lse_ptr + row, lse2 * LN2)
-        if WANT_ENTROPY:
-            tl.store(ent_ptr + row, tl.where(valid, (tl.log2(s) - t / s) * LN2, 0.0))
+        lse2 = store_row_statistics(logp_ptr, lse_ptr, ent_ptr, row, valid, z_t * scale_log2, m, s, t, WANT_ENTROPY)
 
     if PHASE != 1:
-        if LOSS == 0:
-            g = tl.load(g_logp_ptr + row)
-        else:
-            g = -tl.load(g_logp_ptr + row)
-        g = tl.where(valid, g, 0.0)
+        g = row_loss_gradient(g_logp_ptr, row, valid, LOSS)
         g_ent = tl.zeros([], tl.float32)
         if GRAD_ENTROPY:
             g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
@@ -129,6 +142,14 @@ def lmhead_row_grad_kernel(
             if GRAD_ENTROPY:
                 dz += g_ent * p * (ez2 - z) * LN2
             tl.store(z_row + offs, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _row_outputs(c: int, device: torch.device, want_entropy: bool, phase: int, stats):
+    """(logp, entropy or None, lse) of a launcher: `stats` as given in PHASE_GRAD, else new [C] fp32 tensors."""
+    if phase == PHASE_GRAD:
+        return stats
+    logp = torch.empty(c, device=device, dtype=torch.float32)
+    return logp, (torch.empty_like(logp) if want_entropy else None), torch.empty_like(logp)
 
 
 def lmhead_row_grad(
@@ -155,12 +176,7 @@ def lmhead_row_grad(
     """
     c, v = z.shape
     assert partials is None or (partials.is_contiguous() and partials.shape[1] == c and bias is None)
-    if phase == PHASE_GRAD:
-        logp, ent, lse = stats
-    else:
-        logp = torch.empty(c, device=z.device, dtype=torch.float32)
-        lse = torch.empty_like(logp)
-        ent = torch.empty_like(logp) if want_entropy else None
+    logp, ent, lse = _row_outputs(c, z.device, want_entropy, phase, stats)
     dummy = logp
     lmhead_row_grad_kernel[(c,)](
         z, bias if bias is not None else z, targets, g_logp if g_logp is not None else dummy,
@@ -240,17 +256,9 @@ def lmhead_row_scale_kernel(
         lse2 = tl.load(lse_ptr + row) * LOG2E_C
     else:
         m, s, t = merge_partial_states(part_ptr, row, part_plane, n_part, WANT_ENTROPY)
-        lse2 = m + tl.log2(s)
-        tl.store(logp_ptr + row, tl.where(valid, (zt2 - lse2) * LN2, 0.0))
-        tl.store(lse_ptr + row, lse2 * LN2)
-        if WANT_ENTROPY:
-            tl.store(ent_ptr + row, tl.where(valid, (tl.log2(s) - t / s) * LN2, 0.0))
+        lse2 = store_row_statistics(logp_ptr, lse_ptr, ent_ptr, row, valid, zt2, m, s, t, WANT_ENTROPY)
     if PHASE != 1:
-        if LOSS == 0:
-            g = tl.load(g_logp_ptr + row)
-        else:
-            g = -tl.load(g_logp_ptr + row)
-        g = tl.where(valid, g, 0.0) * inv_temp
+        g = row_loss_gradient(g_logp_ptr, row, valid, LOSS) * inv_temp
         up = lse2 - mref  # P = p 2^up
         fits = up <= MAX_LOG2
         tl.store(alpha_ptr + row, tl.where(fits, -g * tl.exp2(-up), -g))
@@ -313,12 +321,7 @@ def lmhead_row_scale(p: torch.Tensor, targets: torch.Tensor, mref: torch.Tensor,
     """
     c, v = p.shape
     assert partials.is_contiguous() and partials.shape[1] == c
-    if phase == PHASE_GRAD:
-        logp, ent, lse = stats
-    else:
-        logp = torch.empty(c, device=p.device, dtype=torch.float32)
-        lse = torch.empty_like(logp)
-        ent = torch.empty_like(logp) if want_entropy else None
+    logp, ent, lse = _row_outputs(c, p.device, want_entropy, phase, stats)
     alpha = beta = None
     if phase != PHASE_STATS:
         alpha, beta = torch.empty((2, c), device=p.device, dtype=torch.float32).unbind(0)
