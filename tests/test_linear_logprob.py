@@ -437,7 +437,7 @@ def test_scaled_gradient_refills_rows_beyond_its_range(monkeypatch, step):
     def spy(*a, **k):
         out = real_scale(*a, **k)
         if out[3] is not None:
-            seen.append(out[2] - (a[2] - triton_rows.SCALE_REF_LOG2) / 1.4426950408889634)  # lse - target logit
+            seen.append(out[2] - (a[2] - triton_rows.SCALE_REF_LOG2) / triton_fwd.LOG2E)  # lse - target logit
         return out
 
     monkeypatch.setattr(triton_rows, "lmhead_row_scale", spy)

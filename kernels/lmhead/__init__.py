@@ -10,7 +10,7 @@
   gradient, in place; untouched on the device when that is 1, with no host sync).
 - `resolve_backend` and `autoselect`: "auto" | "triton" | "cuda" | "torch", and the measured rule behind "auto".
 - `settings`: the callers' `schedule=` / `workspace_bytes=` and their environment defaults, read at call time, and
-  the environment's dW accumulation mode.
+  the environment's precision modes (dW accumulation, gradient form).
 The losses built on it live beside this folder: `ce/` (log-prob, cross-entropy), `policy/` (the RL policy losses),
 `mgpo/` (the MGPO preset of policy_loss).
 """

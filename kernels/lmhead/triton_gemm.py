@@ -9,8 +9,8 @@ partials into its lse and entropy, so it reads and writes the chunk once instead
 With `mref` (STORE_P: the engine's scaled gradient path, `chunked.py`), the tile is stored as P = 2^(z - mref) per
 row instead of z, computed from the fp32 accumulator (as are then the partials), with the exponent capped at
 P_MAX_LOG2: for a row whose log-sum-exp is within P_MAX_LOG2 of mref, the gradient dz is a per-row multiple of P
-(the target's entry set afterwards), so the dh / dW GEMMs can read P as it is and no row pass rewrites it
-(`triton_rows.lmhead_row_scale`).
+plus the target's term (P's target entry zeroed afterwards, the term added beside the GEMMs), so the dh / dW GEMMs
+can read P as it is and no row pass rewrites it (`triton_rows.lmhead_row_scale`).
 
 Without gradients z need not be stored at all: the epilogue also picks the target's logit out of the one tile that
 holds it, and `linear_logprob_epilogue_fwd` (the "epilogue" forward schedule) merges the partials of each chunk of

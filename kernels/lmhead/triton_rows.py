@@ -204,9 +204,9 @@ SCALE_REF_LOG2 = 32.0
 P_MAX_LOG2 = 64.0  # P <= 2^P_MAX_LOG2: finite in bf16 / fp32, and so are its GEMMs' sums over any vocabulary
 
 
-@triton.jit(do_not_specialize=["ignore_index", "n"])
-def target_logit_kernel(h_ptr, w_ptr, tgt_ptr, out_ptr, n, H, stride_h, stride_w, scale_log2, ref_log2,
-                        ignore_index, BLOCK_H: tl.constexpr):  # fmt: skip
+@triton.jit(do_not_specialize=["ignore_index"])
+def target_logit_kernel(h_ptr, w_ptr, tgt_ptr, out_ptr, H, stride_h, stride_w, scale_log2, ref_log2, ignore_index,
+                        BLOCK_H: tl.constexpr):  # fmt: skip
     """out[r] = (h_r . W[y_r]) * scale_log2 + ref_log2, fp32 (W[0] on an ignored row): one program per row."""
     row = tl.program_id(0).to(tl.int64)
     tgt = tl.load(tgt_ptr + row)
@@ -302,7 +302,7 @@ def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     c, h = hidden.shape
     out = torch.empty(c, device=hidden.device, dtype=torch.float32)
     block = min(1024, triton.next_power_of_2(h))
-    target_logit_kernel[(c,)](hidden, weight, targets, out, c, h, hidden.stride(0), weight.stride(0),
+    target_logit_kernel[(c,)](hidden, weight, targets, out, h, hidden.stride(0), weight.stride(0),
                               LOG2E / temperature, SCALE_REF_LOG2, ignore_index, BLOCK_H=block,
                               num_warps=1 if INTERPRET else 4)  # fmt: skip
     return out
@@ -323,10 +323,11 @@ def lmhead_row_scale(p: torch.Tensor, targets: torch.Tensor, mref: torch.Tensor,
     assert partials.is_contiguous() and partials.shape[1] == c
     logp, ent, lse = _row_outputs(c, p.device, want_entropy, phase, stats)
     alpha = beta = None
+    listed = count = logp  # (read only outside PHASE_STATS)
     if phase != PHASE_STATS:
         alpha, beta = torch.empty((2, c), device=p.device, dtype=torch.float32).unbind(0)
-    listed = torch.empty(c, device=p.device, dtype=torch.int32)
-    count = torch.zeros(1, device=p.device, dtype=torch.int32)
+        listed = torch.empty(c, device=p.device, dtype=torch.int32)
+        count = torch.zeros(1, device=p.device, dtype=torch.int32)
     dummy = logp
     lmhead_row_scale_kernel[(c,)](
         p, targets, mref, g_logp if g_logp is not None else dummy, logp, ent if ent is not None else dummy, lse,

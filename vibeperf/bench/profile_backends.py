@@ -25,6 +25,7 @@ import torch
 
 from vibeperf.kernels import linear_cross_entropy, linear_logprob, mgpo_loss
 
+from . import registry
 from .common import Row, format_table, relative_error, write_results_extra
 from .registry import B3_GROUP, B3_LAMBDA, B3_SEQS, LLAMA3_H, LLAMA3_V, TOL, H, V, _b3_inputs, head_inputs
 
@@ -43,15 +44,9 @@ def kernel_class(name: str) -> str:
 
 def make_call(work: str, x: dict, backend: str):
     """A zero-argument callable doing the work once; returns what is compared between backends. backend "floor"
-    (train only): B2's yardstick, three bare GEMMs with bf16 outputs."""
+    (train only): B2's yardstick, three bare GEMMs with bf16 outputs (B2's own `floor` impl)."""
     if backend == "floor":
-        h, w = x["hidden"].detach(), x["weight"].detach()
-
-        def floor():
-            z = h @ w.T
-            return (z @ w, z.T @ h)
-
-        return floor
+        return lambda: registry.BENCHMARKS["B2"].impls["floor"].fn(x)
     if work == "forward":
         return lambda: linear_logprob(x["hidden"], x["weight"], x["targets"], backend=backend)
 
