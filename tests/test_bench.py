@@ -181,7 +181,7 @@ def test_liger_chunk_rows_follow_liger_kernels_rule():
 
 
 def test_opt_in_rows_run_under_their_setting_and_restore_it(monkeypatch):
-    """The B2 rows of the opt-in precision modes set $VIBEPERF_LMHEAD_DW_ACC / $VIBEPERF_LMHEAD_GRAD for their call
+    """The B2 rows of the non-default precision modes set $VIBEPERF_LMHEAD_DW_ACC / $VIBEPERF_LMHEAD_GRAD for their call
     only: a value set before is restored, an unset variable is unset again."""
     from vibeperf.bench import registry
 
@@ -191,8 +191,8 @@ def test_opt_in_rows_run_under_their_setting_and_restore_it(monkeypatch):
     run = registry.dw_acc_weight(lambda x: seen.append(os.environ["VIBEPERF_LMHEAD_DW_ACC"]) or x)
     assert run(7) == 7 and seen == ["weight"]
     assert os.environ["VIBEPERF_LMHEAD_DW_ACC"] == "fp32"
-    run = registry.grad_form_scaled(lambda x: seen.append(os.environ["VIBEPERF_LMHEAD_GRAD"]) or x)
-    assert run(8) == 8 and seen == ["weight", "scaled"]
+    run = registry.grad_form_rows(lambda x: seen.append(os.environ["VIBEPERF_LMHEAD_GRAD"]) or x)
+    assert run(8) == 8 and seen == ["weight", "rows"]
     assert "VIBEPERF_LMHEAD_GRAD" not in os.environ
 
 

@@ -398,25 +398,52 @@ def test_scaled_gradient_form_falls_back_to_rows(monkeypatch, case):
     _assert_engine_outputs_match(out, ref, 0.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Rounding tests of Triton stores run in fp16: the interpreter truncates fp32 to bf16 where the GPU rounds to nearest
+# (its fp16 rounds to nearest, as the GPU does).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("first", [0, 3])
-def test_add_rows_rounds_each_destination_once(dtype, first):
-    """chunked._add_rows (the scaled form's target term into dW): dw[idx[i]] += rows[i] with repeated indices; below
-    fp32 each destination row is the fp32 sum of its old value and all its rows, rounded once (bit for bit), and the
-    rows no index names are untouched. The smallest index is 0 or not (the unused slots repeat the first segment)."""
+def test_add_target_rows_rounds_each_destination_once(dtype, first):
+    """triton_rows.add_target_rows (the scaled form's target term of dW): dw[y_r] += beta_r h_r with repeated targets
+    (one run of 9, longer than the kernel's 4-row block, and one of exactly 4) and rows without a target (-1);
+    H = 37 cut into blocks. Below fp32 each destination row is the fp32 sum of its old value and all its rows,
+    rounded once (bit for bit); rows no target names are untouched."""
     g = torch.Generator().manual_seed(first)
-    dw = torch.randn(9, 5, generator=g).to(dtype)
-    idx = torch.tensor([5, first, 5, 8, first, 5, 7])
-    rows = torch.randn(7, 5, generator=g) * 100
-    want = dw.double().index_add(0, idx, rows.double())
+
+    def fixed(shape, bound, frac_bits):  # values of few bits: every fp32 product and sum here is exact
+        return torch.randint(-bound, bound + 1, shape, generator=g) / 2.0**frac_bits
+
+    y = torch.tensor([5, first, 5, -1, 8, first, 5, 7, 5, 5, 5, 5, 10, -1, 5, 10, 10, 5, 10])
+    dw = fixed((11, 37), 1000, 8).to(dtype)
+    hidden = fixed((len(y), 37), 1000, 6).to(dtype)
+    beta = fixed((len(y),), 64, 2)
+    keep = y >= 0
+    want = dw.double().index_add(0, y[keep], hidden[keep].double() * beta[keep, None].double())
     out = dw.clone()
-    chunked._add_rows(out, idx, rows)
+    triton_rows.add_target_rows(out, y, hidden, beta)
     if dtype == torch.float32:
         assert torch.allclose(out.double(), want, rtol=1e-6, atol=1e-4)
     else:
-        assert torch.equal(out, want.to(dtype))  # one rounding of each row's exact sum (fp32 sums are exact enough)
-    untouched = [i for i in range(9) if i not in idx.tolist()]
+        assert torch.equal(out, want.to(dtype))  # one rounding of each row's exact sum
+    untouched = [i for i in range(11) if i not in y.tolist()]
     assert torch.equal(out[untouched], dw[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_rows_rounds_once(dtype):
+    """triton_rows.scale_rows: x alpha (the scaled form's dW operand) and x alpha + beta W[y] (its dh from P W in
+    fp32), y = -1 adding nothing; summed in fp32 and rounded once to the output's dtype (bit for bit, as torch's
+    fp32 math rounded once); H = 45 cut into blocks; a row-strided output (dh's slice of a chunk)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 45, generator=g)
+    alpha, beta = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    weight = torch.randn(9, 45, generator=g).to(dtype)
+    y = torch.tensor([3, -1, 8, 3, 0, -1])
+    assert torch.equal(triton_rows.scale_rows(x.to(dtype), alpha), (x.to(dtype).float() * alpha[:, None]).to(dtype))
+    dh = torch.zeros(8, 45, dtype=dtype)
+    triton_rows.scale_rows(x, alpha, out=dh[1:7], target=(beta, weight, y))
+    term = torch.where(y[:, None] >= 0, weight[y.clamp(min=0)].float() * beta[:, None], 0.0)
+    assert torch.equal(dh[1:7], (x * alpha[:, None] + term).to(dtype))
+    assert not dh[0].any() and not dh[7].any()
 
 
 @pytest.mark.parametrize("step", [False, True])

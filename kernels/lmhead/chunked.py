@@ -162,26 +162,6 @@ def _row_scale_triton(p, targets, mref, partials, g_logp, temperature, ignore_in
                                         refill=refill)  # fmt: skip
 
 
-def _add_rows(dw: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
-    """dw[idx[i]] += rows[i] for fp32 rows [C, H], in place and without a host sync. Below fp32 each destination row is
-    rounded to dw's dtype once, however often idx repeats it: the rows are summed per destination in fp32 first
-    (sorted, segment sums), then each sum is added to its row in fp32 and the result written back. The unused
-    segment slots repeat the first segment, so a destination written more than once gets the same value each time."""
-    if dw.dtype == torch.float32:
-        dw.index_add_(0, idx, rows)
-        return
-    sidx, order = torch.sort(idx)
-    starts = torch.ones_like(sidx, dtype=torch.bool)
-    starts[1:] = sidx[1:] != sidx[:-1]
-    seg = torch.cumsum(starts, 0) - 1  # each sorted row's segment
-    sums = torch.zeros_like(rows).index_add_(0, seg, rows[order])
-    dest = torch.zeros_like(sidx).scatter_(0, seg, sidx)
-    used = torch.arange(len(idx), device=idx.device) <= seg[-1]
-    dest = torch.where(used, dest, dest[0])
-    sums = torch.where(used[:, None], sums, sums[0])
-    dw.index_copy_(0, dest, (dw.index_select(0, dest).float() + sums).to(dw.dtype))
-
-
 _DTYPE_OUT_ADDMM: bool | None = None
 
 
@@ -282,9 +262,9 @@ def lmhead_chunked(
             part = triton_gemm.head_gemm_stats(h_c, weight, z, temperature, want_t, mref=mref)
             lp, en, ls, alpha, beta = _row_scale_triton(z, t_c, mref, part, g_c, temperature, ignore_index, loss,
                                                         want_entropy, step_c, (h_c, weight))  # fmt: skip
-            y_c = torch.where(t_c != ignore_index, t_c, 0)  # beta is 0 on the ignored rows
+            y_c = torch.where(t_c != ignore_index, t_c, -1)  # -1: no target term (beta is 0 there too)
             if need_dw:
-                b_c = (h_c.float() * alpha[:, None]).to(h_c.dtype)
+                b_c = triton_rows.scale_rows(h_c, alpha)  # alpha h_c, rounded once
         else:
             extra = {}
             if fused:
@@ -295,7 +275,7 @@ def lmhead_chunked(
                                   ignore_index, loss, want_entropy, step_c, **extra)  # fmt: skip
         if need_dh:
             if scaled:  # one rounding, after the scale and the target's term
-                dh[i0:i1] = _mm_fp32(z, weight).mul_(alpha[:, None]).add_(weight[y_c].float().mul_(beta[:, None]))
+                triton_rows.scale_rows(_mm_fp32(z, weight), alpha, out=dh[i0:i1], target=(beta, weight, y_c))
             else:
                 torch.mm(z, weight, out=dh[i0:i1])  # [C, H]
         if need_dw:
@@ -308,7 +288,7 @@ def lmhead_chunked(
             else:
                 _accumulate_fp32(dw_acc, z.T, b_c)
             if scaled:
-                _add_rows(dw_acc, y_c, h_c.float().mul_(beta[:, None]))
+                triton_rows.add_target_rows(dw_acc, y_c, h_c, beta)
             if bias is not None:
                 db_c = z.sum(0, dtype=torch.float32)
                 db32 = db_c if db32 is None else db32.add_(db_c)

@@ -43,7 +43,7 @@ EPILOGUE_ENV = ("VIBEPERF_LMHEAD_EPILOGUE_MB", 64)
 DW_ACC_ENV = "VIBEPERF_LMHEAD_DW_ACC"
 DW_ACCUMULATE = ("fp32", "weight")
 GRAD_ENV = "VIBEPERF_LMHEAD_GRAD"
-GRAD_FORMS = ("rows", "scaled")
+GRAD_FORMS = ("scaled", "rows")
 
 
 def forward_schedule(schedule: str | None) -> str:
@@ -61,7 +61,7 @@ def dw_accumulate() -> str:
 
 
 def grad_form() -> str:
-    """$VIBEPERF_LMHEAD_GRAD read now: "rows" (unset) or "scaled"; ValueError naming the variable otherwise."""
+    """$VIBEPERF_LMHEAD_GRAD read now: "scaled" (unset) or "rows"; ValueError naming the variable otherwise."""
     return _env_choice(GRAD_ENV, GRAD_FORMS)
 
 

@@ -296,6 +296,79 @@ def lmhead_row_refill_kernel(p_ptr, h_ptr, w_ptr, tgt_ptr, lse_ptr, list_ptr, co
         tl.store(p_ptr + row * stride_p + offs_v, p.to(p_ptr.dtype.element_ty), mask=v_ok)
 
 
+@triton.jit
+def scale_rows_kernel(x_ptr, alpha_ptr, out_ptr, beta_ptr, w_ptr, y_ptr, H, stride_x, stride_o, stride_w,
+                      HAS_TARGET: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """out[r] = x[r] alpha[r] (+ beta[r] W[y_r] where HAS_TARGET and y_r >= 0), in fp32, rounded once to out's
+    dtype: one program per (row, block of H)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    out = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(alpha_ptr + row)
+    if HAS_TARGET:
+        y = tl.load(y_ptr + row)
+        wv = tl.load(w_ptr + tl.maximum(y, 0).to(tl.int64) * stride_w + offs, mask=ok & (y >= 0), other=0.0)
+        out += tl.load(beta_ptr + row) * wv.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def add_target_rows_kernel(dw_ptr, h_ptr, beta_ptr, key_ptr, order_ptr, C, H, stride_dw, stride_h,
+                           BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """dw[d] += sum of beta_r h_r over the rows r whose target is d, summed in fp32 and rounded to dw's dtype once
+    per destination d. key: the rows' targets sorted (-1: none), order: the rows in that order. One program per
+    (sorted position, block of H): the first position of each target's run sums the run, BLOCK_R rows at a time;
+    the others return at once."""
+    i = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    d = tl.load(key_ptr + i)
+    prev = tl.load(key_ptr + i - 1, mask=i > 0, other=-1)
+    if (d >= 0) & (d != prev):
+        acc = tl.zeros([BLOCK_H], tl.float32)
+        j = i
+        n_same = tl.full([], BLOCK_R, tl.int32)
+        while n_same == BLOCK_R:  # a block wholly inside the run: the run may go on
+            offs_r = j + tl.arange(0, BLOCK_R)
+            same = tl.load(key_ptr + offs_r, mask=offs_r < C, other=-1) == d
+            rows = tl.load(order_ptr + offs_r, mask=same, other=0)
+            b = tl.load(beta_ptr + rows, mask=same, other=0.0)
+            hv = tl.load(h_ptr + rows[:, None] * stride_h + offs_h[None, :], mask=same[:, None] & h_ok[None, :],
+                         other=0.0)  # fmt: skip
+            acc += tl.sum(hv.to(tl.float32) * b[:, None], axis=0)
+            j += BLOCK_R
+            n_same = tl.sum(same.to(tl.int32), axis=0)
+        dst = dw_ptr + d.to(tl.int64) * stride_dw + offs_h
+        tl.store(dst, (tl.load(dst, mask=h_ok, other=0.0).to(tl.float32) + acc).to(dw_ptr.dtype.element_ty),
+                 mask=h_ok)  # fmt: skip
+
+
+def scale_rows(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None, target=None) -> torch.Tensor:
+    """out [C, H] = x alpha[:, None] (+ beta[:, None] W[y] with target = (beta, weight, y), y < 0: no term), in fp32,
+    rounded once to out's dtype (default: x's). The scaled path's dW operand alpha h and its dh = alpha (P W) + beta
+    W_y from P W in fp32."""
+    c, h = x.shape
+    out = torch.empty_like(x) if out is None else out
+    beta, weight, y = target if target is not None else (alpha, x, alpha)
+    block = 32 if INTERPRET else 1024
+    scale_rows_kernel[(c, triton.cdiv(h, block))](x, alpha, out, beta, weight, y, h, x.stride(0), out.stride(0),
+                                                 weight.stride(0), HAS_TARGET=target is not None, BLOCK_H=block,
+                                                 num_warps=1 if INTERPRET else 4)  # fmt: skip
+    return out
+
+
+def add_target_rows(dw: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, beta: torch.Tensor) -> None:
+    """dw[y_r] += beta_r h_r for every row r with y_r >= 0, in place (the scaled path's target term of dW): each
+    destination row is summed in fp32 and rounded to dw's dtype once, however often y repeats it; the same sums in the
+    same order every call (no atomics)."""
+    c, h = hidden.shape
+    key, order = torch.sort(y, stable=True)
+    block_r, block_h = (4, 32) if INTERPRET else (16, 256)
+    add_target_rows_kernel[(c, triton.cdiv(h, block_h))](dw, hidden, beta, key, order, c, h, dw.stride(0),
+                                                         hidden.stride(0), BLOCK_R=block_r, BLOCK_H=block_h,
+                                                         num_warps=1 if INTERPRET else 4)  # fmt: skip
+
+
 def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                   ignore_index: int) -> torch.Tensor:  # fmt: skip
     """mref [C] fp32 of the scaled path: each row's target logit (base 2, / temperature) + SCALE_REF_LOG2."""

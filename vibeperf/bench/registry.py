@@ -180,7 +180,7 @@ def with_env(name: str, value: str) -> Callable[[Callable], Callable]:
 
 
 dw_acc_weight = with_env(settings.DW_ACC_ENV, "weight")  # dW summed over the chunks in the weight's dtype, as Liger
-grad_form_scaled = with_env(settings.GRAD_ENV, "scaled")  # dz = alpha P, no row pass
+grad_form_rows = with_env(settings.GRAD_ENV, "rows")  # dz by the row pass, not the default scaled form
 
 
 def _b2_impls() -> dict[str, Impl]:
@@ -209,8 +209,8 @@ def _b2_impls() -> dict[str, Impl]:
         # Opt-in: dW summed in bf16 (no fp32 accumulator); then also with Liger's logits chunk (Liger's memory).
         "vibeperf-bf16acc": Impl(dw_acc_weight(triton_ce)),
         "vibeperf-bf16acc-ligerchunk": Impl(dw_acc_weight(triton_ce_in_liger_chunks)),
-        # Opt-in: the scaled gradient form (no row pass; its dW error: lmhead/settings.py)
-        "vibeperf-scaled": Impl(grad_form_scaled(triton_ce)),
+        # Opt-out: the row pass's gradient form instead of the default scaled one (lmhead/settings.py)
+        "vibeperf-rows": Impl(grad_form_rows(triton_ce)),
         "eager": Impl(lambda x: _grads(F.cross_entropy((x["hidden"] @ x["weight"].T).float(), x["targets"]), x),
                       skip=lambda n: "fp32 logits + grads would not fit comfortably" if n > 8192 else None),
         "compiled": Impl(lambda x: _grads(compiled_ce(x["hidden"], x["weight"], x["targets"]), x),
