@@ -405,7 +405,7 @@ def test_scaled_gradient_form_falls_back_to_rows(monkeypatch, case):
 def test_add_target_rows_rounds_each_destination_once(dtype, first):
     """triton_rows.add_target_rows (the scaled form's target term of dW): dw[y_r] += beta_r h_r with repeated targets
     (one run of 9, longer than the kernel's 4-row block, and one of exactly 4) and rows without a target (-1);
-    H = 37 cut into blocks. Below fp32 each destination row is the fp32 sum of its old value and all its rows,
+    H = 150 cut into blocks. Below fp32 each destination row is the fp32 sum of its old value and all its rows,
     rounded once (bit for bit); rows no target names are untouched."""
     g = torch.Generator().manual_seed(first)
 
@@ -413,8 +413,8 @@ def test_add_target_rows_rounds_each_destination_once(dtype, first):
         return torch.randint(-bound, bound + 1, shape, generator=g) / 2.0**frac_bits
 
     y = torch.tensor([5, first, 5, -1, 8, first, 5, 7, 5, 5, 5, 5, 10, -1, 5, 10, 10, 5, 10])
-    dw = fixed((11, 37), 1000, 8).to(dtype)
-    hidden = fixed((len(y), 37), 1000, 6).to(dtype)
+    dw = fixed((11, 150), 1000, 8).to(dtype)
+    hidden = fixed((len(y), 150), 1000, 6).to(dtype)
     beta = fixed((len(y),), 64, 2)
     keep = y >= 0
     want = dw.double().index_add(0, y[keep], hidden[keep].double() * beta[keep, None].double())
@@ -432,14 +432,14 @@ def test_add_target_rows_rounds_each_destination_once(dtype, first):
 def test_scale_rows_rounds_once(dtype):
     """triton_rows.scale_rows: x alpha (the scaled form's dW operand) and x alpha + beta W[y] (its dh from P W in
     fp32), y = -1 adding nothing; summed in fp32 and rounded once to the output's dtype (bit for bit, as torch's
-    fp32 math rounded once); H = 45 cut into blocks; a row-strided output (dh's slice of a chunk)."""
+    fp32 math rounded once); H = 150 cut into blocks; a row-strided output (dh's slice of a chunk)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 45, generator=g)
+    x = torch.randn(6, 150, generator=g)
     alpha, beta = torch.randn(6, generator=g), torch.randn(6, generator=g)
-    weight = torch.randn(9, 45, generator=g).to(dtype)
+    weight = torch.randn(9, 150, generator=g).to(dtype)
     y = torch.tensor([3, -1, 8, 3, 0, -1])
     assert torch.equal(triton_rows.scale_rows(x.to(dtype), alpha), (x.to(dtype).float() * alpha[:, None]).to(dtype))
-    dh = torch.zeros(8, 45, dtype=dtype)
+    dh = torch.zeros(8, 150, dtype=dtype)
     triton_rows.scale_rows(x, alpha, out=dh[1:7], target=(beta, weight, y))
     term = torch.where(y[:, None] >= 0, weight[y.clamp(min=0)].float() * beta[:, None], 0.0)
     assert torch.equal(dh[1:7], (x * alpha[:, None] + term).to(dtype))
@@ -690,20 +690,20 @@ def test_gpu_forward_full_vocab(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_gemm", ["cublas", "triton", "triton+scaled", "triton+dwacc"])
+@pytest.mark.parametrize("head_gemm", ["cublas", "triton+rows", "triton", "triton+dwacc"])
 @pytest.mark.parametrize("n", [4097, 65536], ids=["N4097", "N65536"])
 def test_gpu_cross_entropy_grads_full_vocab(n, head_gemm, monkeypatch):
     """Full Qwen2.5 head, each engine variant (cuBLAS + two-pass rows; Triton with the statistics in its epilogue +
-    one pass; the same in the scaled gradient form, dz = alpha P, no pass; the default with dW summed over the chunks
-    in bf16, $VIBEPERF_LMHEAD_DW_ACC=weight): loss, dh, dW within twice plain bf16 PyTorch's error. The bf16 sum's dW
-    rounds its running sum once per chunk (k chunks, 16 at N65536): its bar is plain's error plus k roundings of
-    unit roundoff u = 2^-8 adding up as a random walk over partial sums that grow like sqrt(j / k), u * sqrt((k + 1)
-    / 2) (H200: 4.1x plain's error at N65536, 1.8x in B2). The scaled form's dW GEMM reads alpha h rounded to bf16,
-    two roundings per term where plain has one; with the target's term (each row's largest) inside that GEMM too its
-    dW was 2.3x plain's on the H200 (40bb23e); that term now goes beside the GEMMs in fp32, rounded once as the row
-    pass's -1 + p_y is, and the bar is the same 2x (not yet run on a GPU at this commit)."""
+    one row pass; the default, Triton in the scaled gradient form, dz = alpha P, no pass; the default with dW summed
+    over the chunks in bf16, $VIBEPERF_LMHEAD_DW_ACC=weight): loss, dh, dW within twice plain bf16 PyTorch's error.
+    The bf16 sum's dW rounds its running sum once per chunk (k chunks, 16 at N65536): its bar is plain's error plus k
+    roundings of unit roundoff u = 2^-8 adding up as a random walk over partial sums that grow like sqrt(j / k),
+    u * sqrt((k + 1) / 2) (H200: 4.1x plain's error at N65536, 1.8x in B2). The scaled form's dW GEMM reads alpha h
+    rounded to bf16, two roundings per term where plain has one; with the target's term (each row's largest) inside
+    that GEMM too its dW was 2.3x plain's on the H200 (40bb23e); that term goes beside the GEMMs in fp32, rounded
+    once as the row pass's -1 + p_y is (H200 at 8c30059: passed, B2's dh / dW errors half the row pass's)."""
     monkeypatch.setattr(chunked, "HEAD_GEMM", head_gemm.split("+")[0])
-    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", "scaled" if head_gemm.endswith("+scaled") else "rows")
+    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", "rows" if head_gemm.endswith("+rows") else "scaled")
     bf16_sum = head_gemm.endswith("+dwacc")
     if bf16_sum:
         monkeypatch.setenv("VIBEPERF_LMHEAD_DW_ACC", "weight")

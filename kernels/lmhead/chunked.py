@@ -9,11 +9,13 @@ For each chunk of C tokens (C chosen so the chunk's logits fit a bounded workspa
                                     dW in the weight's dtype directly: see `chunk_rows`; or, by
                                     $VIBEPERF_LMHEAD_DW_ACC=weight, accumulated in the weight's dtype: settings.py)
 The row epilogue is the Triton kernel of `triton_rows.py`, or the same math in plain torch (backend "torch").
-On the fused head GEMM with a bf16 workspace and no entropy gradient, the "scaled" form ($VIBEPERF_LMHEAD_GRAD,
-settings.py; not the default) skips step 2's pass over the chunk: the GEMM stores P = 2^(z - mref) per row, mref from
-the target's logit, known before it, and dz = alpha P + beta onehot(y) row by row (P's target entry zeroed,
-`triton_rows.lmhead_row_scale`), so step 3 runs on P as stored, the target's term added in fp32 beside it:
-dh_c = alpha (P W) + beta W_y, dW += P^T (alpha h_c) and dW_y += beta h_c.
+On the fused head GEMM with a bf16 workspace and no entropy gradient, the "scaled" form (the default;
+$VIBEPERF_LMHEAD_GRAD=rows turns it off, settings.py) skips step 2's pass over the chunk: the GEMM stores
+P = 2^(z - mref) per row, mref from the target's logit, known before it, and dz = alpha P + beta onehot(y) row by row
+(P's target entry zeroed, `triton_rows.lmhead_row_scale`), so step 3 runs on P as stored, the target's term added in
+fp32 beside it:
+dh_c = alpha (P W) + beta W_y, dW += P^T (alpha h_c) and dW_y += beta h_c (`triton_rows.scale_rows`,
+`triton_rows.add_target_rows`).
 The same loop serves a loss whose per-token gradient is known before the pass (NLL with token weights, the
 recompute backward for arbitrary upstream gradients) and a loss whose gradient is a closed form of the token's
 log-prob (`TokenStep`: the policy losses), formed per chunk between the row statistics and the dz write.

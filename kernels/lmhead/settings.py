@@ -20,13 +20,11 @@ precision modes of the whole run, not of a call.
   fp32 read and write per chunk, for one rounding per chunk (benchmarks/NOTES.md gives the error measured). Backend
   "cuda" has the fp32 accumulator only: "auto" then takes "triton" for gradients, and an explicit "cuda" refuses.
 - $VIBEPERF_LMHEAD_GRAD: how backend "triton" forms dz on its fused head GEMM (bias-free bf16 inputs, no entropy
-  gradient; elsewhere "rows" always). "rows" (default): a row pass reads each chunk's logits and writes dz in their
-  place. "scaled": the head GEMM stores P = 2^(z - mref) per row (mref from the target's logit) and dz = alpha P row
-  by row, so no pass touches the chunk between the GEMMs (H200, one B2 run at 40bb23e: 0.2-4.8% faster over the
-  whole CE forward + backward). Its dW GEMM reads alpha h rounded to bf16, a second rounding per term: at 40bb23e,
-  with the target's term inside the GEMMs, dW was 2.3x plain bf16 PyTorch's error on the GPU test's inputs against
-  1.75x for "rows", over the 2x bar. That term, each row's largest, now goes beside the GEMMs in fp32 and is rounded
-  once, as the row pass rounds it; not yet run on a GPU, so "rows" stays the default (benchmarks/NOTES.md).
+  gradient; elsewhere "rows" always). "scaled" (default): the head GEMM stores P = 2^(z - mref) per row (mref from
+  the target's logit, known before it) and dz = alpha P + beta onehot(y) row by row, so no pass touches the chunk
+  between the GEMMs; the target's term, each row's largest, goes beside the GEMMs in fp32 and is rounded once.
+  "rows": a row pass reads each chunk's logits and writes dz in their place. benchmarks/NOTES.md has the H200 runs
+  of both (time, and dh / dW errors: the scaled form's are the smaller).
 A variable set after import takes effect at the next call; a bad value is a one-line ValueError naming it.
 """
 

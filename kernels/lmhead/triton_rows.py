@@ -317,30 +317,38 @@ def add_target_rows_kernel(dw_ptr, h_ptr, beta_ptr, key_ptr, order_ptr, C, H, st
                            BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     """dw[d] += sum of beta_r h_r over the rows r whose target is d, summed in fp32 and rounded to dw's dtype once
     per destination d. key: the rows' targets sorted (-1: none), order: the rows in that order. One program per
-    (sorted position, block of H): the first position of each target's run sums the run, BLOCK_R rows at a time;
-    the others return at once."""
+    sorted position: the first position of each target's run sums the run over all of H (its first BLOCK_R rows
+    loaded once; a longer run, rare, reads the rest block by block); the others return at once."""
     i = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = offs_h < H
     d = tl.load(key_ptr + i)
     prev = tl.load(key_ptr + i - 1, mask=i > 0, other=-1)
     if (d >= 0) & (d != prev):
-        acc = tl.zeros([BLOCK_H], tl.float32)
-        j = i
-        n_same = tl.full([], BLOCK_R, tl.int32)
-        while n_same == BLOCK_R:  # a block wholly inside the run: the run may go on
-            offs_r = j + tl.arange(0, BLOCK_R)
-            same = tl.load(key_ptr + offs_r, mask=offs_r < C, other=-1) == d
-            rows = tl.load(order_ptr + offs_r, mask=same, other=0)
-            b = tl.load(beta_ptr + rows, mask=same, other=0.0)
-            hv = tl.load(h_ptr + rows[:, None] * stride_h + offs_h[None, :], mask=same[:, None] & h_ok[None, :],
+        offs_r = i + tl.arange(0, BLOCK_R)
+        same0 = tl.load(key_ptr + offs_r, mask=offs_r < C, other=-1) == d  # the run starts here: a prefix of the block
+        rows0 = tl.load(order_ptr + offs_r, mask=same0, other=0)
+        b0 = tl.load(beta_ptr + rows0, mask=same0, other=0.0)
+        n0 = tl.sum(same0.to(tl.int32), axis=0)
+        dst_row = dw_ptr + d.to(tl.int64) * stride_dw
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = offs_h < H
+            hv = tl.load(h_ptr + rows0[:, None] * stride_h + offs_h[None, :], mask=same0[:, None] & h_ok[None, :],
                          other=0.0)  # fmt: skip
-            acc += tl.sum(hv.to(tl.float32) * b[:, None], axis=0)
-            j += BLOCK_R
-            n_same = tl.sum(same.to(tl.int32), axis=0)
-        dst = dw_ptr + d.to(tl.int64) * stride_dw + offs_h
-        tl.store(dst, (tl.load(dst, mask=h_ok, other=0.0).to(tl.float32) + acc).to(dw_ptr.dtype.element_ty),
-                 mask=h_ok)  # fmt: skip
+            acc = tl.sum(hv.to(tl.float32) * b0[:, None], axis=0)
+            j = i + BLOCK_R
+            n_same = n0
+            while n_same == BLOCK_R:  # the block so far lay wholly inside the run: it may go on
+                offs_j = j + tl.arange(0, BLOCK_R)
+                same = tl.load(key_ptr + offs_j, mask=offs_j < C, other=-1) == d
+                rows = tl.load(order_ptr + offs_j, mask=same, other=0)
+                b = tl.load(beta_ptr + rows, mask=same, other=0.0)
+                hv = tl.load(h_ptr + rows[:, None] * stride_h + offs_h[None, :], mask=same[:, None] & h_ok[None, :],
+                             other=0.0)  # fmt: skip
+                acc += tl.sum(hv.to(tl.float32) * b[:, None], axis=0)
+                j += BLOCK_R
+                n_same = tl.sum(same.to(tl.int32), axis=0)
+            old = tl.load(dst_row + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+            tl.store(dst_row + offs_h, (old + acc).to(dw_ptr.dtype.element_ty), mask=h_ok)
 
 
 def scale_rows(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None, target=None) -> torch.Tensor:
@@ -350,7 +358,7 @@ def scale_rows(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = 
     c, h = x.shape
     out = torch.empty_like(x) if out is None else out
     beta, weight, y = target if target is not None else (alpha, x, alpha)
-    block = 32 if INTERPRET else 1024
+    block = 64 if INTERPRET else 1024
     scale_rows_kernel[(c, triton.cdiv(h, block))](x, alpha, out, beta, weight, y, h, x.stride(0), out.stride(0),
                                                  weight.stride(0), HAS_TARGET=target is not None, BLOCK_H=block,
                                                  num_warps=1 if INTERPRET else 4)  # fmt: skip
@@ -363,10 +371,9 @@ def add_target_rows(dw: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, bet
     same order every call (no atomics)."""
     c, h = hidden.shape
     key, order = torch.sort(y, stable=True)
-    block_r, block_h = (4, 32) if INTERPRET else (16, 256)
-    add_target_rows_kernel[(c, triton.cdiv(h, block_h))](dw, hidden, beta, key, order, c, h, dw.stride(0),
-                                                         hidden.stride(0), BLOCK_R=block_r, BLOCK_H=block_h,
-                                                         num_warps=1 if INTERPRET else 4)  # fmt: skip
+    block_r, block_h = (4, 64) if INTERPRET else (8, 512)
+    add_target_rows_kernel[(c,)](dw, hidden, beta, key, order, c, h, dw.stride(0), hidden.stride(0), BLOCK_R=block_r,
+                                 BLOCK_H=block_h, num_warps=1 if INTERPRET else 4)  # fmt: skip
 
 
 def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
