@@ -676,6 +676,25 @@ def _gpu_inputs(n, seed=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["scaled", "rows"])
+def test_gpu_cross_entropy_without_host_sync(monkeypatch, form):
+    """CUDA's sync debug mode raises on any host sync (.item(), nonzero, a blocking copy) in the fused CE's forward and
+    backward, in either gradient form (the scaled form's sort and refill count included), over several chunks."""
+    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", form)
+    hidden, weight, targets = _gpu_inputs(3000, seed=2)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = linear_cross_entropy(hidden, weight, targets, backend="triton", workspace_bytes=1024 * GPU_V * 2)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n", [1000, 65536, 131072], ids=["N1000", "N65536", "N131072"])
 def test_gpu_forward_full_vocab(n):
     hidden, weight, targets = _gpu_inputs(n)

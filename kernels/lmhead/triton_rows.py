@@ -317,36 +317,28 @@ def add_target_rows_kernel(dw_ptr, h_ptr, beta_ptr, key_ptr, order_ptr, C, H, st
                            BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     """dw[d] += sum of beta_r h_r over the rows r whose target is d, summed in fp32 and rounded to dw's dtype once
     per destination d. key: the rows' targets sorted (-1: none), order: the rows in that order. One program per
-    sorted position: the first position of each target's run sums the run over all of H (its first BLOCK_R rows
-    loaded once; a longer run, rare, reads the rest block by block); the others return at once."""
+    sorted position: the first position of each target's run measures the run (its keys, BLOCK_R at a time), then
+    sums it row by row over each block of H; the others return at once. A row at a time keeps the registers to one
+    [BLOCK_H] vector: almost every run is one row long."""
     i = tl.program_id(0)
     d = tl.load(key_ptr + i)
     prev = tl.load(key_ptr + i - 1, mask=i > 0, other=-1)
     if (d >= 0) & (d != prev):
-        offs_r = i + tl.arange(0, BLOCK_R)
-        same0 = tl.load(key_ptr + offs_r, mask=offs_r < C, other=-1) == d  # the run starts here: a prefix of the block
-        rows0 = tl.load(order_ptr + offs_r, mask=same0, other=0)
-        b0 = tl.load(beta_ptr + rows0, mask=same0, other=0.0)
-        n0 = tl.sum(same0.to(tl.int32), axis=0)
+        n = tl.zeros([], tl.int32)
+        n_same = tl.full([], BLOCK_R, tl.int32)
+        while n_same == BLOCK_R:  # the run is sorted together: a prefix of each block, until one ends inside
+            offs_r = i + n + tl.arange(0, BLOCK_R)
+            n_same = tl.sum((tl.load(key_ptr + offs_r, mask=offs_r < C, other=-1) == d).to(tl.int32), axis=0)
+            n += n_same
         dst_row = dw_ptr + d.to(tl.int64) * stride_dw
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             h_ok = offs_h < H
-            hv = tl.load(h_ptr + rows0[:, None] * stride_h + offs_h[None, :], mask=same0[:, None] & h_ok[None, :],
-                         other=0.0)  # fmt: skip
-            acc = tl.sum(hv.to(tl.float32) * b0[:, None], axis=0)
-            j = i + BLOCK_R
-            n_same = n0
-            while n_same == BLOCK_R:  # the block so far lay wholly inside the run: it may go on
-                offs_j = j + tl.arange(0, BLOCK_R)
-                same = tl.load(key_ptr + offs_j, mask=offs_j < C, other=-1) == d
-                rows = tl.load(order_ptr + offs_j, mask=same, other=0)
-                b = tl.load(beta_ptr + rows, mask=same, other=0.0)
-                hv = tl.load(h_ptr + rows[:, None] * stride_h + offs_h[None, :], mask=same[:, None] & h_ok[None, :],
-                             other=0.0)  # fmt: skip
-                acc += tl.sum(hv.to(tl.float32) * b[:, None], axis=0)
-                j += BLOCK_R
-                n_same = tl.sum(same.to(tl.int32), axis=0)
+            acc = tl.zeros([BLOCK_H], tl.float32)
+            for k in range(0, n):
+                row = tl.load(order_ptr + i + k)
+                hv = tl.load(h_ptr + row * stride_h + offs_h, mask=h_ok, other=0.0)
+                acc += tl.load(beta_ptr + row) * hv.to(tl.float32)
             old = tl.load(dst_row + offs_h, mask=h_ok, other=0.0).to(tl.float32)
             tl.store(dst_row + offs_h, (old + acc).to(dw_ptr.dtype.element_ty), mask=h_ok)
 
@@ -371,7 +363,7 @@ def add_target_rows(dw: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, bet
     same order every call (no atomics)."""
     c, h = hidden.shape
     key, order = torch.sort(y, stable=True)
-    block_r, block_h = (4, 64) if INTERPRET else (8, 512)
+    block_r, block_h = (4, 64) if INTERPRET else (32, 1024)
     add_target_rows_kernel[(c,)](dw, hidden, beta, key, order, c, h, dw.stride(0), hidden.stride(0), BLOCK_R=block_r,
                                  BLOCK_H=block_h, num_warps=1 if INTERPRET else 4)  # fmt: skip
 
