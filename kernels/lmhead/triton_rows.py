@@ -196,10 +196,10 @@ def lmhead_row_grad(
 # lse2 - mref <= P_MAX_LOG2 (its NLL at most SCALE_REF_LOG2 + P_MAX_LOG2 bits: 96, i.e. 66.5 nats), no entry of P
 # was capped and dLoss/dz = alpha P + beta onehot(y) exactly, with alpha = -g 2^(mref - lse2) / temperature, P's
 # target entry set to 0 and beta = g (1 - p_y) / temperature. The target's term, each row's largest, is kept out of
-# the bf16 GEMMs: the engine adds it in fp32 beside them (dh_r += beta_r W_y, dW_y += beta_r h_r), so it is rounded
-# once, as the row pass's -1 + p_y is. Every other row (g = 0 on ignored rows aside) is listed and `refill` rewrites it
-# from a recomputed logit row: P = p (target entry 0), alpha = -g / temperature. P loses nothing of note to
-# underflow: an entry below 2^-126 has p < 2^(SCALE_REF_LOG2 - 126) = 2^-94.
+# the bf16 GEMMs: the engine adds it in fp32 beside them (dh_r += beta_r W_y, dW_y += beta_r h_r: `scale_rows`,
+# `add_target_rows`), so it is rounded once, as the row pass's -1 + p_y is. Every other row (g = 0 on ignored rows
+# aside) is listed and `refill` rewrites it from a recomputed logit row: P = p (target entry 0), alpha = -g /
+# temperature. P loses nothing of note to underflow: an entry below 2^-126 has p < 2^(SCALE_REF_LOG2 - 126) = 2^-94.
 SCALE_REF_LOG2 = 32.0
 P_MAX_LOG2 = 64.0  # P <= 2^P_MAX_LOG2: finite in bf16 / fp32, and so are its GEMMs' sums over any vocabulary
 
@@ -349,6 +349,7 @@ def scale_rows(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = 
     W_y from P W in fp32."""
     c, h = x.shape
     out = torch.empty_like(x) if out is None else out
+    assert x.stride(1) == 1 and out.stride(1) == 1 and out.shape == x.shape
     beta, weight, y = target if target is not None else (alpha, x, alpha)
     block = 64 if INTERPRET else 1024
     scale_rows_kernel[(c, triton.cdiv(h, block))](x, alpha, out, beta, weight, y, h, x.stride(0), out.stride(0),
@@ -362,6 +363,7 @@ def add_target_rows(dw: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, bet
     destination row is summed in fp32 and rounded to dw's dtype once, however often y repeats it; the same sums in the
     same order every call (no atomics)."""
     c, h = hidden.shape
+    assert hidden.stride(1) == 1 and dw.stride(1) == 1 and dw.shape[1] == h and y.shape == beta.shape == (c,)
     key, order = torch.sort(y, stable=True)
     block_r, block_h = (4, 64) if INTERPRET else (32, 1024)
     add_target_rows_kernel[(c,)](dw, hidden, beta, key, order, c, h, dw.stride(0), hidden.stride(0), BLOCK_R=block_r,
