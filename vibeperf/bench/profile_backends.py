@@ -10,13 +10,16 @@ inputs, Qwen2.5 head only). Every CUDA kernel's device time is summed per class:
 kernels, and our head GEMM with its statistics epilogue), row kernel (ours: `lmhead_row_grad*` in either backend),
 other (casts, fills, reductions). Train also profiles B2's floor, the three bare GEMMs, so each kernel of ours can be
 set against the GEMM it adds to. Printed per call in ms, with the wall time of the same calls and the `--top` kernels
-by device time; the JSON goes to <results dir>/<gpu>_<date>_profile.json. The outputs are checked against each other
-(Triton vs CUDA) before anything is profiled.
+by device time; each call is also timed "held ahead" (queued behind ~30 ms of matmuls, so that no launch of it waits
+on the host: its GPU time from end to end, and the host's time to issue it), which tells the GPU idling on the host
+apart from time in kernels; the JSON goes to <results dir>/<gpu>_<date>_profile.json. The outputs are checked against
+each other (Triton vs CUDA) before anything is profiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -85,6 +88,27 @@ def profile(fn, repeats: int) -> tuple[dict[str, float], float, list[tuple[str, 
     return dict(per_class), wall, sorted(kernels, key=lambda k: -k[1])
 
 
+def held_ahead(fn, repeats: int) -> tuple[float, float]:
+    """(GPU ms, host ms), medians per call of fn() queued behind about 30 ms of matmuls: every launch of the call is
+    queued before the GPU reaches it, so the GPU ms holds no wait on the host; the host ms is Python's time to issue
+    the call (near the GPU ms if the call syncs)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gpu, host = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        for _ in range(20):
+            a @ a
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return statistics.median(gpu), statistics.median(host)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[32768, 65536])
@@ -115,10 +139,13 @@ def main(argv=None) -> int:
                                         hidden, vocab))  # fmt: skip
                         continue
                     classes, wall, kernels = profile(make_call(work, x, backend), args.repeats)
-                    note = " ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items())) + " (device ms per call)"
+                    ahead_gpu, ahead_host = held_ahead(make_call(work, x, backend), args.repeats)
+                    note = (" ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items())) + " (device ms per call);"
+                            f" held ahead: GPU {ahead_gpu:.2f}, host {ahead_host:.2f}")  # fmt: skip
                     rows.append(Row(bid, backend, n, wall, None, None, True, note, hidden, vocab))
                     detail.append({"work": work, "head": head, "n": n, "backend": backend, "wall_ms": wall,
-                                   "device_ms": classes, "cuda_vs_triton_rel_err": err,
+                                   "held_ahead_ms": {"gpu": ahead_gpu, "host": ahead_host}, "device_ms": classes,
+                                   "cuda_vs_triton_rel_err": err,
                                    "kernels": [{"name": k, "ms": ms, "launches": c} for k, ms, c in kernels[:40]]})
                     print(format_table(rows[-1:]).splitlines()[-1], flush=True)
                     for name, ms, count in kernels[: args.top]:
