@@ -180,7 +180,7 @@ def test_liger_chunk_rows_follow_liger_kernels_rule():
     assert [liger_chunk_rows(n, 4096, 128_256) for n in (4096, 8192, 16_384)] == [128, 256, 512]
 
 
-def test_opt_in_rows_run_under_their_setting_and_restore_it(monkeypatch):
+def test_precision_mode_rows_run_under_their_setting_and_restore_it(monkeypatch):
     """The B2 rows of the non-default precision modes set $VIBEPERF_LMHEAD_DW_ACC / $VIBEPERF_LMHEAD_GRAD for their call
     only: a value set before is restored, an unset variable is unset again."""
     from vibeperf.bench import registry

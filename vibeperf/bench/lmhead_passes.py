@@ -56,12 +56,6 @@ def with_settings(fn, **values):
     return run
 
 
-def under_grad_form(fn, form: str):
-    """fn (no arguments) as a callable that runs under $VIBEPERF_LMHEAD_GRAD=form each time it is called."""
-    run = with_env(settings.GRAD_ENV, form)(lambda _: fn())
-    return lambda: run(None)
-
-
 def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     """Per-pass times of one chunk (scaled to all chunks) and the whole CE fwd+bwd under each engine variant."""
     x = head_inputs(n, hidden_size=h_size, vocab=vocab)
@@ -112,7 +106,7 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     variants, errs = {}, {}
     for head_gemm, form in (("cublas", "rows"), ("triton", "rows"), ("triton", "scaled")):
         name = f"CE fwd+bwd head GEMM {head_gemm}, dz {form}"
-        variants[name] = run = with_settings(under_grad_form(grads, form), HEAD_GEMM=head_gemm)
+        variants[name] = run = with_settings(with_env(settings.GRAD_ENV, form)(grads), HEAD_GEMM=head_gemm)
         errs[name] = max(relative_error(a.float(), b.float()) for a, b in zip(run(), ref))
     if n * vocab * 2 * 2 < 40 * 2**30:  # the floor's full logits fit beside everything else
         variants["three bare GEMMs (floor)"] = floor_call(h, w)

@@ -163,11 +163,11 @@ def with_env(name: str, value: str) -> Callable[[Callable], Callable]:
     engine's run-wide precision modes of lmhead/settings.py, for the B2 rows that measure them)."""
 
     def wrap(fn: Callable) -> Callable:
-        def run(x):
+        def run(*args, **kwargs):
             old = os.environ.get(name)
             os.environ[name] = value
             try:
-                return fn(x)
+                return fn(*args, **kwargs)
             finally:
                 if old is None:
                     del os.environ[name]
