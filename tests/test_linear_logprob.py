@@ -695,6 +695,42 @@ def test_gpu_cross_entropy_without_host_sync(monkeypatch, form):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["scaled", "rows"])
+def test_gpu_new_token_count_compiles_nothing(monkeypatch, form):
+    """Packed SFT and RL batches change their token count every step. Triton specialises an integer argument on
+    being 1 or a multiple of 16 unless told not to, so a kernel given a size that follows the token count compiles
+    again (hundreds of ms, on the host, inside a training step) the first time a count of the other kind comes. After
+    one call at 4,096 tokens, calls at other counts (odd last chunks, a single token) compile no Triton kernel."""
+    import triton
+
+    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", form)
+    ws = 1024 * GPU_V * 2  # chunks of 1,024 rows: the last chunk takes the odd count
+
+    def step(n, seed):
+        hidden, weight, targets = _gpu_inputs(n, seed=seed)
+        hidden.requires_grad_(True)
+        weight.requires_grad_(True)
+        linear_cross_entropy(hidden, weight, targets, backend="triton", workspace_bytes=ws).backward()
+        logp, ent = linear_logprob(hidden, weight, targets, return_entropy=True, backend="triton")
+        (logp.sum() + ent.sum()).backward()
+        with torch.no_grad():
+            linear_logprob(hidden, weight, targets, return_entropy=True, backend="triton")
+
+    step(4096, 0)
+    compiled = []
+
+    def record(*args, **kwargs):
+        compiled.append(str(kwargs.get("repr", kwargs.get("fn")))[:300])
+        return False  # compile as usual
+
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", record)
+    for n, seed in ((3001, 1), (1, 2), (2059, 3)):
+        step(n, seed)
+    torch.cuda.synchronize()
+    assert not compiled, f"compiled again for a new token count: {sorted(set(compiled))}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n", [1000, 65536, 131072], ids=["N1000", "N65536", "N131072"])
 def test_gpu_forward_full_vocab(n):
     hidden, weight, targets = _gpu_inputs(n)

@@ -226,7 +226,7 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["part_plane", "n_part"])  # sizes that follow the token count: one compile for all
 def merge_rows_kernel(part_ptr, part_plane, n_part, m_ptr, s_ptr, t_ptr, WANT_T: tl.constexpr):
     """One program per row: its per-tile partial states merged into one (m, s, t), base 2."""
     row = tl.program_id(0).to(tl.int64)

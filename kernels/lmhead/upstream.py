@@ -20,7 +20,7 @@ BLOCK = 4096
 MAX_PROGRAMS = 1024  # a grid-stride loop: a launch of a few programs that find g == 1 and return
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _scale_unless_one_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:  # else each program returns at once: no memory traffic beyond the scalar
