@@ -428,6 +428,16 @@ def test_add_target_rows_rounds_each_destination_once(dtype, first):
     assert torch.equal(out[untouched], dw[untouched])
 
 
+def test_row_vectors_start_aligned_whatever_the_row_count():
+    """Triton specialises pointers on 16-byte alignment: per-row vectors planed from one buffer must all start
+    aligned, or a new token count compiles the kernels again (GPU: test_gpu_new_token_count_compiles_nothing)."""
+    for rows in (1, 2, 3, 5, 16, 17, 1021):
+        vecs = triton_rows.row_vectors(3, rows, torch.device("cpu"))
+        assert len(vecs) == 3 and all(v.shape == (rows,) and v.is_contiguous() for v in vecs)
+        assert all(v.data_ptr() % 64 == 0 for v in vecs), rows
+        assert len({v.data_ptr() for v in vecs}) == 3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_scale_rows_rounds_once(dtype):
     """triton_rows.scale_rows: x alpha (the scaled form's dW operand) and x alpha + beta W[y] (its dh from P W in

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import settings
 from .triton_fwd import INTERPRET, LOG2E, combine_partials, num_sms
-from .triton_rows import P_MAX_LOG2, merge_partial_states
+from .triton_rows import P_MAX_LOG2, merge_partial_states, row_vectors
 
 try:  # Triton >= 3.3 host-side TMA descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -240,7 +240,7 @@ def merge_rows_kernel(part_ptr, part_plane, n_part, m_ptr, s_ptr, t_ptr, WANT_T:
 def row_statistics(part: torch.Tensor, tz: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_t: bool):
     """(logp, lse, entropy or None) [C] fp32, natural log, of rows from their partial states [3, C, tiles] and
     their targets' logits tz [C] (base 2): one merge launch, then `combine_partials` on [C] vectors."""
-    m, s, t = torch.empty((3, 1, part.shape[1]), device=part.device, dtype=torch.float32).unbind(0)
+    m, s, t = (x[None] for x in row_vectors(3, part.shape[1], part.device))
     merge_rows_kernel[(part.shape[1],)](part, part.stride(0), part.shape[2], m, s, t, WANT_T=want_t,
                                         num_warps=1 if INTERPRET else 4)  # fmt: skip
     return combine_partials(m, s, t, tz[None], targets, ignore_index, want_t)

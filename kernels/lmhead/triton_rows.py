@@ -144,6 +144,14 @@ def lmhead_row_grad_kernel(
             tl.store(z_row + offs, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=mask)
 
 
+def row_vectors(count: int, rows: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """`count` fp32 [rows] vectors from one allocation, each starting on a 64-byte boundary whatever `rows` is. Triton
+    specialises a pointer on 16-byte alignment: planes rows * 4 bytes apart would have each kernel given them compile
+    again whenever a batch's token count changes its remainder mod 4 (a packed batch's count changes every step)."""
+    plane = triton.cdiv(rows, 16) * 16
+    return torch.empty((count, plane), device=device, dtype=torch.float32)[:, :rows].unbind(0)
+
+
 def _row_outputs(c: int, device: torch.device, want_entropy: bool, phase: int, stats):
     """(logp, entropy or None, lse) of a launcher: `stats` as given in PHASE_GRAD, else new [C] fp32 tensors."""
     if phase == PHASE_GRAD:
@@ -399,7 +407,7 @@ def lmhead_row_scale(p: torch.Tensor, targets: torch.Tensor, mref: torch.Tensor,
     alpha = beta = None
     listed = count = logp  # (read only outside PHASE_STATS)
     if phase != PHASE_STATS:
-        alpha, beta = torch.empty((2, c), device=p.device, dtype=torch.float32).unbind(0)
+        alpha, beta = row_vectors(2, c, p.device)
         listed = torch.empty(c, device=p.device, dtype=torch.int32)
         count = torch.zeros(1, device=p.device, dtype=torch.int32)
     dummy = logp
