@@ -23,6 +23,8 @@ TITLES = {
     "B3": "B3 policy losses (MGPO and the policy-loss family) forward+backward (16 x 4,096)",
     "B4": "B4 packed SFT step, Qwen2.5-3B shape (vibeperf.bench.b4_sft; on the H200: packed-default = vibeperf's "
           "defaults)",
+    "B4-recompiles": "B4 packed SFT step at 20037eb, where Triton compiled kernels again inside it for new token "
+                     "counts (fixed in 9e99cb2 and a2c8398; benchmarks/NOTES.md)",
     "B4-eager": "B4 survey of body switches without compile, with TRL and the padded floor",
     "B4-switches": "B4 survey of body switches with compile, with TRL (with and without gradient checkpointing)",
     "B4-long": "B4 one 64K-token row with AdamW state, checkpoint policy auto at a 74 GiB budget (an 80 GB GPU)",

@@ -9,6 +9,7 @@
   tests/helpers.py.
 """
 
+import contextlib
 import functools
 import os
 import random
@@ -21,6 +22,12 @@ import torch.utils._device
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        # Triton imports gluon on the first interpreted launch, and gluon's import asserts that the interpreter is on.
+        # Tests that drop TRITON_INTERPRET as a user would (test_demo.py) still reach kernels loaded interpreted, so
+        # import it now, or such a test fails whenever it is the process's first interpreted launch.
+        with contextlib.suppress(ImportError):  # a Triton without gluon has nothing to trip on
+            import triton.experimental.gluon  # noqa: F401
 
 
 def _poisoned(fn):
