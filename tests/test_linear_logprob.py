@@ -9,6 +9,8 @@ CPU runs use the Triton interpreter at small, odd shapes; `-m gpu` runs the full
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -704,29 +706,98 @@ def test_gpu_cross_entropy_without_host_sync(monkeypatch, form):
     assert torch.isfinite(loss) and hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("form", ["scaled", "rows"])
-def test_gpu_new_token_count_compiles_nothing(monkeypatch, form):
-    """Packed SFT and RL batches change their token count every step. Triton specialises an integer argument on
-    being 1 or a multiple of 16 unless told not to, so a kernel given a size that follows the token count compiles
-    again (hundreds of ms, on the host, inside a training step) the first time a count of the other kind comes. After
-    one call at 4,096 tokens, calls at other counts (odd last chunks, a single token) compile no Triton kernel."""
-    import triton
-
-    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", form)
-    ws = 1024 * GPU_V * 2  # chunks of 1,024 rows: the last chunk takes the odd count
-
-    def step(n, seed):
-        hidden, weight, targets = _gpu_inputs(n, seed=seed)
+def _calls_at_token_counts(inputs, counts, workspace_bytes):
+    """The engine's calls of a training or scoring step at each of `counts` tokens (inputs(n, seed) -> hidden, weight,
+    targets): CE forward and backward, log-prob + entropy forward and backward, and the no-grad forward."""
+    for seed, n in enumerate(counts):
+        hidden, weight, targets = inputs(n, seed)
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
-        linear_cross_entropy(hidden, weight, targets, backend="triton", workspace_bytes=ws).backward()
+        linear_cross_entropy(hidden, weight, targets, backend="triton", workspace_bytes=workspace_bytes).backward()
         logp, ent = linear_logprob(hidden, weight, targets, return_entropy=True, backend="triton")
         (logp.sum() + ent.sum()).backward()
         with torch.no_grad():
             linear_logprob(hidden, weight, targets, return_entropy=True, backend="triton")
 
-    step(4096, 0)
+
+# Packed SFT and RL batches change their token count every step. Unless told not to, Triton specialises an integer
+# argument on being 1 or a multiple of 16 and a pointer on 16-byte alignment, so a kernel given a size that follows
+# the token count, or a vector planed C elements into a buffer, compiles again (hundreds of ms on the host, inside a
+# training step) the first time a count of another kind comes. After a first call, counts of other kinds (odd last
+# chunks, a single token) must compile nothing.
+NEW_COUNTS_GPU = (4096, (3001, 1, 2059))  # (first, then), chunks of 1,024 rows
+NEW_COUNTS_CPU = (256, (300, 1, 259))  # chunks of 128 rows
+
+
+def _launch_specialisation(kernel, args, kwargs, specialise):
+    """What Triton keys a compiled kernel on, from one launch's arguments: each argument through Triton's own
+    specialisation (type, divisibility by 16 / alignment, == 1), honouring do_not_specialize, and the constexprs'
+    values."""
+    from triton.backends.compiler import BaseBackend
+
+    opts = kernel.kwargs
+    no_value, no_align = set(opts.get("do_not_specialize") or ()), set(opts.get("do_not_specialize_on_alignment") or ())
+    bound = dict(zip(kernel.arg_names, args)) | kwargs
+    key = []
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        if name not in bound:
+            continue
+        value = bound[name]
+        if "constexpr" in str(param.annotation):
+            key.append((name, repr(value)))
+            continue
+        try:
+            key.append((name, specialise(BaseBackend, value, False, name not in no_value, name not in no_align)))
+        except Exception:  # not a tensor or number (a TMA descriptor): its type
+            key.append((name, type(value).__name__))
+    return tuple(key)
+
+
+@pytest.mark.parametrize("form", ["scaled", "rows"])
+def test_new_token_count_specialises_no_kernel_anew(monkeypatch, form):
+    """The CPU twin of test_gpu_new_token_count_compiles_nothing: under the interpreter nothing compiles, so every
+    launch's arguments go through Triton's own specialisation function (what a GPU's compile cache is keyed on), and
+    the launches at the later counts must all have keys the first count's launches had."""
+    from triton.runtime import interpreter, jit
+
+    specialise = getattr(jit, "native_specialize_impl", None)
+    if not triton_fwd.INTERPRET or specialise is None:
+        pytest.skip("needs the Triton interpreter and its native_specialize_impl")
+    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", form)
+    keys = {}
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        keys.setdefault(self.__name__, set()).add(_launch_specialisation(self, args, kwargs, specialise))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", recording_run)
+    h, v = 32, 200
+
+    def inputs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.1,
+                torch.randint(0, v, (n,), generator=g))  # fmt: skip
+
+    first, then = NEW_COUNTS_CPU
+    _calls_at_token_counts(inputs, [first], 128 * v * 4)
+    seen = {name: set(k) for name, k in keys.items()}
+    _calls_at_token_counts(inputs, then, 128 * v * 4)
+    anew = {name: k - seen.get(name, set()) for name, k in keys.items() if k - seen.get(name, set())}
+    assert not anew, f"specialised anew for a new token count: {anew}"
+    assert {"merge_rows_kernel", "head_gemm_stats_kernel"} <= set(seen) or form == "rows", sorted(seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["scaled", "rows"])
+def test_gpu_new_token_count_compiles_nothing(monkeypatch, form):
+    """After one call at 4,096 tokens, calls at other counts compile no Triton kernel (see NEW_COUNTS_GPU's comment),
+    checked by Triton's compile hook."""
+    import triton
+
+    monkeypatch.setenv("VIBEPERF_LMHEAD_GRAD", form)
+    first, then = NEW_COUNTS_GPU
+    _calls_at_token_counts(lambda n, seed: _gpu_inputs(n, seed=seed), [first], 1024 * GPU_V * 2)
     compiled = []
 
     def record(*args, **kwargs):
@@ -734,8 +805,7 @@ def test_gpu_new_token_count_compiles_nothing(monkeypatch, form):
         return False  # compile as usual
 
     monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", record)
-    for n, seed in ((3001, 1), (1, 2), (2059, 3)):
-        step(n, seed)
+    _calls_at_token_counts(lambda n, seed: _gpu_inputs(n, seed=seed + 1), then, 1024 * GPU_V * 2)
     torch.cuda.synchronize()
     assert not compiled, f"compiled again for a new token count: {sorted(set(compiled))}"
 
