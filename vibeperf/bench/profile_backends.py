@@ -138,8 +138,9 @@ def main(argv=None) -> int:
                         rows.append(Row(bid, backend, n, None, None, None, False, f"WRONG: cuda vs triton {err:.1e}",
                                         hidden, vocab))  # fmt: skip
                         continue
-                    classes, wall, kernels = profile(make_call(work, x, backend), args.repeats)
-                    ahead_gpu, ahead_host = held_ahead(make_call(work, x, backend), args.repeats)
+                    call = make_call(work, x, backend)
+                    classes, wall, kernels = profile(call, args.repeats)
+                    ahead_gpu, ahead_host = held_ahead(call, args.repeats)
                     note = (" ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items())) + " (device ms per call);"
                             f" held ahead: GPU {ahead_gpu:.2f}, host {ahead_host:.2f}")  # fmt: skip
                     rows.append(Row(bid, backend, n, wall, None, None, True, note, hidden, vocab))
