@@ -141,13 +141,15 @@ def _assert_engine_outputs_match(out, ref, tol):
             assert rel_err(a.float(), b.float()) <= tol, name
 
 
-@pytest.mark.parametrize("epi_split", [1, 2])
+@pytest.mark.parametrize(("epi_split", "per_sm"), [(1, 1), (2, 1), (2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_epilogue_forward_schedule(monkeypatch, dtype, epi_split):
+def test_epilogue_forward_schedule(monkeypatch, dtype, epi_split, per_sm):
     """The default forward ("epilogue": the head GEMM folds its tiles into softmax statistics and the targets'
     logits, no logit stored) against the reference: two chunks of rows (the smallest partials budget: 128 rows),
-    tiles cut by V, ignored rows, a temperature; a bias (not supported by it) falls back to "chunked"."""
-    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(epi_split)])
+    tiles cut by V, ignored rows, a temperature, one or two persistent programs per SM; a bias (not supported by it)
+    falls back to "chunked"."""
+    cfg = triton_gemm.interpreter_config(epi_split, per_sm)
+    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [cfg])
     hidden, weight, targets, _ = make_case(203, 1000, 48, dtype, ignore_every=5)
     budget = 12 * 8 * 128  # partials of 128 rows x 8 tiles of 128 columns
     assert triton_gemm.epilogue_chunk_rows(203, 1000, budget) == 128

@@ -45,26 +45,35 @@ def _block_shapes(nargs):
     nargs["z_desc"].block_shape = [bm, bn // nargs["EPI_SPLIT"]]
 
 
-def interpreter_config(epi_split: int) -> triton.Config:
-    """The one config of CPU runs (the interpreter cannot autotune): small tiles, epilogue in `epi_split` pieces."""
-    return triton.Config({"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2, "EPI_SPLIT": epi_split}, num_warps=4,
-                         num_stages=1, pre_hook=_block_shapes)  # fmt: skip
+def interpreter_config(epi_split: int, per_sm: int = 1) -> triton.Config:
+    """The one config of CPU runs (the interpreter cannot autotune): small tiles, epilogue in `epi_split` pieces,
+    `per_sm` programs per SM."""
+    return triton.Config({"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2, "EPI_SPLIT": epi_split, "PER_SM": per_sm},
+                         num_warps=4, num_stages=1, pre_hook=_block_shapes)  # fmt: skip
 
 
 def _configs():
+    """PER_SM = 2: two programs share each SM, each a single warp group on a 128 x 128 tile, so one program's
+    epilogue (exp2 and row sums: no tensor-core work) can run while the other's MMAs do. That is the overlap CUTLASS's
+    "ping-pong" kernels arrange with two consumer warp groups of one program; here the SM's warp schedulers do it.
+    Two fit on an SM only with at most 3 stages and the epilogue in 2 pieces: compiled for sm_90, the 3-stage
+    config takes 115,224 bytes of shared memory (the limit is 116,736 less 1 KiB per block) and at most 255
+    registers a thread (2 x 128 threads x 256 = the SM's 65,536)."""
     if INTERPRET:
         return [interpreter_config(2)]
     return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "EPI_SPLIT": e}, num_warps=w, num_stages=s,
-                      pre_hook=_block_shapes)  # fmt: skip
-        for bm, bn, bk, w, s, e in [
-            (128, 256, 64, 8, 3, 1),
-            (128, 256, 64, 8, 3, 2),
-            (128, 256, 64, 8, 4, 2),
-            (128, 128, 64, 8, 4, 1),
-            (128, 128, 64, 4, 4, 1),
-            (128, 128, 64, 4, 5, 2),
-            (256, 128, 64, 8, 3, 2),
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "EPI_SPLIT": e, "PER_SM": p}, num_warps=w,
+                      num_stages=s, pre_hook=_block_shapes)  # fmt: skip
+        for bm, bn, bk, w, s, e, p in [
+            (128, 256, 64, 8, 3, 1, 1),
+            (128, 256, 64, 8, 3, 2, 1),
+            (128, 256, 64, 8, 4, 2, 1),
+            (128, 128, 64, 8, 4, 1, 1),
+            (128, 128, 64, 4, 4, 1, 1),
+            (128, 128, 64, 4, 5, 2, 1),
+            (256, 128, 64, 8, 3, 2, 1),
+            (128, 128, 64, 4, 2, 2, 2),
+            (128, 128, 64, 4, 3, 2, 2),
         ]
     ]
 
@@ -83,7 +92,7 @@ def head_gemm_stats_kernel(
     V,
     H,
     scale_log2,
-    NUM_PROGS: tl.constexpr,
+    NUM_SMS: tl.constexpr,
     WANT_T: tl.constexpr,
     STORE: tl.constexpr,
     BM: tl.constexpr,
@@ -91,13 +100,14 @@ def head_gemm_stats_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
     EPI_SPLIT: tl.constexpr,
+    PER_SM: tl.constexpr,
 ):
     num_m = tl.cdiv(C, BM)
     num_n = tl.cdiv(V, BN)
     num_tiles = num_m * num_n
     k_tiles = tl.cdiv(H, BK)
     per_group = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS * PER_SM, flatten=True):
         group = tile // per_group
         first_m = group * GROUP_M
         size_m = min(num_m - first_m, GROUP_M)
@@ -213,13 +223,13 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
     z_desc = TensorDescriptor(z, z.shape, z.stride(), dummy)
 
     def grid(meta):
-        return (min(progs, triton.cdiv(c, meta["BM"]) * triton.cdiv(v, meta["BN"])),)
+        return (min(progs * meta["PER_SM"], triton.cdiv(c, meta["BM"]) * triton.cdiv(v, meta["BN"])),)
 
     # The partials' layout depends on the config's BN: sized for the smallest, viewed as the chosen one wrote it.
     min_bn = min(cfg.kwargs["BN"] for cfg in head_gemm_stats_kernel.configs)
     part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
     head_gemm_stats_kernel[grid](
-        h_desc, w_desc, z_desc, part_store, targets, tz, mref, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
+        h_desc, w_desc, z_desc, part_store, targets, tz, mref, c, v, h, LOG2E / temperature, NUM_SMS=progs,
         WANT_T=want_t, STORE=store,
     )  # fmt: skip
     n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
