@@ -141,15 +141,13 @@ def _assert_engine_outputs_match(out, ref, tol):
             assert rel_err(a.float(), b.float()) <= tol, name
 
 
-@pytest.mark.parametrize(("epi_split", "per_sm"), [(1, 1), (2, 1), (2, 2)])
+@pytest.mark.parametrize("epi_split", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_epilogue_forward_schedule(monkeypatch, dtype, epi_split, per_sm):
+def test_epilogue_forward_schedule(monkeypatch, dtype, epi_split):
     """The default forward ("epilogue": the head GEMM folds its tiles into softmax statistics and the targets'
     logits, no logit stored) against the reference: two chunks of rows (the smallest partials budget: 128 rows),
-    tiles cut by V, ignored rows, a temperature, one or two persistent programs per SM; a bias (not supported by it)
-    falls back to "chunked"."""
-    cfg = triton_gemm.interpreter_config(epi_split, per_sm)
-    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [cfg])
+    tiles cut by V, ignored rows, a temperature; a bias (not supported by it) falls back to "chunked"."""
+    monkeypatch.setattr(triton_gemm, "CONFIG", triton_gemm.interpreter_config(epi_split))
     hidden, weight, targets, _ = make_case(203, 1000, 48, dtype, ignore_every=5)
     budget = 12 * 8 * 128  # partials of 128 rows x 8 tiles of 128 columns
     assert triton_gemm.epilogue_chunk_rows(203, 1000, budget) == 128
@@ -361,7 +359,7 @@ def test_head_gemm_with_statistics_epilogue_matches(monkeypatch, dtype, mode, ep
     range). Several chunks with a ragged last one, tiles cut by V (1000 = 31 tiles of 32 + 8: with the epilogue in
     two pieces, the last tile's second piece lies wholly past V), ignored rows, a temperature; the per-token loss
     step (policy losses) included."""
-    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(epi_split)])
+    monkeypatch.setattr(triton_gemm, "CONFIG", triton_gemm.interpreter_config(epi_split))
     hidden, weight, targets, kw = _engine_case(mode, dtype, seed=1)
     workspace = torch.empty(80, 1000, dtype=dtype)
     assert triton_gemm.eligible(None, hidden, weight, workspace)
@@ -385,7 +383,7 @@ def test_scaled_gradient_form_falls_back_to_rows(monkeypatch, case):
     """$VIBEPERF_LMHEAD_GRAD=scaled applies to the fused head GEMM with a workspace of fp32's exponent range (bf16, or
     fp32 under the interpreter) and no entropy gradient; elsewhere the engine runs the row pass, with the same results
     bit for bit."""
-    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(1)])
+    monkeypatch.setattr(triton_gemm, "CONFIG", triton_gemm.interpreter_config(1))
     dtype = torch.float16 if case == "fp16" else torch.float32
     hidden, weight, targets, b = make_case(40, 96, 32, dtype, ignore_every=5, bias=case == "bias")
     kw = dict(temperature=0.9, ignore_index=-100, loss=0, g_logp=torch.randn(40), chunk=16,
@@ -466,7 +464,7 @@ def test_scaled_gradient_refills_rows_beyond_its_range(monkeypatch, step):
     nats); P of a row beyond that was capped by the GEMM, and the row is rewritten from its recomputed logits
     (`lmhead_row_refill_kernel`). Rows 3 and 100 get a target logit 120 nats below the others (the GEMM's cap is hit),
     row 50 one of 45 nats (in range); several chunks; the results match the cuBLAS + row-kernel engine."""
-    monkeypatch.setattr(triton_gemm.head_gemm_stats_kernel, "configs", [triton_gemm.interpreter_config(2)])
+    monkeypatch.setattr(triton_gemm, "CONFIG", triton_gemm.interpreter_config(2))
     hidden, weight, targets, kw = _engine_case("step" if step else "nll", torch.float32, seed=2)
     weight = weight.clone()
     for row, gap in ((3, 120.0), (100, 120.0), (50, 45.0)):

@@ -37,48 +37,32 @@ STORE_NONE, STORE_Z, STORE_P = 0, 1, 2  # what the head GEMM writes besides the 
 P_MAX_LOG2_C = tl.constexpr(P_MAX_LOG2)  # STORE_P caps P at 2^P_MAX_LOG2 (triton_rows.py)
 
 
-def _block_shapes(nargs):
-    """Config pre-hook: the TMA descriptors' boxes are the config's tiles."""
-    bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
-    nargs["h_desc"].block_shape = [bm, bk]
-    nargs["w_desc"].block_shape = [bn, bk]
-    nargs["z_desc"].block_shape = [bm, bn // nargs["EPI_SPLIT"]]
+def interpreter_config(epi_split: int) -> triton.Config:
+    """The config of CPU runs: small tiles, the epilogue in `epi_split` pieces."""
+    return triton.Config({"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2, "EPI_SPLIT": epi_split}, num_warps=4,
+                         num_stages=1)  # fmt: skip
 
 
-def interpreter_config(epi_split: int, per_sm: int = 1) -> triton.Config:
-    """The one config of CPU runs (the interpreter cannot autotune): small tiles, epilogue in `epi_split` pieces,
-    `per_sm` programs per SM."""
-    return triton.Config({"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2, "EPI_SPLIT": epi_split, "PER_SM": per_sm},
-                         num_warps=4, num_stages=1, pre_hook=_block_shapes)  # fmt: skip
-
-
-def _configs():
-    """PER_SM = 2: two programs share each SM, each a single warp group on a 128 x 128 tile, so one program's
-    epilogue (exp2 and row sums: no tensor-core work) can run while the other's MMAs do. That is the overlap CUTLASS's
-    "ping-pong" kernels arrange with two consumer warp groups of one program; here the SM's warp schedulers do it.
-    Two fit on an SM only with at most 3 stages and the epilogue in 2 pieces: compiled for sm_90, the 3-stage
-    config takes 115,224 bytes of shared memory (the limit is 116,736 less 1 KiB per block) and at most 255
-    registers a thread (2 x 128 threads x 256 = the SM's 65,536)."""
-    if INTERPRET:
-        return [interpreter_config(2)]
-    return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "EPI_SPLIT": e, "PER_SM": p}, num_warps=w,
-                      num_stages=s, pre_hook=_block_shapes)  # fmt: skip
-        for bm, bn, bk, w, s, e, p in [
-            (128, 256, 64, 8, 3, 1, 1),
-            (128, 256, 64, 8, 3, 2, 1),
-            (128, 256, 64, 8, 4, 2, 1),
-            (128, 128, 64, 8, 4, 1, 1),
-            (128, 128, 64, 4, 4, 1, 1),
-            (128, 128, 64, 4, 5, 2, 1),
-            (256, 128, 64, 8, 3, 2, 1),
-            (128, 128, 64, 4, 2, 2, 2),
-            (128, 128, 64, 4, 3, 2, 2),
-        ]
+# The tile configs `python -m vibeperf.bench.lmhead_passes --configs` times, alone and in both uses (P stored for
+# training, statistics only for scoring). The first is the one every call runs (CONFIG): on an H200 it was the fastest
+# or within 0.1% of it at both heads (Qwen2.5, Llama-3), at 8K and 64K tokens, in both uses. No autotuning: Triton's
+# autotuner times each config once, on a GPU whose clock follows its power draw, and in the same run it picked configs
+# 2-4% slower at the Llama-3 head, and could pick another in the next run (benchmarks/NOTES.md).
+CANDIDATES = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "EPI_SPLIT": e}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s, e in [
+        (128, 256, 64, 8, 3, 2),
+        (128, 256, 64, 8, 3, 1),
+        (128, 256, 64, 8, 4, 2),
+        (128, 128, 64, 8, 4, 1),
+        (128, 128, 64, 4, 4, 1),
+        (128, 128, 64, 4, 5, 2),
+        (256, 128, 64, 8, 3, 2),
     ]
+]
+CONFIG = interpreter_config(2) if INTERPRET else CANDIDATES[0]
 
 
-@triton.autotune(configs=_configs(), key=["V", "H", "WANT_T", "STORE"])
 @triton.jit(do_not_specialize=["C"])
 def head_gemm_stats_kernel(
     h_desc,  # [C, H] block [BM, BK]
@@ -92,7 +76,7 @@ def head_gemm_stats_kernel(
     V,
     H,
     scale_log2,
-    NUM_SMS: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
     WANT_T: tl.constexpr,
     STORE: tl.constexpr,
     BM: tl.constexpr,
@@ -100,14 +84,13 @@ def head_gemm_stats_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
     EPI_SPLIT: tl.constexpr,
-    PER_SM: tl.constexpr,
 ):
     num_m = tl.cdiv(C, BM)
     num_n = tl.cdiv(V, BN)
     num_tiles = num_m * num_n
     k_tiles = tl.cdiv(H, BK)
     per_group = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS * PER_SM, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
         group = tile // per_group
         first_m = group * GROUP_M
         size_m = min(num_m - first_m, GROUP_M)
@@ -200,19 +183,19 @@ def eligible(bias, hidden: torch.Tensor, *more: torch.Tensor) -> bool:
 
 def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, temperature: float,
                     want_t: bool, targets: torch.Tensor | None = None, tz: torch.Tensor | None = None,
-                    mref: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                    mref: torch.Tensor | None = None, config: triton.Config | None = None) -> torch.Tensor:  # fmt: skip
     """z[:] = h_c @ weight.T (in z's dtype); returns the rows' partial softmax states [3, C, tiles] (m, s and, when
     want_t (entropy), t; base 2, logits / temperature). z None: nothing stored; the targets' logits (base 2) go to
     tz [C] fp32 instead (rows whose target is not in [0, V) keep what tz held). mref [C] fp32 (base 2): z[:] =
-    2^(logits - mref) instead of the logits, capped at 2^P_MAX_LOG2 (STORE_P)."""
+    2^(logits - mref) instead of the logits, capped at 2^P_MAX_LOG2 (STORE_P). config: the tiles (None: CONFIG)."""
+    cfg = config or CONFIG
+    bm, bn, bk, split = (cfg.kwargs[k] for k in ("BM", "BN", "BK", "EPI_SPLIT"))
     c, h = h_c.shape
     v = weight.shape[0]
     dev = h_c.device
-    progs = num_sms(dev)
-    dummy = [16, 16]  # replaced by each config's tiles (`_block_shapes`)
-    h_desc = TensorDescriptor(h_c, h_c.shape, h_c.stride(), dummy)
-    w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), dummy)
-    if z is None:  # an unused descriptor, for the signature (the config's box is set on it all the same)
+    h_desc = TensorDescriptor(h_c, h_c.shape, h_c.stride(), [bm, bk])
+    w_desc = TensorDescriptor(weight, weight.shape, weight.stride(), [bn, bk])
+    if z is None:  # an unused descriptor, for the signature
         z = torch.empty((1, 16), device=dev, dtype=h_c.dtype)
         store = STORE_NONE
     else:
@@ -220,20 +203,15 @@ def head_gemm_stats(h_c: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | N
         targets = tz = h_c  # unused
     if mref is None:
         mref = h_c  # unused
-    z_desc = TensorDescriptor(z, z.shape, z.stride(), dummy)
-
-    def grid(meta):
-        return (min(progs * meta["PER_SM"], triton.cdiv(c, meta["BM"]) * triton.cdiv(v, meta["BN"])),)
-
-    # The partials' layout depends on the config's BN: sized for the smallest, viewed as the chosen one wrote it.
-    min_bn = min(cfg.kwargs["BN"] for cfg in head_gemm_stats_kernel.configs)
-    part_store = torch.empty(3 * c * triton.cdiv(v, min_bn), device=dev, dtype=torch.float32)
-    head_gemm_stats_kernel[grid](
-        h_desc, w_desc, z_desc, part_store, targets, tz, mref, c, v, h, LOG2E / temperature, NUM_SMS=progs,
-        WANT_T=want_t, STORE=store,
+    z_desc = TensorDescriptor(z, z.shape, z.stride(), [bm, bn // split])
+    n_tiles = triton.cdiv(v, bn)
+    part = torch.empty((3, c, n_tiles), device=dev, dtype=torch.float32)
+    progs = num_sms(dev)  # the tile loop's stride, a constant; the grid is smaller when there are fewer tiles
+    head_gemm_stats_kernel[(min(progs, triton.cdiv(c, bm) * n_tiles),)](
+        h_desc, w_desc, z_desc, part, targets, tz, mref, c, v, h, LOG2E / temperature, NUM_PROGS=progs,
+        WANT_T=want_t, STORE=store, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    n_tiles = triton.cdiv(v, head_gemm_stats_kernel.best_config.kwargs["BN"])  # the layout the launch wrote
-    return part_store[: 3 * c * n_tiles].view(3, c, n_tiles)
+    return part
 
 
 @triton.jit(do_not_specialize=["part_plane", "n_part"])  # sizes that follow the token count: one compile for all

@@ -9,7 +9,8 @@ config), the L2-tiled forward at several tile shapes, and the chunked training p
 softmax statistics in its epilogue, or cuBLAS's; dz written by a row pass, or the scaled form: P stored by the head
 GEMM, dz = alpha P per row) against three bare GEMMs, for each `--head` (qwen: H 2,048,
 V 151,936; llama3: H 4,096, V 128,256); each variant is checked against the cuBLAS path.
-`--configs` runs only `config_sweep`: each config of the fused head GEMM timed alone, as training and as scoring run it.
+`--configs` runs only `config_sweep`: each candidate tile config of the fused head GEMM timed alone, as training and
+as scoring run it.
 `--chunks 1664 2048 4096` runs only `chunk_sweep`: the CE forward + backward with the engine's chunk forced to each
 size (time against three bare GEMMs and Liger's loss of the same run, peak extra memory, outputs against the
 default call), the measurement behind `chunked.CHUNK_ALIGN` and the default workspace.
@@ -76,7 +77,7 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
                                          partials=part)  # fmt: skip
     err = max(relative_error(a, b) for a, b in zip(merged, stats))
     print(f"{tag} chunk {c} rows x {per:.1f}; statistics from the GEMM epilogue's partials vs the row pass: rel err "
-          f"{err:.1e}{'' if err <= 1e-5 else '  WRONG'}  ({triton_gemm.head_gemm_stats_kernel.best_config})")
+          f"{err:.1e}{'' if err <= 1e-5 else '  WRONG'}  ({triton_gemm.CONFIG})")
     passes = [
         ("head GEMM (cuBLAS)", lambda: torch.mm(hc, w.T, out=z), 1),
         ("head GEMM + stats epilogue (triton)", lambda: triton_gemm.head_gemm_stats(hc, w, z, 1.0, False), 1),
@@ -116,22 +117,11 @@ def train_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
         print(f"{tag} {name:<51} {ms:8.2f} ms  {frac(ms, 3):.3f} of peak{check}", flush=True)
 
 
-@contextlib.contextmanager
-def head_gemm_config(cfg):
-    """The fused head GEMM held to one config (`triton_gemm._configs()` entry) for the block."""
-    kernel = triton_gemm.head_gemm_stats_kernel
-    old = kernel.configs
-    kernel.configs = [cfg]
-    try:
-        yield
-    finally:
-        kernel.configs = old
-
-
 def config_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
-    """Every config of the fused head GEMM, one chunk of the default's size: as the training path runs it (P stored,
-    the scaled form) and as the scoring forward does (nothing stored, the targets' logits and entropy's partials),
-    each timed alone and checked against the autotuned call; cuBLAS's bare head GEMM of the chunk beside them."""
+    """Every candidate config of the fused head GEMM (`triton_gemm.CANDIDATES`; the first is the one calls run), on
+    one chunk of the default's size: as the training path runs it (P stored, the scaled form) and as the scoring
+    forward does (nothing stored: the targets' logits and entropy's partials), each timed alone and checked against
+    the first; cuBLAS's bare head GEMM of the chunk beside them."""
     x = head_inputs(n, hidden_size=h_size, vocab=vocab)
     h, w, t = x["hidden"], x["weight"], x["targets"]
     tag = f"N={n:6d} H={h_size} V={vocab}"
@@ -140,26 +130,27 @@ def config_sweep(n: int, h_size: int, vocab: int, peak: float) -> None:
     z = torch.empty((c, vocab), device="cuda", dtype=torch.bfloat16)
     mref = triton_rows.target_logits(hc, w, tc, 1.0, -100)
     tz = torch.zeros(c, device="cuda", dtype=torch.float32)
-    uses = {  # name: (call, tolerance of its output against the autotuned config's: a bf16 ulp for P, else fp32's)
-        "P stored": (lambda: (triton_gemm.head_gemm_stats(hc, w, z, 1.0, False, mref=mref), z), 2.0**-7),
-        "scoring + entropy": (lambda: (triton_gemm.head_gemm_stats(hc, w, None, 1.0, True, tc, tz), tz), 1e-5),
-    }
+    uses = {  # name: (call, tolerance of its output against the first config's: a bf16 ulp for P, else fp32's)
+        "P stored": (lambda cfg: (triton_gemm.head_gemm_stats(hc, w, z, 1.0, False, mref=mref, config=cfg), z),
+                     2.0**-7),
+        "scoring + entropy": (lambda cfg: (triton_gemm.head_gemm_stats(hc, w, None, 1.0, True, tc, tz, config=cfg),
+                                           tz), 1e-5),
+    }  # fmt: skip
     fl = 2 * c * h_size * vocab
     ms = do_bench_ms(lambda: torch.mm(hc, w.T, out=z), rep_ms=200)
     print(f"{tag} chunk {c}: cuBLAS head GEMM {ms:.3f} ms  {fl / (ms * 1e-3) / 1e12 / peak:.3f} of peak", flush=True)
     for use, (fn, tol) in uses.items():
-        ref = [r.clone() for r in fn()]
-        print(f"{tag} {use}: autotuned {triton_gemm.head_gemm_stats_kernel.best_config}", flush=True)
-        for cfg in triton_gemm._configs():
-            with head_gemm_config(cfg):
-                part, out = fn()
-                n_tiles = part.shape[2]
-                # P / the targets' logits always; the fp32 partials where the tiles agree (BN)
-                err = relative_error(out.float(), ref[1].float())
-                err_part = relative_error(part[:2], ref[0][:2]) if n_tiles == ref[0].shape[2] else 0.0
-                ms = do_bench_ms(fn, rep_ms=200)
+        ref = None
+        for cfg in triton_gemm.CANDIDATES:
+            part, out = fn(cfg)
+            if ref is None:
+                ref = part.clone(), out.clone()
+            # P / the targets' logits always; the fp32 partials where the tiles agree (BN)
+            err = relative_error(out.float(), ref[1].float())
+            err_part = relative_error(part[:2], ref[0][:2]) if part.shape == ref[0].shape else 0.0
+            ms = do_bench_ms(lambda cfg=cfg: fn(cfg), rep_ms=200)
             print(f"{tag} {use:<18} {cfg.kwargs} w={cfg.num_warps} s={cfg.num_stages}: {ms:.3f} ms  "
-                  f"{fl / (ms * 1e-3) / 1e12 / peak:.3f} of peak  vs autotuned {err:.1e} / partials {err_part:.1e}"
+                  f"{fl / (ms * 1e-3) / 1e12 / peak:.3f} of peak  vs the first {err:.1e} / partials {err_part:.1e}"
                   f"{'' if err <= tol and err_part <= 1e-5 else '  WRONG'}", flush=True)  # fmt: skip
 
 
