@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -44,10 +45,15 @@ TITLES = {
 }
 
 
+def _natural(name: str) -> list:
+    """A file name's sort key with its digit runs as numbers: tag "train11" after "train9"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def load_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
-    """Every results file, oldest first (by date, then name)."""
+    """Every results file, oldest first (by date, then name, its numbers compared as numbers)."""
     docs = [json.loads(p.read_text()) | {"_file": p.name} for p in sorted(results_dir.glob("*.json"))]
-    return sorted(docs, key=lambda d: (d["machine"]["date"], d["_file"]))
+    return sorted(docs, key=lambda d: (d["machine"]["date"], _natural(d["_file"])))
 
 
 def latest_rows(docs: list[dict]) -> dict[tuple[str, str], tuple[dict, dict]]:

@@ -27,3 +27,16 @@ def test_table_uses_the_newest_file_per_benchmark(tmp_path):
 
 def test_readme_table_is_current():
     assert report.main(["--check"]) == 0, "run `python -m benchmarks.report` and commit README.md"
+
+
+def test_same_day_files_order_by_their_numbers(tmp_path):
+    """Files of one date order by name with digit runs read as numbers: a run tagged train11 is newer than train9."""
+    for tag, impl in (("train9", "nine"), ("train11", "eleven"), ("train10", "ten")):
+        (tmp_path / f"X_2026-02-01_{tag}.json").write_text(json.dumps(_doc("2026-02-01", [_row(impl, 8, 1.0)])))
+    assert [d["_file"] for d in report.load_results(tmp_path)] == [
+        "X_2026-02-01_train9.json",
+        "X_2026-02-01_train10.json",
+        "X_2026-02-01_train11.json",
+    ]
+    table = report.render_table(report.load_results(tmp_path))
+    assert "| eleven |" in table and "| nine |" not in table
